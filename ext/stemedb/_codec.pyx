@@ -1,0 +1,1322 @@
+"""Canonical record encoding and decoding, one record or many per call.
+
+Owns: the byte layout of docs/format.md ("Record encoding"): the content that
+is hashed into a record's ID and the proof section after it; the C-level
+fields of the record classes; IDs (BLAKE3 over the content, in the native
+core); strict decoding that accepts only canonical bytes.
+
+Must never: touch files or sockets, or check signatures (stemedb.records
+verifies; this module only carries the bytes). The public classes live in
+stemedb.records and subclass the cores here.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.math cimport isfinite, isnan, signbit
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy
+
+from stemedb._hash cimport stm_blake3, stm_blake3_many
+
+import time
+
+import numpy as np
+
+from stemedb.errors import InvalidRecord
+
+# Limits (docs/format.md, "Limits"); tests assert these against the document.
+MAX_SUBJECT = 1024
+MAX_PREDICATE = 256
+MAX_TEXT = 1 << 20
+MAX_REFERENCE = 1024
+MAX_BYTES = 1 << 20
+MAX_VECTOR = 4096
+MAX_EPOCH_NAME = 256
+MAX_DESCRIPTION = 1 << 16
+MAX_SUPERSEDES = 1024
+MAX_MEMBERS = 1_000_000
+MAX_SIGNER_COUNT = MAX_SIGNERS
+VERSION = FORMAT_VERSION
+
+SOURCE_CLASS_NAMES = (
+    "regulatory", "clinical", "peer_reviewed", "observational", "expert", "community", "anecdotal",
+)
+LIFECYCLE_NAMES = ("proposed", "under_review", "approved", "deprecated", "rejected")
+SUPERSESSION_NAMES = ("replaces", "refines", "retracts")
+
+# The public subclasses (stemedb.records) register here so that decoding
+# produces them; index = RecordKind.
+_classes = [None, None, None, None, None]
+
+
+def register_class(int kind, cls):
+    """Make `decode` build instances of `cls` for records of `kind`."""
+    _classes[kind] = cls
+
+
+# ----------------------------------------------------------------------------
+# Byte order lives here and only here: every integer and float is little-endian.
+
+cdef inline uint8_t* put_u8(uint8_t* p, uint8_t v) noexcept nogil:
+    p[0] = v
+    return p + 1
+
+cdef inline uint8_t* put_u16(uint8_t* p, uint16_t v) noexcept nogil:
+    p[0] = <uint8_t>v
+    p[1] = <uint8_t>(v >> 8)
+    return p + 2
+
+cdef inline uint8_t* put_u32(uint8_t* p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>v
+    p[1] = <uint8_t>(v >> 8)
+    p[2] = <uint8_t>(v >> 16)
+    p[3] = <uint8_t>(v >> 24)
+    return p + 4
+
+cdef inline uint8_t* put_u64(uint8_t* p, uint64_t v) noexcept nogil:
+    put_u32(p, <uint32_t>v)
+    put_u32(p + 4, <uint32_t>(v >> 32))
+    return p + 8
+
+cdef inline uint8_t* put_f32(uint8_t* p, float v) noexcept nogil:
+    cdef uint32_t bits
+    memcpy(&bits, &v, 4)
+    return put_u32(p, bits)
+
+cdef inline uint8_t* put_f64(uint8_t* p, double v) noexcept nogil:
+    cdef uint64_t bits
+    memcpy(&bits, &v, 8)
+    return put_u64(p, bits)
+
+cdef inline uint16_t get_u16(const uint8_t* p) noexcept nogil:
+    return <uint16_t>p[0] | (<uint16_t>p[1] << 8)
+
+cdef inline uint32_t get_u32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
+            | (<uint32_t>p[3] << 24))
+
+cdef inline uint64_t get_u64(const uint8_t* p) noexcept nogil:
+    return <uint64_t>get_u32(p) | (<uint64_t>get_u32(p + 4) << 32)
+
+cdef inline float get_f32(const uint8_t* p) noexcept nogil:
+    cdef uint32_t bits = get_u32(p)
+    cdef float v
+    memcpy(&v, &bits, 4)
+    return v
+
+cdef inline double get_f64(const uint8_t* p) noexcept nogil:
+    cdef uint64_t bits = get_u64(p)
+    cdef double v
+    memcpy(&v, &bits, 8)
+    return v
+
+cdef inline uint8_t* put_blob(uint8_t* p, bytes b) noexcept:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    memcpy(p, PyBytes_AS_STRING(b), n)
+    return p + n
+
+
+# ----------------------------------------------------------------------------
+# The bounds-checked reader: the only way bytes are parsed.
+
+cdef struct Reader:
+    const uint8_t* base
+    Py_ssize_t pos
+    Py_ssize_t end
+
+cdef const uint8_t* take(Reader* r, Py_ssize_t n, str field) except NULL:
+    cdef const uint8_t* p
+    if n < 0 or n > r.end - r.pos:
+        raise InvalidRecord(
+            f"{field}: truncated: needs {n} bytes at offset {r.pos}, "
+            f"only {r.end - r.pos} left"
+        )
+    p = r.base + r.pos
+    r.pos += n
+    return p
+
+cdef inline bytes take_bytes(Reader* r, Py_ssize_t n, str field):
+    cdef const uint8_t* p = take(r, n, field)
+    return PyBytes_FromStringAndSize(<const char*>p, n)
+
+cdef bytes take_utf8(Reader* r, Py_ssize_t n, str field):
+    cdef bytes b = take_bytes(r, n, field)
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRecord(f"{field}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return b
+
+
+# ----------------------------------------------------------------------------
+# Validation helpers shared by the constructors (messages name field and rule).
+
+cdef bytes utf8_field(value, str field, Py_ssize_t lo, Py_ssize_t hi):
+    cdef bytes b
+    if not isinstance(value, str):
+        raise InvalidRecord(f"{field}: expected str, got {type(value).__name__}")
+    try:
+        b = (<str>value).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRecord(f"{field}: not encodable as UTF-8 (lone surrogate)") from None
+    if PyBytes_GET_SIZE(b) < lo:
+        raise InvalidRecord(f"{field}: must not be empty" if lo == 1 else
+                            f"{field}: must be at least {lo} bytes")
+    if PyBytes_GET_SIZE(b) > hi:
+        raise InvalidRecord(
+            f"{field}: {PyBytes_GET_SIZE(b)} bytes of UTF-8, the limit is {hi}"
+        )
+    return b
+
+
+cdef bytes hash_field(value, str field, Py_ssize_t size, bint optional):
+    if value is None:
+        if optional:
+            return None
+        raise InvalidRecord(f"{field}: required, got None")
+    if isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
+    if not isinstance(value, bytes):
+        raise InvalidRecord(f"{field}: expected {size} bytes, got {type(value).__name__}")
+    if PyBytes_GET_SIZE(value) != size:
+        raise InvalidRecord(f"{field}: expected {size} bytes, got {PyBytes_GET_SIZE(value)}")
+    return value
+
+
+cdef uint8_t enum_field(value, str field, tuple names) except 255:
+    cdef Py_ssize_t i
+    if isinstance(value, bool):
+        raise InvalidRecord(f"{field}: expected a name or number, got bool")
+    if isinstance(value, int):
+        if 0 <= value < len(names):
+            return <uint8_t>value
+        raise InvalidRecord(f"{field}: unknown value {value!r} (known: 0..{len(names) - 1})")
+    if isinstance(value, str):
+        wanted = (<str>value).replace("_", "").replace(" ", "").lower()
+        for i in range(len(names)):
+            if (<str>names[i]).replace("_", "") == wanted:
+                return <uint8_t>i
+        raise InvalidRecord(f"{field}: unknown value {value!r} (known: {', '.join(names)})")
+    raise InvalidRecord(f"{field}: expected a name or number, got {type(value).__name__}")
+
+
+cdef uint64_t timestamp_field(value) except? 0:
+    if value is None:
+        return <uint64_t>(time.time_ns() // 1000)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRecord(
+            f"timestamp: expected int microseconds since the Unix epoch, got {type(value).__name__}"
+        )
+    if value < 0 or value >= (1 << 64):
+        raise InvalidRecord(f"timestamp: {value} is outside 0..2**64-1 microseconds")
+    return <uint64_t>value
+
+
+cdef tuple signers_field(value):
+    cdef list keys = []
+    if value is None:
+        return ()
+    if isinstance(value, (bytes, bytearray, str)):
+        raise InvalidRecord("signers: expected a sequence of 32-byte public keys, got a single value")
+    for key in value:
+        key = hash_field(key, "signers", KEY_SIZE, False)
+        if key in keys:
+            raise InvalidRecord(f"signers: public key {key.hex()} is listed twice")
+        keys.append(key)
+    if len(keys) > MAX_SIGNERS:
+        raise InvalidRecord(f"signers: {len(keys)} keys, the limit is {MAX_SIGNERS}")
+    return tuple(keys)
+
+
+cdef bytes vector_field(value):
+    if value is None:
+        return None
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidRecord("vector: expected a sequence of numbers") from None
+    if array.ndim != 1:
+        raise InvalidRecord(f"vector: expected one dimension, got {array.ndim}")
+    if not 1 <= array.shape[0] <= MAX_VECTOR:
+        raise InvalidRecord(f"vector: {array.shape[0]} values, allowed 1..{MAX_VECTOR}")
+    with np.errstate(over="ignore"):
+        packed = array.astype("<f4")
+    if not np.isfinite(packed).all():
+        raise InvalidRecord("vector: every value must be finite as a 32-bit float")
+    packed[packed == 0] = 0.0  # one canonical zero
+    return packed.tobytes()
+
+
+# ----------------------------------------------------------------------------
+# Entity references as object values.
+
+cdef class Ref:
+    """A reference to an entity, used as an assertion's object: `Ref("acme-corp")`."""
+
+    cdef readonly str entity
+
+    def __init__(self, entity):
+        utf8_field(entity, "object (reference)", 1, MAX_REFERENCE)
+        self.entity = entity
+
+    def __eq__(self, other):
+        return isinstance(other, Ref) and (<Ref>other).entity == self.entity
+
+    def __hash__(self):
+        return hash(("stemedb.Ref", self.entity))
+
+    def __repr__(self):
+        return f"Ref({self.entity!r})"
+
+    def __reduce__(self):
+        return (Ref, (self.entity,))
+
+
+# ----------------------------------------------------------------------------
+# Record cores.
+
+cdef class Record:
+    """Fields and encoding shared by every record kind: signers, proof, timestamp."""
+
+    def __cinit__(self):
+        self._signers = ()
+        self._signatures = ()
+
+    cdef uint8_t kind_code(self):
+        return 0
+
+    cdef Py_ssize_t body_size(self):
+        return 0
+
+    cdef uint8_t* write_body(self, uint8_t* out):
+        return out
+
+    cdef Py_ssize_t content_size(self):
+        return HEADER_SIZE + 1 + KEY_SIZE * len(self._signers) + self.body_size()
+
+    cdef uint8_t* write_content(self, uint8_t* out):
+        cdef uint8_t* p = out
+        cdef Py_ssize_t size = self.content_size()
+        if size > 0xFFFFFFFF:
+            raise InvalidRecord(f"record: content of {size} bytes exceeds 2**32-1")
+        p = put_u8(p, FORMAT_VERSION)
+        p = put_u8(p, self.kind_code())
+        p = put_u32(p, <uint32_t>size)
+        p = put_u8(p, <uint8_t>len(self._signers))
+        for key in self._signers:
+            p = put_blob(p, <bytes>key)
+        return self.write_body(p)
+
+    cdef Py_ssize_t proof_size(self):
+        if self._envelope is not None:
+            return 1 + ID_SIZE
+        if self._signatures:
+            return 2 + (1 + SIGNATURE_SIZE) * len(self._signatures)
+        return 1
+
+    cdef uint8_t* write_proof(self, uint8_t* out):
+        cdef uint8_t* p = out
+        if self._envelope is not None:
+            p = put_u8(p, PROOF_ENVELOPE)
+            return put_blob(p, self._envelope)
+        if self._signatures:
+            p = put_u8(p, PROOF_SIGNATURES)
+            p = put_u8(p, <uint8_t>len(self._signatures))
+            for index, signature in self._signatures:
+                p = put_u8(p, <uint8_t>index)
+                p = put_blob(p, <bytes>signature)
+            return p
+        return put_u8(p, PROOF_NONE)
+
+    cdef void copy_base_into(self, Record other):
+        other._signers = self._signers
+        other._signatures = self._signatures
+        other._envelope = self._envelope
+        other._timestamp = self._timestamp
+        other._content_cache = self._content_cache
+        other._id_cache = self._id_cache
+
+    # -- Python-visible API -------------------------------------------------
+
+    @property
+    def timestamp(self):
+        """Microseconds since the Unix epoch, set by the writer."""
+        return self._timestamp
+
+    @property
+    def signers(self):
+        """Declared signer public keys (part of the ID), in order."""
+        return self._signers
+
+    @property
+    def signatures(self):
+        """(public key, signature) pairs carried by this record; not part of the ID."""
+        return tuple((self._signers[i], s) for i, s in self._signatures)
+
+    @property
+    def _signature_entries(self):
+        """(signer index, signature) pairs, ascending index (the wire form)."""
+        return self._signatures
+
+    @property
+    def envelope(self):
+        """ID of the envelope that proves this record, or None."""
+        return self._envelope
+
+    def content(self):
+        """The canonical content bytes: what the ID hashes."""
+        cdef Py_ssize_t size
+        cdef bytes out
+        if self._content_cache is None:
+            size = self.content_size()
+            out = PyBytes_FromStringAndSize(NULL, size)
+            self.write_content(<uint8_t*>PyBytes_AS_STRING(out))
+            self._content_cache = out
+        return self._content_cache
+
+    def encode(self):
+        """Canonical content followed by the proof section (docs/format.md)."""
+        cdef bytes content = self.content()
+        cdef Py_ssize_t csize = PyBytes_GET_SIZE(content)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, csize + self.proof_size())
+        cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+        memcpy(p, PyBytes_AS_STRING(content), csize)
+        self.write_proof(p + csize)
+        return out
+
+    @property
+    def id(self):
+        """BLAKE3-256 of the canonical content (signer keys in, signatures out)."""
+        cdef bytes content
+        cdef bytes digest
+        if self._id_cache is None:
+            content = self.content()
+            digest = PyBytes_FromStringAndSize(NULL, ID_SIZE)
+            stm_blake3(<const uint8_t*>PyBytes_AS_STRING(content), PyBytes_GET_SIZE(content),
+                       <uint8_t*>PyBytes_AS_STRING(digest))
+            self._id_cache = digest
+        return self._id_cache
+
+    def _with_proof(self, signers, signatures, envelope):
+        """A copy with another signer list and proof (used by signing)."""
+        cdef Record copy = type(self).__new__(type(self))
+        self._copy_fields_into(copy)
+        self.copy_base_into(copy)
+        signers = tuple(signers)
+        if signers != self._signers:
+            copy._signers = signers_field(signers)
+            copy._content_cache = None
+            copy._id_cache = None
+        copy._signatures = tuple(sorted(signatures))
+        copy._envelope = envelope
+        return copy
+
+    def _copy_fields_into(self, other):
+        raise NotImplementedError
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.content() == (<Record>other).content() and \
+            self._signatures == (<Record>other)._signatures and \
+            self._envelope == (<Record>other)._envelope
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __reduce__(self):
+        return (decode, (self.encode(),))
+
+
+cdef set_object(AssertionCore self, value):
+    cdef double number
+    if isinstance(value, bool):
+        self._tag = OBJECT_BOOLEAN
+        self._number = 1.0 if value else 0.0
+    elif isinstance(value, str):
+        self._tag = OBJECT_TEXT
+        self._object_bytes = utf8_field(value, "object (text)", 0, MAX_TEXT)
+    elif isinstance(value, Ref):
+        self._tag = OBJECT_REFERENCE
+        self._object_bytes = (<Ref>value).entity.encode("utf-8")
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        self._tag = OBJECT_BYTES
+        self._object_bytes = bytes(value)
+        if PyBytes_GET_SIZE(self._object_bytes) > MAX_BYTES:
+            raise InvalidRecord(
+                f"object (bytes): {PyBytes_GET_SIZE(self._object_bytes)} bytes, the limit is {MAX_BYTES}"
+            )
+    elif isinstance(value, int):
+        if not -(1 << 53) <= value <= (1 << 53):
+            raise InvalidRecord(
+                f"object (number): integer {value} cannot be stored exactly as a 64-bit float; "
+                "pass a float or a str"
+            )
+        self._tag = OBJECT_NUMBER
+        self._number = <double>value
+    elif isinstance(value, float):
+        number = value
+        if not isfinite(number):
+            raise InvalidRecord(f"object (number): {value!r} is not finite")
+        self._tag = OBJECT_NUMBER
+        self._number = 0.0 if number == 0 else number
+    else:
+        raise InvalidRecord(
+            f"object: unsupported type {type(value).__name__} "
+            "(use str, int, float, bool, bytes or stemedb.Ref)"
+        )
+
+
+cdef class AssertionCore(Record):
+    cdef uint8_t kind_code(self):
+        return KIND_ASSERTION
+
+    def _init(self, subject, predicate, value, confidence, timestamp, source_class, lifecycle,
+              source_hash, parent_hash, epoch, visual_hash, vector, signers):
+        cdef double conf
+        self._subject = utf8_field(subject, "subject", 1, MAX_SUBJECT)
+        self._predicate = utf8_field(predicate, "predicate", 1, MAX_PREDICATE)
+        set_object(self, value)
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+            raise InvalidRecord(f"confidence: expected a number in [0, 1], got {type(confidence).__name__}")
+        conf = confidence
+        if isnan(conf):
+            raise InvalidRecord("confidence: NaN is not allowed (expected a number in [0, 1])")
+        if not (0.0 <= conf <= 1.0):
+            raise InvalidRecord(f"confidence: {confidence!r} is outside [0, 1]")
+        self._confidence = <float>conf
+        if self._confidence == 0:
+            self._confidence = 0.0
+        self._timestamp = timestamp_field(timestamp)
+        self._source_class = enum_field(source_class, "source_class", SOURCE_CLASS_NAMES)
+        self._lifecycle = enum_field(lifecycle, "lifecycle", LIFECYCLE_NAMES)
+        if source_hash is None:
+            source_hash = bytes(32)
+        self._source_hash = hash_field(source_hash, "source_hash", 32, False)
+        self._parent_hash = hash_field(parent_hash, "parent_hash", 32, True)
+        self._epoch = hash_field(epoch, "epoch", 32, True)
+        self._visual_hash = hash_field(visual_hash, "visual_hash", 8, True)
+        self._vector = vector_field(vector)
+        self._signers = signers_field(signers)
+
+    def _copy_fields_into(self, AssertionCore other):
+        other._subject = self._subject
+        other._predicate = self._predicate
+        other._tag = self._tag
+        other._object_bytes = self._object_bytes
+        other._number = self._number
+        other._confidence = self._confidence
+        other._source_class = self._source_class
+        other._lifecycle = self._lifecycle
+        other._source_hash = self._source_hash
+        other._parent_hash = self._parent_hash
+        other._epoch = self._epoch
+        other._visual_hash = self._visual_hash
+        other._vector = self._vector
+
+    cdef Py_ssize_t body_size(self):
+        cdef Py_ssize_t n = (2 + PyBytes_GET_SIZE(self._subject) + 2 + PyBytes_GET_SIZE(self._predicate)
+                             + 1 + 4 + 8 + 1 + 1 + 32 + 1)
+        if self._tag == OBJECT_TEXT or self._tag == OBJECT_BYTES:
+            n += 4 + PyBytes_GET_SIZE(self._object_bytes)
+        elif self._tag == OBJECT_REFERENCE:
+            n += 2 + PyBytes_GET_SIZE(self._object_bytes)
+        elif self._tag == OBJECT_NUMBER:
+            n += 8
+        else:
+            n += 1
+        if self._parent_hash is not None:
+            n += 32
+        if self._epoch is not None:
+            n += 32
+        if self._visual_hash is not None:
+            n += 8
+        if self._vector is not None:
+            n += 2 + PyBytes_GET_SIZE(self._vector)
+        return n
+
+    cdef uint8_t* write_body(self, uint8_t* p):
+        cdef uint8_t optional = 0
+        p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(self._subject))
+        p = put_blob(p, self._subject)
+        p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(self._predicate))
+        p = put_blob(p, self._predicate)
+        p = put_u8(p, self._tag)
+        if self._tag == OBJECT_TEXT or self._tag == OBJECT_BYTES:
+            p = put_u32(p, <uint32_t>PyBytes_GET_SIZE(self._object_bytes))
+            p = put_blob(p, self._object_bytes)
+        elif self._tag == OBJECT_REFERENCE:
+            p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(self._object_bytes))
+            p = put_blob(p, self._object_bytes)
+        elif self._tag == OBJECT_NUMBER:
+            p = put_f64(p, self._number)
+        else:
+            p = put_u8(p, 1 if self._number != 0 else 0)
+        p = put_f32(p, self._confidence)
+        p = put_u64(p, self._timestamp)
+        p = put_u8(p, self._source_class)
+        p = put_u8(p, self._lifecycle)
+        p = put_blob(p, self._source_hash)
+        if self._parent_hash is not None:
+            optional |= 1
+        if self._epoch is not None:
+            optional |= 2
+        if self._visual_hash is not None:
+            optional |= 4
+        if self._vector is not None:
+            optional |= 8
+        p = put_u8(p, optional)
+        if self._parent_hash is not None:
+            p = put_blob(p, self._parent_hash)
+        if self._epoch is not None:
+            p = put_blob(p, self._epoch)
+        if self._visual_hash is not None:
+            p = put_blob(p, self._visual_hash)
+        if self._vector is not None:
+            p = put_u16(p, <uint16_t>(PyBytes_GET_SIZE(self._vector) // 4))
+            p = put_blob(p, self._vector)
+        return p
+
+    @property
+    def subject(self):
+        return self._subject.decode("utf-8")
+
+    @property
+    def predicate(self):
+        return self._predicate.decode("utf-8")
+
+    def _object_value(self):
+        if self._tag == OBJECT_TEXT:
+            return self._object_bytes.decode("utf-8")
+        if self._tag == OBJECT_NUMBER:
+            return self._number
+        if self._tag == OBJECT_BOOLEAN:
+            return self._number != 0
+        if self._tag == OBJECT_REFERENCE:
+            return Ref(self._object_bytes.decode("utf-8"))
+        return self._object_bytes
+
+    @property
+    def object_tag(self):
+        """1 text, 2 number, 3 boolean, 4 reference, 5 bytes (docs/format.md)."""
+        return self._tag
+
+    @property
+    def confidence(self):
+        return self._confidence
+
+    @property
+    def _source_class_code(self):
+        return self._source_class
+
+    @property
+    def _lifecycle_code(self):
+        return self._lifecycle
+
+    @property
+    def source_hash(self):
+        return self._source_hash
+
+    @property
+    def parent_hash(self):
+        return self._parent_hash
+
+    @property
+    def epoch(self):
+        return self._epoch
+
+    @property
+    def visual_hash(self):
+        return self._visual_hash
+
+    @property
+    def vector(self):
+        if self._vector is None:
+            return None
+        return tuple(np.frombuffer(self._vector, dtype="<f4").tolist())
+
+
+cdef class VoteCore(Record):
+    cdef uint8_t kind_code(self):
+        return KIND_VOTE
+
+    def _init(self, assertion_id, weight, timestamp, signers):
+        cdef double w
+        self._assertion_id = hash_field(assertion_id, "assertion_id", ID_SIZE, False)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise InvalidRecord(f"weight: expected a number, got {type(weight).__name__}")
+        w = weight
+        if not isfinite(w) or not isfinite(<float>w):
+            raise InvalidRecord(f"weight: {weight!r} is not finite as a 32-bit float")
+        self._weight = <float>w
+        if self._weight == 0:
+            self._weight = 0.0
+        self._timestamp = timestamp_field(timestamp)
+        self._signers = signers_field(signers)
+
+    def _copy_fields_into(self, VoteCore other):
+        other._assertion_id = self._assertion_id
+        other._weight = self._weight
+
+    cdef Py_ssize_t body_size(self):
+        return ID_SIZE + 4 + 8
+
+    cdef uint8_t* write_body(self, uint8_t* p):
+        p = put_blob(p, self._assertion_id)
+        p = put_f32(p, self._weight)
+        return put_u64(p, self._timestamp)
+
+    @property
+    def assertion_id(self):
+        return self._assertion_id
+
+    @property
+    def weight(self):
+        return self._weight
+
+
+cdef class EpochCore(Record):
+    cdef uint8_t kind_code(self):
+        return KIND_EPOCH
+
+    def _init(self, name, description, timestamp, supersedes, kind, signers):
+        self._name = utf8_field(name, "name", 1, MAX_EPOCH_NAME)
+        self._description = utf8_field(description, "description", 0, MAX_DESCRIPTION)
+        self._timestamp = timestamp_field(timestamp)
+        if supersedes is None:
+            supersedes = ()
+        if isinstance(supersedes, (bytes, bytearray, str)):
+            raise InvalidRecord("supersedes: expected a sequence of 32-byte epoch IDs, got a single value")
+        ids = tuple(hash_field(x, "supersedes", ID_SIZE, False) for x in supersedes)
+        if len(ids) > MAX_SUPERSEDES:
+            raise InvalidRecord(f"supersedes: {len(ids)} epochs, the limit is {MAX_SUPERSEDES}")
+        if len(set(ids)) != len(ids):
+            raise InvalidRecord("supersedes: an epoch ID is listed twice")
+        self._supersedes = ids
+        self._kind = enum_field(kind, "supersession_kind", SUPERSESSION_NAMES)
+        self._signers = signers_field(signers)
+
+    def _copy_fields_into(self, EpochCore other):
+        other._name = self._name
+        other._description = self._description
+        other._kind = self._kind
+        other._supersedes = self._supersedes
+
+    cdef Py_ssize_t body_size(self):
+        return (2 + PyBytes_GET_SIZE(self._name) + 4 + PyBytes_GET_SIZE(self._description)
+                + 8 + 1 + 2 + ID_SIZE * len(self._supersedes))
+
+    cdef uint8_t* write_body(self, uint8_t* p):
+        p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(self._name))
+        p = put_blob(p, self._name)
+        p = put_u32(p, <uint32_t>PyBytes_GET_SIZE(self._description))
+        p = put_blob(p, self._description)
+        p = put_u64(p, self._timestamp)
+        p = put_u8(p, self._kind)
+        p = put_u16(p, <uint16_t>len(self._supersedes))
+        for epoch_id in self._supersedes:
+            p = put_blob(p, <bytes>epoch_id)
+        return p
+
+    @property
+    def name(self):
+        return self._name.decode("utf-8")
+
+    @property
+    def description(self):
+        return self._description.decode("utf-8")
+
+    @property
+    def supersedes(self):
+        return self._supersedes
+
+    @property
+    def _supersession_code(self):
+        return self._kind
+
+
+cdef class EnvelopeCore(Record):
+    cdef uint8_t kind_code(self):
+        return KIND_ENVELOPE
+
+    def _init(self, signer_key, members, timestamp):
+        cdef Py_ssize_t n
+        self._signers = signers_field((signer_key,))
+        self._timestamp = timestamp_field(timestamp)
+        if isinstance(members, np.ndarray):
+            if members.dtype != np.uint8 or members.ndim != 2 or members.shape[1] != ID_SIZE:
+                raise InvalidRecord("members: expected an (n, 32) uint8 array of record IDs")
+            packed = np.ascontiguousarray(members).tobytes()
+        else:
+            packed = b"".join([hash_field(m, "members", ID_SIZE, False) for m in members])
+        n = len(packed) // ID_SIZE
+        if not 1 <= n <= MAX_MEMBERS:
+            raise InvalidRecord(f"members: {n} record IDs, allowed 1..{MAX_MEMBERS}")
+        self._members = packed
+
+    def _copy_fields_into(self, EnvelopeCore other):
+        other._members = self._members
+
+    cdef Py_ssize_t body_size(self):
+        return 8 + 4 + PyBytes_GET_SIZE(self._members)
+
+    cdef uint8_t* write_body(self, uint8_t* p):
+        p = put_u64(p, self._timestamp)
+        p = put_u32(p, <uint32_t>(PyBytes_GET_SIZE(self._members) // ID_SIZE))
+        return put_blob(p, self._members)
+
+    @property
+    def members(self):
+        """Member record IDs, in the order they were listed."""
+        cdef bytes m = self._members
+        return tuple(m[i:i + ID_SIZE] for i in range(0, len(m), ID_SIZE))
+
+    @property
+    def member_count(self):
+        return PyBytes_GET_SIZE(self._members) // ID_SIZE
+
+    def member_array(self):
+        """Member IDs as an (n, 32) uint8 numpy array (no copy of the bytes)."""
+        return np.frombuffer(self._members, dtype=np.uint8).reshape(-1, ID_SIZE)
+
+
+# ----------------------------------------------------------------------------
+# Decoding: strict, canonical-only.
+
+cdef float canonical_f32(const uint8_t* p, str field) except? -1:
+    cdef float v = get_f32(p)
+    if isnan(v):
+        raise InvalidRecord(f"{field}: NaN is not allowed")
+    if v == 0 and signbit(v):
+        raise InvalidRecord(f"{field}: negative zero is not canonical")
+    return v
+
+
+cdef bytes optional_hash(Reader* r, uint8_t mask, uint8_t bit, Py_ssize_t size, str field):
+    if mask & bit:
+        return take_bytes(r, size, field)
+    return None
+
+
+cdef Record new_record(uint8_t kind):
+    cls = _classes[kind]
+    if cls is None:
+        raise RuntimeError("stemedb.records has not registered its classes")
+    return cls.__new__(cls)
+
+
+cdef Record decode_at(const uint8_t* data, Py_ssize_t length, Py_ssize_t* consumed):
+    """Decode one record from data[0:length]; sets consumed to the bytes used."""
+    cdef Reader r
+    cdef const uint8_t* p
+    cdef uint8_t version, kind, nsigners, proof, mask, count, index
+    cdef uint32_t content_length, n
+    cdef Py_ssize_t i, content_end
+    cdef int last_index
+    cdef Record rec
+    cdef AssertionCore a
+    cdef VoteCore v
+    cdef EpochCore e
+    cdef EnvelopeCore env
+    cdef double number
+    r.base = data
+    r.pos = 0
+    r.end = length
+    p = take(&r, HEADER_SIZE, "header")
+    version = p[0]
+    kind = p[1]
+    content_length = get_u32(p + 2)
+    if version != FORMAT_VERSION:
+        raise InvalidRecord(f"version: unknown format version {version} (this build reads {FORMAT_VERSION})")
+    if kind < KIND_ASSERTION or kind > KIND_ENVELOPE:
+        raise InvalidRecord(f"kind: unknown record kind {kind}")
+    if content_length > <uint32_t>length:
+        raise InvalidRecord(
+            f"content_length: truncated: header declares {content_length} bytes, only {length} present"
+        )
+    content_end = content_length
+    r.end = content_end  # the body may not read into the proof
+    rec = new_record(kind)
+    nsigners = take(&r, 1, "signer_count")[0]
+    if nsigners > MAX_SIGNERS:
+        raise InvalidRecord(f"signer_count: {nsigners}, the limit is {MAX_SIGNERS}")
+    keys = []
+    for i in range(nsigners):
+        key = take_bytes(&r, KEY_SIZE, "signers")
+        if key in keys:
+            raise InvalidRecord(f"signers: public key {key.hex()} is listed twice")
+        keys.append(key)
+    rec._signers = tuple(keys)
+
+    if kind == KIND_ASSERTION:
+        a = <AssertionCore>rec
+        n = get_u16(take(&r, 2, "subject length"))
+        if n < 1 or n > MAX_SUBJECT:
+            raise InvalidRecord(f"subject: length {n}, allowed 1..{MAX_SUBJECT}")
+        a._subject = take_utf8(&r, n, "subject")
+        n = get_u16(take(&r, 2, "predicate length"))
+        if n < 1 or n > MAX_PREDICATE:
+            raise InvalidRecord(f"predicate: length {n}, allowed 1..{MAX_PREDICATE}")
+        a._predicate = take_utf8(&r, n, "predicate")
+        a._tag = take(&r, 1, "object tag")[0]
+        if a._tag == OBJECT_TEXT:
+            n = get_u32(take(&r, 4, "object length"))
+            if n > MAX_TEXT:
+                raise InvalidRecord(f"object (text): {n} bytes, the limit is {MAX_TEXT}")
+            a._object_bytes = take_utf8(&r, n, "object (text)")
+        elif a._tag == OBJECT_NUMBER:
+            number = get_f64(take(&r, 8, "object (number)"))
+            if not isfinite(number):
+                raise InvalidRecord("object (number): not finite")
+            if number == 0 and signbit(number):
+                raise InvalidRecord("object (number): negative zero is not canonical")
+            a._number = number
+        elif a._tag == OBJECT_BOOLEAN:
+            index = take(&r, 1, "object (boolean)")[0]
+            if index > 1:
+                raise InvalidRecord(f"object (boolean): byte {index}, expected 0 or 1")
+            a._number = index
+        elif a._tag == OBJECT_REFERENCE:
+            n = get_u16(take(&r, 2, "object length"))
+            if n < 1 or n > MAX_REFERENCE:
+                raise InvalidRecord(f"object (reference): length {n}, allowed 1..{MAX_REFERENCE}")
+            a._object_bytes = take_utf8(&r, n, "object (reference)")
+        elif a._tag == OBJECT_BYTES:
+            n = get_u32(take(&r, 4, "object length"))
+            if n > MAX_BYTES:
+                raise InvalidRecord(f"object (bytes): {n} bytes, the limit is {MAX_BYTES}")
+            a._object_bytes = take_bytes(&r, n, "object (bytes)")
+        else:
+            raise InvalidRecord(f"object: unknown object tag {a._tag}")
+        a._confidence = canonical_f32(take(&r, 4, "confidence"), "confidence")
+        if not (0 <= a._confidence <= 1):
+            raise InvalidRecord(f"confidence: {a._confidence!r} is outside [0, 1]")
+        a._timestamp = get_u64(take(&r, 8, "timestamp"))
+        a._source_class = take(&r, 1, "source_class")[0]
+        if a._source_class >= len(SOURCE_CLASS_NAMES):
+            raise InvalidRecord(f"source_class: unknown value {a._source_class}")
+        a._lifecycle = take(&r, 1, "lifecycle")[0]
+        if a._lifecycle >= len(LIFECYCLE_NAMES):
+            raise InvalidRecord(f"lifecycle: unknown value {a._lifecycle}")
+        a._source_hash = take_bytes(&r, 32, "source_hash")
+        mask = take(&r, 1, "optional fields mask")[0]
+        if mask & 0xF0:
+            raise InvalidRecord(f"optional fields mask: reserved bits set (0x{mask:02x})")
+        a._parent_hash = optional_hash(&r, mask, 1, 32, "parent_hash")
+        a._epoch = optional_hash(&r, mask, 2, 32, "epoch")
+        a._visual_hash = optional_hash(&r, mask, 4, 8, "visual_hash")
+        if mask & 8:
+            n = get_u16(take(&r, 2, "vector length"))
+            if n < 1 or n > MAX_VECTOR:
+                raise InvalidRecord(f"vector: {n} values, allowed 1..{MAX_VECTOR}")
+            p = take(&r, 4 * n, "vector")
+            for i in range(n):
+                canonical_f32(p + 4 * i, "vector")
+                if not isfinite(get_f32(p + 4 * i)):
+                    raise InvalidRecord("vector: every value must be finite")
+            a._vector = PyBytes_FromStringAndSize(<const char*>p, 4 * n)
+    elif kind == KIND_VOTE:
+        v = <VoteCore>rec
+        v._assertion_id = take_bytes(&r, ID_SIZE, "assertion_id")
+        v._weight = canonical_f32(take(&r, 4, "weight"), "weight")
+        if not isfinite(v._weight):
+            raise InvalidRecord("weight: not finite")
+        v._timestamp = get_u64(take(&r, 8, "timestamp"))
+    elif kind == KIND_EPOCH:
+        e = <EpochCore>rec
+        n = get_u16(take(&r, 2, "name length"))
+        if n < 1 or n > MAX_EPOCH_NAME:
+            raise InvalidRecord(f"name: length {n}, allowed 1..{MAX_EPOCH_NAME}")
+        e._name = take_utf8(&r, n, "name")
+        n = get_u32(take(&r, 4, "description length"))
+        if n > MAX_DESCRIPTION:
+            raise InvalidRecord(f"description: {n} bytes, the limit is {MAX_DESCRIPTION}")
+        e._description = take_utf8(&r, n, "description")
+        e._timestamp = get_u64(take(&r, 8, "timestamp"))
+        e._kind = take(&r, 1, "supersession_kind")[0]
+        if e._kind >= len(SUPERSESSION_NAMES):
+            raise InvalidRecord(f"supersession_kind: unknown value {e._kind}")
+        n = get_u16(take(&r, 2, "supersedes count"))
+        if n > MAX_SUPERSEDES:
+            raise InvalidRecord(f"supersedes: {n} epochs, the limit is {MAX_SUPERSEDES}")
+        ids = tuple(take_bytes(&r, ID_SIZE, "supersedes") for i in range(n))
+        if len(set(ids)) != len(ids):
+            raise InvalidRecord("supersedes: an epoch ID is listed twice")
+        e._supersedes = ids
+    else:
+        env = <EnvelopeCore>rec
+        if nsigners != 1:
+            raise InvalidRecord(f"signers: an envelope has exactly one signer, found {nsigners}")
+        env._timestamp = get_u64(take(&r, 8, "timestamp"))
+        n = get_u32(take(&r, 4, "member count"))
+        if n < 1 or n > MAX_MEMBERS:
+            raise InvalidRecord(f"members: {n} record IDs, allowed 1..{MAX_MEMBERS}")
+        env._members = take_bytes(&r, <Py_ssize_t>n * ID_SIZE, "members")
+
+    if r.pos != content_end:
+        raise InvalidRecord(
+            f"content_length: header declares {content_end} bytes but the fields end at {r.pos}"
+        )
+    rec._content_cache = PyBytes_FromStringAndSize(<const char*>data, content_end)
+
+    # Proof section.
+    r.end = length
+    proof = take(&r, 1, "proof kind")[0]
+    if proof == PROOF_SIGNATURES:
+        count = take(&r, 1, "signature count")[0]
+        if count < 1 or count > nsigners:
+            raise InvalidRecord(f"signatures: count {count}, allowed 1..{nsigners} (the signer count)")
+        sigs = []
+        last_index = -1
+        for i in range(count):
+            index = take(&r, 1, "signature signer index")[0]
+            if index <= last_index or index >= nsigners:
+                raise InvalidRecord(
+                    f"signatures: signer index {index} out of order or not below the signer count {nsigners}"
+                )
+            last_index = index
+            sigs.append((index, take_bytes(&r, SIGNATURE_SIZE, "signature")))
+        rec._signatures = tuple(sigs)
+    elif proof == PROOF_ENVELOPE:
+        if kind == KIND_ENVELOPE:
+            raise InvalidRecord("proof: an envelope cannot be proven by another envelope")
+        rec._envelope = take_bytes(&r, ID_SIZE, "envelope")
+    elif proof != PROOF_NONE:
+        raise InvalidRecord(f"proof: unknown proof kind {proof}")
+    consumed[0] = r.pos
+    return rec
+
+
+def decode(data):
+    """Decode exactly one record from `data` (any bytes-like object).
+
+    Raises InvalidRecord naming the field for truncated, trailing,
+    non-canonical or out-of-range bytes.
+    """
+    cdef const uint8_t[::1] view
+    cdef Py_ssize_t consumed = 0
+    cdef Record rec
+    try:
+        view = data
+    except (TypeError, ValueError):
+        raise InvalidRecord(f"data: expected a bytes-like object, got {type(data).__name__}") from None
+    if view.shape[0] == 0:
+        raise InvalidRecord("header: truncated: empty input")
+    rec = decode_at(&view[0], view.shape[0], &consumed)
+    if consumed != view.shape[0]:
+        raise InvalidRecord(f"trailing bytes: {view.shape[0] - consumed} bytes after the record's proof")
+    return rec
+
+
+cdef const int64_t[::1] checked_offsets(offsets, Py_ssize_t size) except *:
+    cdef const int64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.int64)
+    cdef Py_ssize_t i
+    if offs.shape[0] < 1:
+        raise ValueError("offsets: needs at least one entry (n records need n + 1 offsets)")
+    for i in range(offs.shape[0]):
+        if offs[i] < 0 or offs[i] > size or (i > 0 and offs[i] < offs[i - 1]):
+            raise ValueError(f"offsets[{i}] = {offs[i]} is decreasing or outside the buffer of {size} bytes")
+    return offs
+
+
+def decode_many(buffer, offsets):
+    """Decode the records at buffer[offsets[i]:offsets[i+1]]; returns a list."""
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
+    cdef Py_ssize_t i, consumed, start, length
+    cdef list out = []
+    for i in range(offs.shape[0] - 1):
+        start = offs[i]
+        length = offs[i + 1] - start
+        if length == 0:
+            raise InvalidRecord(f"record {i}: empty")
+        try:
+            rec = decode_at(&view[start], length, &consumed)
+        except InvalidRecord as exc:
+            raise InvalidRecord(f"record {i}: {exc}") from None
+        if consumed != length:
+            raise InvalidRecord(f"record {i}: trailing bytes: {length - consumed} after the proof")
+        out.append(rec)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Batches: encode and hash many records per call.
+
+def encode_many(records):
+    """Encode many records at once.
+
+    Returns (blob, offsets, ids): record i is blob[offsets[i]:offsets[i+1]]
+    (content then proof) and its ID is ids[i], an (n, 32) uint8 array. The
+    hashing runs without the GIL, several records per SIMD lane group.
+    """
+    cdef list items = list(records)
+    cdef Py_ssize_t n = len(items), i, total = 0, csize
+    cdef Record rec
+    offsets = np.empty(n + 1, dtype=np.int64)
+    cdef int64_t[::1] offs = offsets
+    cdef size_t* lens = <size_t*>malloc(max(n, 1) * sizeof(size_t))
+    cdef const uint8_t** ptrs = <const uint8_t**>malloc(max(n, 1) * sizeof(uint8_t*))
+    cdef bytes blob
+    cdef uint8_t* base
+    cdef uint8_t* p
+    ids = np.empty((n, ID_SIZE), dtype=np.uint8)
+    cdef uint8_t[:, ::1] idv = ids
+    if lens == NULL or ptrs == NULL:
+        free(lens)
+        free(ptrs)
+        raise MemoryError()
+    try:
+        for i in range(n):
+            obj = items[i]
+            if not isinstance(obj, Record):
+                raise InvalidRecord(f"records[{i}]: expected a StemeDB record, got {type(obj).__name__}")
+            rec = <Record>obj
+            csize = (PyBytes_GET_SIZE(rec._content_cache) if rec._content_cache is not None
+                     else rec.content_size())
+            lens[i] = csize
+            offs[i] = total
+            total += csize + rec.proof_size()
+        offs[n] = total
+        blob = PyBytes_FromStringAndSize(NULL, total)
+        base = <uint8_t*>PyBytes_AS_STRING(blob)
+        for i in range(n):
+            rec = <Record>items[i]
+            p = base + offs[i]
+            if rec._content_cache is not None:
+                memcpy(p, PyBytes_AS_STRING(rec._content_cache), lens[i])
+            else:
+                rec.write_content(p)
+            rec.write_proof(p + lens[i])
+            ptrs[i] = p
+        if n:
+            with nogil:
+                stm_blake3_many(ptrs, lens, n, &idv[0, 0])
+    finally:
+        free(lens)
+        free(ptrs)
+    return blob, offsets, ids
+
+
+def ids_of(records):
+    """IDs of many records as an (n, 32) uint8 array."""
+    return encode_many(records)[2]
+
+
+def content_lengths(buffer, offsets):
+    """The content length (the hashed prefix) of each encoded record."""
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
+    cdef Py_ssize_t i, n = offs.shape[0] - 1
+    out = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] o = out
+    cdef uint32_t c
+    for i in range(n):
+        if offs[i + 1] - offs[i] < HEADER_SIZE:
+            raise InvalidRecord(f"record {i}: truncated header")
+        c = get_u32(&view[offs[i]] + 2)
+        if c < HEADER_SIZE or c > offs[i + 1] - offs[i]:
+            raise InvalidRecord(f"record {i}: content_length {c} does not fit its {offs[i + 1] - offs[i]} bytes")
+        o[i] = c
+    return out
+
+
+def hash_encoded(buffer, offsets):
+    """IDs of already-encoded records (hash of each content prefix), (n, 32) uint8."""
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
+    cdef const int64_t[::1] clen = content_lengths(buffer, offsets)
+    cdef Py_ssize_t i, n = offs.shape[0] - 1
+    ids = np.empty((n, ID_SIZE), dtype=np.uint8)
+    cdef uint8_t[:, ::1] idv = ids
+    if n == 0:
+        return ids
+    cdef size_t* lens = <size_t*>malloc(n * sizeof(size_t))
+    cdef const uint8_t** ptrs = <const uint8_t**>malloc(n * sizeof(uint8_t*))
+    if lens == NULL or ptrs == NULL:
+        free(lens)
+        free(ptrs)
+        raise MemoryError()
+    for i in range(n):
+        ptrs[i] = &view[0] + offs[i]
+        lens[i] = clen[i]
+    with nogil:
+        stm_blake3_many(ptrs, lens, n, &idv[0, 0])
+    free(lens)
+    free(ptrs)
+    return ids
+
+
+# ----------------------------------------------------------------------------
+# Column extraction: the fixed-width per-record fields the indexes and lenses
+# read (docs/format.md, "Columns"). Keys are the first 8 bytes, little-endian,
+# of a BLAKE3 hash: stable across versions and machines, so they can persist.
+
+cdef inline uint64_t key64(const uint8_t* data, Py_ssize_t n) noexcept nogil:
+    cdef uint8_t digest[32]
+    stm_blake3(data, n, digest)
+    return get_u64(digest)
+
+
+cdef inline uint64_t pair_key64(const uint8_t* subject_with_len, Py_ssize_t slen,
+                                const uint8_t* predicate, Py_ssize_t plen) noexcept nogil:
+    cdef uint8_t stack[1400]
+    # u16 length + subject (≤ 1024) + predicate (≤ 256) always fits the stack buffer
+    memcpy(stack, subject_with_len, 2 + slen)
+    memcpy(stack + 2 + slen, predicate, plen)
+    return key64(stack, 2 + slen + plen)
+
+
+def subject_key(str subject):
+    """Posting-list key of a subject."""
+    cdef bytes b = subject.encode("utf-8")
+    return key64(<const uint8_t*>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+
+
+def predicate_key(str predicate):
+    """Posting-list key of a predicate."""
+    cdef bytes b = predicate.encode("utf-8")
+    return key64(<const uint8_t*>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+
+
+def pair_key(str subject, str predicate):
+    """Posting-list key of a (subject, predicate) pair: key of u16 len, subject, predicate."""
+    cdef bytes s = subject.encode("utf-8")
+    cdef bytes p = predicate.encode("utf-8")
+    cdef bytes joined = bytes([len(s) & 0xFF, len(s) >> 8]) + s + p
+    return key64(<const uint8_t*>PyBytes_AS_STRING(joined), PyBytes_GET_SIZE(joined))
+
+
+def id_key(bytes record_id):
+    """Key of a record ID (its first 8 bytes, little-endian)."""
+    if len(record_id) != ID_SIZE:
+        raise ValueError("record ID: expected 32 bytes")
+    return get_u64(<const uint8_t*>PyBytes_AS_STRING(record_id))
+
+
+COLUMNS = {
+    "kind": np.uint8,           # RecordKind
+    "timestamp": np.uint64,     # microseconds
+    "confidence": np.float32,   # assertion confidence, vote weight, else 0
+    "source_class": np.uint8,   # assertions; 255 otherwise
+    "lifecycle": np.uint8,      # assertions; 255 otherwise
+    "subject": np.uint64,       # subject key; 0 for non-assertions
+    "predicate": np.uint64,     # predicate key
+    "pair": np.uint64,          # (subject, predicate) key
+    "object": np.uint64,        # key of object tag + value bytes (Consensus groups by it)
+    "signer": np.uint64,        # first 8 bytes of the first signer key; 0 unsigned
+    "epoch": np.uint64,         # key of the assertion's epoch, or 0
+    "target": np.uint64,        # vote: key of the assertion voted on; assertion: parent key
+    "proof": np.uint8,          # ProofKind
+}
+
+
+def extract_columns(buffer, positions, lengths):
+    """Parse the column fields of the records at buffer[positions[i]:+lengths[i]].
+
+    The records were validated when written and their frames passed their
+    checksums; parsing still goes through bounds checks.
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] pos = np.ascontiguousarray(positions, dtype=np.int64)
+    cdef const uint32_t[::1] lens = np.ascontiguousarray(lengths, dtype=np.uint32)
+    cdef Py_ssize_t n = pos.shape[0], i
+    out = {name: np.zeros(n, dtype=dtype) for name, dtype in COLUMNS.items()}
+    cdef uint8_t[::1] kind = out["kind"]
+    cdef uint64_t[::1] timestamp = out["timestamp"]
+    cdef float[::1] confidence = out["confidence"]
+    cdef uint8_t[::1] source_class = out["source_class"]
+    cdef uint8_t[::1] lifecycle = out["lifecycle"]
+    cdef uint64_t[::1] subject = out["subject"]
+    cdef uint64_t[::1] predicate = out["predicate"]
+    cdef uint64_t[::1] pair = out["pair"]
+    cdef uint64_t[::1] obj = out["object"]
+    cdef uint64_t[::1] signer = out["signer"]
+    cdef uint64_t[::1] epoch = out["epoch"]
+    cdef uint64_t[::1] target = out["target"]
+    cdef uint8_t[::1] proof = out["proof"]
+    cdef const uint8_t* p
+    cdef const uint8_t* q
+    cdef Py_ssize_t length, clen, at, slen, plen, vlen, value_start
+    cdef uint8_t nsig, tag, mask
+    cdef int bad = 0
+    with nogil:
+        for i in range(n):
+            p = &view[0] + pos[i]
+            length = lens[i]
+            if length < HEADER_SIZE + 1:
+                bad = 1
+                break
+            clen = get_u32(p + 2)
+            if clen > length:
+                bad = 1
+                break
+            kind[i] = p[1]
+            proof[i] = p[clen] if clen < length else 0
+            source_class[i] = 255
+            lifecycle[i] = 255
+            nsig = p[HEADER_SIZE]
+            at = HEADER_SIZE + 1
+            if nsig:
+                signer[i] = get_u64(p + at)
+            at += KEY_SIZE * nsig
+            if p[1] == KIND_ASSERTION:
+                slen = get_u16(p + at)
+                plen = get_u16(p + at + 2 + slen)
+                if at + 4 + slen + plen + 1 > clen:
+                    bad = 1
+                    break
+                subject[i] = key64(p + at + 2, slen)
+                predicate[i] = key64(p + at + 4 + slen, plen)
+                # pair key hashes u16 len + subject + predicate: contiguous but for the predicate length
+                pair[i] = pair_key64(p + at, slen, p + at + 4 + slen, plen)
+                at += 4 + slen + plen
+                tag = p[at]
+                value_start = at
+                if tag == OBJECT_TEXT or tag == OBJECT_BYTES:
+                    vlen = 1 + 4 + get_u32(p + at + 1)
+                elif tag == OBJECT_REFERENCE:
+                    vlen = 1 + 2 + get_u16(p + at + 1)
+                elif tag == OBJECT_NUMBER:
+                    vlen = 1 + 8
+                else:
+                    vlen = 1 + 1
+                if value_start + vlen + 47 > clen:
+                    bad = 1
+                    break
+                obj[i] = key64(p + value_start, vlen)
+                at = value_start + vlen
+                confidence[i] = get_f32(p + at)
+                timestamp[i] = get_u64(p + at + 4)
+                source_class[i] = p[at + 12]
+                lifecycle[i] = p[at + 13]
+                at += 14 + 32
+                mask = p[at]
+                at += 1
+                if mask & 1:
+                    target[i] = get_u64(p + at)
+                    at += 32
+                if mask & 2:
+                    epoch[i] = get_u64(p + at)
+            elif p[1] == KIND_VOTE:
+                if at + 44 > clen:
+                    bad = 1
+                    break
+                target[i] = get_u64(p + at)
+                confidence[i] = get_f32(p + at + 32)
+                timestamp[i] = get_u64(p + at + 36)
+            elif p[1] == KIND_EPOCH:
+                slen = get_u16(p + at)
+                vlen = get_u32(p + at + 2 + slen)
+                if at + 2 + slen + 4 + vlen + 8 > clen:
+                    bad = 1
+                    break
+                timestamp[i] = get_u64(p + at + 6 + slen + vlen)
+            elif p[1] == KIND_ENVELOPE:
+                if at + 8 > clen:
+                    bad = 1
+                    break
+                timestamp[i] = get_u64(p + at)
+    if bad:
+        raise InvalidRecord(f"record {i}: fields do not fit its {lens[i]} bytes")
+    return out

@@ -1,0 +1,68 @@
+"""StemeDB: a database of signed, content-addressed claims, resolved by lenses at read time.
+
+The public API lives here; everything compiled is private (``stemedb._name``).
+"""
+
+from stemedb.errors import (
+    AuthError,
+    CorruptionError,
+    DurabilityError,
+    InvalidRecord,
+    NotFound,
+    ProtocolError,
+    RateLimited,
+    SignatureError,
+    StemeError,
+    StorageFull,
+    Unavailable,
+)
+from stemedb.records import (
+    Assertion,
+    Envelope,
+    Epoch,
+    Lifecycle,
+    Ref,
+    Signer,
+    SourceClass,
+    SupersessionKind,
+    Vote,
+    decode,
+    decode_many,
+    encode_many,
+    ids_of,
+    now_us,
+    verify_batch,
+    verify_many,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Assertion",
+    "Vote",
+    "Epoch",
+    "Envelope",
+    "Ref",
+    "SourceClass",
+    "Lifecycle",
+    "SupersessionKind",
+    "Signer",
+    "decode",
+    "decode_many",
+    "encode_many",
+    "ids_of",
+    "now_us",
+    "verify_batch",
+    "verify_many",
+    "StemeError",
+    "InvalidRecord",
+    "SignatureError",
+    "NotFound",
+    "CorruptionError",
+    "StorageFull",
+    "DurabilityError",
+    "ProtocolError",
+    "AuthError",
+    "RateLimited",
+    "Unavailable",
+]

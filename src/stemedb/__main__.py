@@ -1,0 +1,5 @@
+import sys
+
+from stemedb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,410 @@
+"""Records: Assertion, Vote, Epoch, Envelope; their enums; signing and verification.
+
+Owns: the public record classes (thin Python layers over the compiled cores in
+``stemedb._codec``, which hold the fields and the canonical encoding), Ed25519
+signing through PyNaCl, and signed batches (envelopes). Must never: touch
+storage or the network.
+
+A record's ID is the BLAKE3 of its canonical content. The content includes the
+declared signer public keys (a claim is *someone's* claim: the same words from
+two agents are two records) but not the signatures or the envelope reference,
+so a claim has the same ID however its signer proved it, and a signature can
+sign the ID it is not part of.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+
+from stemedb import _codec
+from stemedb._codec import Ref
+from stemedb.errors import InvalidRecord, SignatureError
+
+__all__ = [
+    "Assertion",
+    "Vote",
+    "Epoch",
+    "Envelope",
+    "Ref",
+    "SourceClass",
+    "Lifecycle",
+    "SupersessionKind",
+    "Signer",
+    "decode",
+    "decode_many",
+    "encode_many",
+    "ids_of",
+    "verify_batch",
+    "verify_many",
+    "now_us",
+]
+
+ObjectValue = str | int | float | bool | bytes | Ref
+
+
+def now_us() -> int:
+    """The current time in microseconds since the Unix epoch."""
+    return time.time_ns() // 1000
+
+
+class SourceClass(enum.IntEnum):
+    """Where a claim's evidence comes from; also its tier for the Authority and Layered lenses."""
+
+    REGULATORY = 0
+    CLINICAL = 1
+    PEER_REVIEWED = 2
+    OBSERVATIONAL = 3
+    EXPERT = 4
+    COMMUNITY = 5
+    ANECDOTAL = 6
+
+
+class Lifecycle(enum.IntEnum):
+    """Review stage of an assertion; a transition is a new assertion pointing at its parent."""
+
+    PROPOSED = 0
+    UNDER_REVIEW = 1
+    APPROVED = 2
+    DEPRECATED = 3
+    REJECTED = 4
+
+
+class SupersessionKind(enum.IntEnum):
+    """How an epoch relates to the epochs it supersedes."""
+
+    REPLACES = 0
+    REFINES = 1
+    RETRACTS = 2
+
+
+def _id_bytes(value: Any, field: str) -> Any:
+    """Accept a record where an ID is expected (its ID is used)."""
+    if isinstance(value, _codec.Record):
+        return value.id
+    return value
+
+
+class _Signable:
+    """Signing and verification shared by every record kind (mixed into the cores)."""
+
+    __slots__ = ()
+
+    id: bytes
+    signers: tuple[bytes, ...]
+    envelope: bytes | None
+    _signature_entries: tuple[tuple[int, bytes], ...]
+
+    def sign(self, signer: Signer) -> Any:
+        """Return a copy that carries `signer`'s signature over the ID.
+
+        If the record has no signatures yet and `signer` is not a declared
+        signer, its key is added to the signers (which changes the ID). To
+        collect several signatures, declare every co-signer up front with
+        ``signers=[...]``, then call ``sign`` once per signer.
+        """
+        if not isinstance(signer, Signer):
+            raise TypeError(f"sign() expects a stemedb.Signer, got {type(signer).__name__}")
+        key = signer.public_key
+        signers = list(self.signers)
+        signatures = dict(self._signature_entries) if self.envelope is None else {}
+        if key not in signers:
+            if signatures:
+                raise SignatureError(
+                    f"cannot add signer {key.hex()}: the record already carries signatures over "
+                    "an ID that excludes it; declare all co-signers with signers=[...] before signing"
+                )
+            if isinstance(self, Envelope):
+                raise SignatureError("an envelope is signed by the signer it names, no other")
+            signers.append(key)
+        draft = self._with_proof(signers, (), None)  # type: ignore[attr-defined]
+        signatures[signers.index(key)] = signer.sign_id(draft.id)
+        return self._with_proof(signers, tuple(signatures.items()), None)  # type: ignore[attr-defined]
+
+    def verify(self) -> None:
+        """Check every signature; raise SignatureError if any is bad or missing."""
+        if self.envelope is not None:
+            raise SignatureError(
+                f"record {self.id.hex()} is proven by envelope {self.envelope.hex()}; "
+                "check it with stemedb.verify_batch(envelope, members)"
+            )
+        if not self.signers:
+            raise SignatureError(f"record {self.id.hex()} is unsigned")
+        present = dict(self._signature_entries)
+        for index, key in enumerate(self.signers):
+            if index not in present:
+                raise SignatureError(f"record {self.id.hex()}: signer {key.hex()} has not signed")
+            _verify_one(key, self.id, present[index], f"record {self.id.hex()}")
+
+    @property
+    def is_signed(self) -> bool:
+        """True when every declared signer has signed, or an envelope proves the record."""
+        return self.envelope is not None or (
+            bool(self.signers) and len(self._signature_entries) == len(self.signers)
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id.hex()[:16]}>"
+
+
+def _verify_one(key: bytes, message: bytes, signature: bytes, what: str) -> None:
+    try:
+        nacl.bindings.crypto_sign_open(signature + message, key)
+    except (nacl.exceptions.BadSignatureError, ValueError, TypeError) as exc:
+        raise SignatureError(f"{what}: bad signature by {key.hex()}") from exc
+
+
+class Assertion(_Signable, _codec.AssertionCore):
+    """A claim: subject — predicate — object, with confidence, source and time.
+
+    Objects map from Python: str → text, int/float → number (f64), bool →
+    boolean, ``Ref("x")`` → entity reference, bytes → bytes. Records are
+    immutable and compare by value (content and proof).
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        subject: str,
+        predicate: str,
+        object: ObjectValue,  # noqa: A002 - the field's name in the data model
+        *,
+        confidence: float = 1.0,
+        timestamp: int | None = None,
+        source_class: SourceClass | str | int = SourceClass.OBSERVATIONAL,
+        lifecycle: Lifecycle | str | int = Lifecycle.PROPOSED,
+        source_hash: bytes | None = None,
+        parent_hash: bytes | None = None,
+        epoch: bytes | None = None,
+        visual_hash: bytes | None = None,
+        vector: Sequence[float] | None = None,
+        signers: Iterable[bytes] = (),
+    ) -> None:
+        self._init(
+            subject, predicate, object, confidence, timestamp, source_class, lifecycle,
+            source_hash, _id_bytes(parent_hash, "parent_hash"), _id_bytes(epoch, "epoch"),
+            visual_hash, vector, signers,
+        )
+
+    @property
+    def object(self) -> ObjectValue:
+        """The claimed value: str, float, bool, Ref or bytes."""
+        return self._object_value()  # type: ignore[no-any-return]
+
+    @property
+    def source_class(self) -> SourceClass:
+        return SourceClass(self._source_class_code)
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(self._lifecycle_code)
+
+    def revise(self, **changes: Any) -> Assertion:
+        """A new, unsigned assertion that revises this one (its parent_hash is this ID).
+
+        Lifecycle transitions are revisions: ``a.revise(lifecycle="approved")``.
+        """
+        fields: dict[str, Any] = dict(
+            confidence=self.confidence, source_class=self.source_class,
+            lifecycle=self.lifecycle, source_hash=self.source_hash, epoch=self.epoch,
+            visual_hash=self.visual_hash, vector=self.vector, timestamp=None,
+        )
+        fields.update(changes)
+        fields["parent_hash"] = self.id
+        subject = fields.pop("subject", self.subject)
+        predicate = fields.pop("predicate", self.predicate)
+        value = fields.pop("object", self.object)
+        return Assertion(subject, predicate, value, **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (bytes as hex)."""
+        value: Any = self.object
+        if isinstance(value, Ref):
+            value = {"ref": value.entity}
+        elif isinstance(value, bytes):
+            value = {"bytes": value.hex()}
+        return {
+            "kind": "assertion",
+            "id": self.id.hex(),
+            "subject": self.subject,
+            "predicate": self.predicate,
+            "object": value,
+            "confidence": self.confidence,
+            "timestamp": self.timestamp,
+            "source_class": self.source_class.name.lower(),
+            "lifecycle": self.lifecycle.name.lower(),
+            "source_hash": self.source_hash.hex(),
+            "parent_hash": _hex(self.parent_hash),
+            "epoch": _hex(self.epoch),
+            "visual_hash": _hex(self.visual_hash),
+            "vector": list(self.vector) if self.vector is not None else None,
+            "signers": [k.hex() for k in self.signers],
+            "signatures": [s.hex() for _, s in self.signatures],
+            "envelope": _hex(self.envelope),
+        }
+
+
+def _hex(value: bytes | None) -> str | None:
+    return value.hex() if value is not None else None
+
+
+class Vote(_Signable, _codec.VoteCore):
+    """An agent's weighted vote on an assertion; the agent is the (first) signer."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        assertion_id: bytes | Assertion,
+        weight: float = 1.0,
+        *,
+        timestamp: int | None = None,
+        signers: Iterable[bytes] = (),
+    ) -> None:
+        self._init(_id_bytes(assertion_id, "assertion_id"), weight, timestamp, signers)
+
+    @property
+    def agent(self) -> bytes | None:
+        """The voting agent's public key (the first signer), or None while unsigned."""
+        return self.signers[0] if self.signers else None
+
+
+class Epoch(_Signable, _codec.EpochCore):
+    """A named period of validity; may supersede earlier epochs."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        name: str,
+        description: str = "",
+        *,
+        supersedes: Iterable[bytes | Epoch] = (),
+        supersession_kind: SupersessionKind | str | int = SupersessionKind.REPLACES,
+        timestamp: int | None = None,
+        signers: Iterable[bytes] = (),
+    ) -> None:
+        ids = [_id_bytes(x, "supersedes") for x in supersedes]
+        self._init(name, description, timestamp, ids, supersession_kind, signers)
+
+    @property
+    def supersession_kind(self) -> SupersessionKind:
+        return SupersessionKind(self._supersession_code)
+
+
+class Envelope(_Signable, _codec.EnvelopeCore):
+    """One signature over a list of member record IDs (a signed batch)."""
+
+    __slots__ = ()
+
+    def __init__(self, signer_key: bytes, members: Any, *, timestamp: int | None = None) -> None:
+        self._init(signer_key, members, timestamp)
+
+    @property
+    def signer(self) -> bytes:
+        return self.signers[0]  # type: ignore[no-any-return]
+
+
+for _kind, _cls in ((1, Assertion), (2, Vote), (3, Epoch), (4, Envelope)):
+    _codec.register_class(_kind, _cls)
+
+
+class Signer:
+    """An Ed25519 signing key (PyNaCl)."""
+
+    __slots__ = ("_key", "public_key")
+
+    def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
+        self._key = signing_key
+        self.public_key: bytes = bytes(signing_key.verify_key)
+
+    @classmethod
+    def generate(cls) -> Signer:
+        return cls(nacl.signing.SigningKey(os.urandom(32)))
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Signer:
+        if not isinstance(seed, (bytes, bytearray)) or len(seed) != 32:
+            raise ValueError("seed: expected 32 bytes")
+        return cls(nacl.signing.SigningKey(bytes(seed)))
+
+    @property
+    def seed(self) -> bytes:
+        """The 32-byte private seed. Keep it secret."""
+        return bytes(self._key)
+
+    def sign_id(self, record_id: bytes) -> bytes:
+        """The raw 64-byte signature over a record ID."""
+        return self._key.sign(record_id).signature
+
+    def sign_batch(self, records: Iterable[Any], *, timestamp: int | None = None) -> tuple[list[Any], Envelope]:
+        """Sign many records with one signature.
+
+        Returns (members, envelope): each member is the record with this signer
+        as its only signer and the envelope as its proof. Members must be
+        unsigned, or already declare exactly this signer.
+        """
+        members = []
+        key = self.public_key
+        for index, record in enumerate(records):
+            if not isinstance(record, _Signable) or isinstance(record, Envelope):
+                raise InvalidRecord(f"records[{index}]: expected an Assertion, Vote or Epoch")
+            if record.signers not in ((), (key,)):
+                raise SignatureError(
+                    f"records[{index}]: declares other signers; an envelope proves records of its signer only"
+                )
+            members.append(record._with_proof((key,), (), None))  # type: ignore[attr-defined]
+        if not members:
+            raise InvalidRecord("records: an envelope needs at least one member")
+        ids = _codec.ids_of(members)
+        envelope = Envelope(key, ids, timestamp=timestamp).sign(self)
+        env_id = envelope.id
+        return [m._with_proof((key,), (), env_id) for m in members], envelope
+
+    def __repr__(self) -> str:
+        return f"<Signer {self.public_key.hex()[:16]}>"
+
+
+def verify_batch(envelope: Envelope, members: Sequence[Any]) -> None:
+    """Check the envelope's one signature and that every member belongs to it.
+
+    Raises SignatureError naming the first bad member (by position and ID).
+    """
+    if not isinstance(envelope, Envelope):
+        raise SignatureError(f"envelope: expected a stemedb.Envelope, got {type(envelope).__name__}")
+    envelope.verify()
+    env_id = envelope.id
+    key = envelope.signer
+    listed = set(envelope.members)
+    ids = _codec.ids_of(members) if members else None
+    for index, member in enumerate(members):
+        if member.envelope != env_id:
+            raise SignatureError(f"members[{index}]: not proven by envelope {env_id.hex()}")
+        if member.signers != (key,):
+            raise SignatureError(f"members[{index}]: its signer is not the envelope's signer")
+        member_id = bytes(ids[index])  # type: ignore[index]
+        if member_id not in listed:
+            raise SignatureError(f"members[{index}] ({member_id.hex()}): not listed in the envelope")
+
+
+def verify_many(records: Sequence[Any]) -> None:
+    """Verify many individually signed records (raises on the first bad one)."""
+    for index, record in enumerate(records):
+        try:
+            record.verify()
+        except SignatureError as exc:
+            raise SignatureError(f"records[{index}]: {exc}") from None
+
+
+decode = _codec.decode
+decode_many = _codec.decode_many
+encode_many = _codec.encode_many
+ids_of = _codec.ids_of
