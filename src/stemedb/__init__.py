@@ -3,6 +3,8 @@
 The public API lives here; everything compiled is private (``stemedb._name``).
 """
 
+from stemedb.engine import Database, FileLayer, VerifyReport, Writer
+from stemedb.engine import open as open  # noqa: A004 - stemedb.open(path) is the API
 from stemedb.errors import (
     AuthError,
     CorruptionError,
@@ -38,6 +40,11 @@ from stemedb.records import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "open",
+    "Database",
+    "Writer",
+    "VerifyReport",
+    "FileLayer",
     "Assertion",
     "Vote",
     "Epoch",

@@ -1,0 +1,371 @@
+"""Segment frames: building them for a batch, scanning and checking them.
+
+Owns: the frame layout of docs/format.md ("Segment files"): the segment
+header, record frames and batch frames, their CRC-32C checksums, and the
+scans that recovery and `verify` run over a mapped segment. Must never: open,
+write or sync files (stemedb.engine does the I/O through its injectable file
+layer), and never trust a length before checking that it fits.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from stemedb._hash cimport stm_blake3, stm_crc32c
+
+import numpy as np
+
+SEGMENT_MAGIC = b"STEMESEG"
+SEGMENT_VERSION = 1
+HEADER_SIZE = SEGMENT_HEADER_SIZE
+FRAME_HEADER = FRAME_HEADER_SIZE
+ALIGN = FRAME_ALIGN
+RECORD = FRAME_RECORD
+BATCH = FRAME_BATCH
+CLEAN = STOP_CLEAN
+BAD = STOP_BAD
+
+
+cdef inline void put_u32(uint8_t* p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>v
+    p[1] = <uint8_t>(v >> 8)
+    p[2] = <uint8_t>(v >> 16)
+    p[3] = <uint8_t>(v >> 24)
+
+cdef inline void put_u64(uint8_t* p, uint64_t v) noexcept nogil:
+    put_u32(p, <uint32_t>v)
+    put_u32(p + 4, <uint32_t>(v >> 32))
+
+cdef inline uint32_t get_u32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
+            | (<uint32_t>p[3] << 24))
+
+cdef inline uint64_t get_u64(const uint8_t* p) noexcept nogil:
+    return <uint64_t>get_u32(p) | (<uint64_t>get_u32(p + 4) << 32)
+
+cdef inline Py_ssize_t aligned(Py_ssize_t n) noexcept nogil:
+    return (n + FRAME_ALIGN - 1) & ~(<Py_ssize_t>FRAME_ALIGN - 1)
+
+
+cdef inline uint32_t frame_crc(const uint8_t* frame, uint32_t length) noexcept nogil:
+    # Covers the header up to the crc field, the ID, and the payload.
+    cdef uint32_t crc = stm_crc32c(0, frame, 12)
+    return stm_crc32c(crc, frame + 16, 32 + length)
+
+
+cdef inline void write_frame_header(uint8_t* p, uint8_t frame_type, uint32_t length,
+                                    const uint8_t* record_id) noexcept nogil:
+    put_u32(p, FRAME_MAGIC)
+    p[4] = frame_type
+    p[5] = 0
+    p[6] = 0
+    p[7] = 0
+    put_u32(p + 8, length)
+    if record_id != NULL:
+        memcpy(p + 16, record_id, 32)
+    else:
+        memset(p + 16, 0, 32)
+
+
+def frame_size(Py_ssize_t payload_length):
+    """Bytes a frame with this payload occupies, padding included."""
+    return aligned(FRAME_HEADER_SIZE + payload_length)
+
+
+def segment_header(uint64_t number, uint64_t size, uint64_t created_us):
+    """The 64-byte header that starts every segment file."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, SEGMENT_HEADER_SIZE)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    memset(p, 0, SEGMENT_HEADER_SIZE)
+    memcpy(p, <const char*>SEGMENT_MAGIC, 8)
+    put_u32(p + 8, SEGMENT_VERSION)
+    put_u64(p + 16, number)
+    put_u64(p + 24, size)
+    put_u64(p + 32, created_us)
+    put_u32(p + 60, stm_crc32c(0, p, 60))
+    return out
+
+
+def parse_segment_header(data):
+    """(number, size, created_us) from a segment header; ValueError saying what is wrong."""
+    cdef const uint8_t[::1] view = data
+    if view.shape[0] < SEGMENT_HEADER_SIZE:
+        raise ValueError(f"segment header truncated: {view.shape[0]} bytes")
+    cdef const uint8_t* p = &view[0]
+    if bytes(data[:8]) != SEGMENT_MAGIC:
+        raise ValueError("segment header: bad magic (not a StemeDB segment)")
+    if get_u32(p + 60) != stm_crc32c(0, p, 60):
+        raise ValueError("segment header: checksum mismatch")
+    if get_u32(p + 8) != SEGMENT_VERSION:
+        raise ValueError(f"segment header: unknown version {get_u32(p + 8)}")
+    return get_u64(p + 16), get_u64(p + 24), get_u64(p + 32)
+
+
+def build_batch(blob, offsets, ids, uint64_t batch_seq):
+    """Frame a group-commit batch: one batch frame, then one record frame per record.
+
+    `blob[offsets[i]:offsets[i+1]]` is record i's encoding and `ids[i]` its ID.
+    Returns (frames, payload_positions, payload_lengths): positions are relative
+    to the start of `frames`, so the caller adds the file offset it writes at.
+    """
+    cdef const uint8_t[::1] src = blob
+    cdef const int64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.int64)
+    cdef const uint8_t[:, ::1] idv = ids
+    cdef Py_ssize_t n = offs.shape[0] - 1, i, total, pos, length
+    if idv.shape[0] != n:
+        raise ValueError(f"ids: {idv.shape[0]} rows for {n} records")
+    total = aligned(FRAME_HEADER_SIZE + BATCH_PAYLOAD_SIZE)
+    for i in range(n):
+        total += aligned(FRAME_HEADER_SIZE + offs[i + 1] - offs[i])
+    positions = np.empty(n, dtype=np.int64)
+    lengths = np.empty(n, dtype=np.uint32)
+    cdef int64_t[::1] posv = positions
+    cdef uint32_t[::1] lenv = lengths
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef uint8_t* base = <uint8_t*>PyBytes_AS_STRING(out)
+    cdef uint8_t* p
+    with nogil:
+        memset(base, 0, total)
+        write_frame_header(base, FRAME_BATCH, BATCH_PAYLOAD_SIZE, NULL)
+        put_u64(base + FRAME_HEADER_SIZE, batch_seq)
+        put_u32(base + FRAME_HEADER_SIZE + 8, <uint32_t>n)
+        put_u64(base + FRAME_HEADER_SIZE + 16, <uint64_t>total)
+        put_u32(base + 12, frame_crc(base, BATCH_PAYLOAD_SIZE))
+        pos = aligned(FRAME_HEADER_SIZE + BATCH_PAYLOAD_SIZE)
+        for i in range(n):
+            length = offs[i + 1] - offs[i]
+            p = base + pos
+            write_frame_header(p, FRAME_RECORD, <uint32_t>length, &idv[i, 0])
+            if length:
+                memcpy(p + FRAME_HEADER_SIZE, &src[offs[i]], length)
+            put_u32(p + 12, frame_crc(p, <uint32_t>length))
+            posv[i] = pos + FRAME_HEADER_SIZE
+            lenv[i] = <uint32_t>length
+            pos += aligned(FRAME_HEADER_SIZE + length)
+    return out, positions, lengths
+
+
+cdef int check_frame(const uint8_t* base, Py_ssize_t pos, Py_ssize_t end,
+                     uint32_t* length_out) noexcept nogil:
+    """1 if a valid frame starts at pos (and fits before end), 0 if not, -1 if clean end."""
+    cdef uint32_t magic, length
+    if end - pos < FRAME_HEADER_SIZE:
+        return -1 if end - pos < 4 or get_u32(base + pos) == 0 else 0
+    magic = get_u32(base + pos)
+    if magic == 0:
+        return -1
+    if magic != FRAME_MAGIC or base[pos + 4] < FRAME_RECORD or base[pos + 4] > FRAME_BATCH:
+        return 0
+    length = get_u32(base + pos + 8)
+    if <Py_ssize_t>length > end - pos - FRAME_HEADER_SIZE:
+        return 0
+    if get_u32(base + pos + 12) != frame_crc(base + pos, length):
+        return 0
+    if base[pos + 4] == FRAME_BATCH and length != BATCH_PAYLOAD_SIZE:
+        return 0
+    length_out[0] = length
+    return 1
+
+
+def scan(buffer, Py_ssize_t start, Py_ssize_t end, bint verify_ids=False):
+    """Walk the frames of buffer[start:end].
+
+    Returns a dict: `types`, `positions` (frame starts), `lengths` (payloads)
+    as arrays, `stop` (offset where the walk ended), `reason` (CLEAN or BAD),
+    and, with verify_ids, `id_mismatch` — frame positions whose stored ID is not
+    the BLAKE3 of the record's content (the checksum matched, so the frame was
+    written that way: a bug or a forged file, reported like corruption).
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef const uint8_t* base = &view[0]
+    cdef Py_ssize_t pos = start, count = 0, cap = 1024
+    cdef uint32_t length = 0
+    cdef int state = -1
+    if end > view.shape[0]:
+        raise ValueError(f"scan end {end} beyond buffer of {view.shape[0]} bytes")
+    types = np.empty(cap, dtype=np.uint8)
+    positions = np.empty(cap, dtype=np.int64)
+    lengths = np.empty(cap, dtype=np.uint32)
+    cdef uint8_t[::1] tv = types
+    cdef int64_t[::1] pv = positions
+    cdef uint32_t[::1] lv = lengths
+    while True:
+        with nogil:
+            while pos < end and count < cap:
+                state = check_frame(base, pos, end, &length)
+                if state != 1:
+                    break
+                tv[count] = base[pos + 4]
+                pv[count] = pos
+                lv[count] = length
+                count += 1
+                pos += aligned(FRAME_HEADER_SIZE + length)
+        if pos < end and count == cap and state == 1:
+            cap *= 2
+            types = np.resize(types, cap)
+            positions = np.resize(positions, cap)
+            lengths = np.resize(lengths, cap)
+            tv = types
+            pv = positions
+            lv = lengths
+            state = -1
+            continue
+        break
+    if pos >= end:
+        state = -1
+    result = {
+        "types": types[:count].copy(),
+        "positions": positions[:count].copy(),
+        "lengths": lengths[:count].copy(),
+        "stop": min(pos, end),
+        "reason": STOP_BAD if state == 0 else STOP_CLEAN,
+    }
+    if verify_ids:
+        result["id_mismatch"] = _id_mismatches(base, result["types"], result["positions"],
+                                               result["lengths"])
+    return result
+
+
+cdef list _id_mismatches(const uint8_t* base, types, positions, lengths):
+    cdef const uint8_t[::1] tv = types
+    cdef const int64_t[::1] pv = positions
+    cdef const uint32_t[::1] lv = lengths
+    cdef Py_ssize_t i
+    cdef uint8_t digest[32]
+    cdef uint32_t content_length
+    cdef const uint8_t* payload
+    cdef list bad = []
+    for i in range(tv.shape[0]):
+        if tv[i] != FRAME_RECORD:
+            continue
+        payload = base + pv[i] + FRAME_HEADER_SIZE
+        if lv[i] < 6:
+            bad.append(pv[i])
+            continue
+        content_length = get_u32(payload + 2)
+        if content_length > lv[i]:
+            bad.append(pv[i])
+            continue
+        stm_blake3(payload, content_length, digest)
+        if memcmp_(digest, base + pv[i] + 16, 32) != 0:
+            bad.append(pv[i])
+    return bad
+
+
+cdef inline int memcmp_(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        if a[i] != b[i]:
+            return 1
+    return 0
+
+
+def batch_info(buffer, Py_ssize_t position):
+    """(batch_seq, record_count, batch_bytes) of the batch frame at `position`."""
+    cdef const uint8_t[::1] view = buffer
+    cdef const uint8_t* p = &view[position + FRAME_HEADER_SIZE]
+    return get_u64(p), get_u32(p + 8), get_u64(p + 16)
+
+
+def find_frame(buffer, Py_ssize_t start, Py_ssize_t end, int frame_type=0):
+    """First 8-aligned offset ≥ start where a valid frame (of frame_type, if given) begins, or -1.
+
+    Used after damage to find where intact data resumes.
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef const uint8_t* base = &view[0]
+    cdef Py_ssize_t pos = aligned(start)
+    cdef uint32_t length
+    cdef Py_ssize_t found = -1
+    with nogil:
+        while pos + FRAME_HEADER_SIZE <= end:
+            if get_u32(base + pos) == FRAME_MAGIC and check_frame(base, pos, end, &length) == 1:
+                if frame_type == 0 or base[pos + 4] == frame_type:
+                    found = pos
+                    break
+            pos += FRAME_ALIGN
+    return found
+
+
+def last_nonzero(buffer, Py_ssize_t start, Py_ssize_t end):
+    """Offset just past the last non-zero byte in buffer[start:end], or start if all zero."""
+    cdef const uint8_t[::1] view = buffer
+    cdef Py_ssize_t pos = end
+    with nogil:
+        while pos > start and view[pos - 1] == 0:
+            pos -= 1
+    return pos
+
+
+def read_id(buffer, Py_ssize_t frame_position):
+    """The 32-byte ID stored in the record frame at frame_position."""
+    cdef const uint8_t[::1] view = buffer
+    return PyBytes_FromStringAndSize(<const char*>&view[frame_position + 16], 32)
+
+
+def frame_ok(buffer, Py_ssize_t position):
+    """True when a valid record or batch frame starts at `position`."""
+    cdef const uint8_t[::1] view = buffer
+    cdef uint32_t length
+    if position < 0 or position >= view.shape[0]:
+        return False
+    return check_frame(&view[0], position, view.shape[0], &length) == 1
+
+
+def gather(list buffers, locations, lengths, rows):
+    """Copy the payloads of record numbers `rows` into one blob, checking each frame.
+
+    buffers[s] is segment s's mapping; locations/lengths are the columns.
+    Returns (blob, offsets, bad): `bad` lists (row index, segment, offset) of
+    frames that failed their checksum (their bytes are not in the blob; their
+    slice is empty).
+    """
+    cdef const uint64_t[::1] loc = locations
+    cdef const uint32_t[::1] lens = lengths
+    cdef const int64_t[::1] want = np.ascontiguousarray(rows, dtype=np.int64)
+    cdef Py_ssize_t n = want.shape[0], i, total = 0, pos
+    cdef uint64_t where
+    cdef uint32_t seg, length
+    cdef uint32_t frame_length
+    cdef const uint8_t[::1] view
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    cdef int64_t[::1] offs = offsets
+    for i in range(n):
+        if want[i] >= 0:
+            total += lens[want[i]]
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(out)
+    cdef list bad = []
+    pos = 0
+    for i in range(n):
+        offs[i] = pos
+        if want[i] < 0:
+            continue
+        where = loc[want[i]]
+        seg = <uint32_t>(where >> 32)
+        view = buffers[seg]
+        length = lens[want[i]]
+        if check_frame(&view[0], <Py_ssize_t>(where & 0xFFFFFFFF), view.shape[0], &frame_length) != 1 \
+                or frame_length != length:
+            bad.append((i, seg, <Py_ssize_t>(where & 0xFFFFFFFF)))
+            continue
+        memcpy(dst + pos, &view[(where & 0xFFFFFFFF) + FRAME_HEADER_SIZE], length)
+        pos += length
+    offs[n] = pos
+    if pos != total:
+        out = out[:pos]
+    return out, offsets, bad
+
+
+def read_ids(buffer, positions):
+    """The IDs stored in the record frames at `positions`, as an (n, 32) uint8 array."""
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] pos = np.ascontiguousarray(positions, dtype=np.int64)
+    cdef Py_ssize_t i, n = pos.shape[0]
+    out = np.empty((n, 32), dtype=np.uint8)
+    cdef uint8_t[:, ::1] o = out
+    for i in range(n):
+        if pos[i] < 0 or pos[i] + FRAME_HEADER_SIZE > view.shape[0]:
+            raise ValueError(f"positions[{i}] = {pos[i]} is outside the buffer")
+        memcpy(&o[i, 0], &view[pos[i] + 16], 32)
+    return out

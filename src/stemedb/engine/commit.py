@@ -1,0 +1,143 @@
+"""Group commit: many writers, one append and one fdatasync per batch.
+
+Owns: the queue of pending writes, leader election (the LevelDB way: the
+first waiting writer becomes the leader, takes everything queued, writes it,
+syncs once, then wakes everyone it served), batch-size and fsync-latency
+metrics, and the poisoned state after a failed sync. Must never: acknowledge a
+write before the fdatasync that covers it returned successfully, or retry a
+failed fsync (after "fsyncgate" a failed fsync means the page cache may
+already have dropped the data).
+
+Error handling: the leader's exception is delivered to every writer of its
+batch. A failed write or sync poisons the committer: every later submit raises
+DurabilityError until the store is closed and reopened.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stemedb.errors import DurabilityError
+
+
+@dataclass(eq=False)
+class Pending:
+    """One writer's contribution to a group commit."""
+
+    blob: bytes = b""
+    offsets: np.ndarray | None = None
+    ids: np.ndarray | None = None
+    records: list[Any] | None = None        # unsigned records for a group-signing writer
+    signer: Any = None                       # that writer's Signer
+    done: bool = False
+    error: BaseException | None = None
+    result: Any = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Metrics:
+    """Counters for db.stats() (and, later, Prometheus)."""
+
+    BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 1000, float("inf"))
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.records_written = 0
+        self.bytes_written = 0
+        self.fsyncs = 0
+        self.fsync_seconds = 0.0
+        self.fsync_histogram = [0] * len(self.BUCKETS_MS)
+        self.batch_writers_max = 0
+        self.batch_records_max = 0
+        self.write_errors = 0
+
+    def observe_fsync(self, seconds: float) -> None:
+        self.fsyncs += 1
+        self.fsync_seconds += seconds
+        ms = seconds * 1000
+        for i, bound in enumerate(self.BUCKETS_MS):
+            if ms <= bound:
+                self.fsync_histogram[i] += 1
+                break
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "records_written": self.records_written,
+            "bytes_written": self.bytes_written,
+            "fsyncs": self.fsyncs,
+            "fsync_mean_ms": 1000 * self.fsync_seconds / self.fsyncs if self.fsyncs else 0.0,
+            "fsync_histogram_ms": {str(b): c for b, c in zip(self.BUCKETS_MS, self.fsync_histogram)},
+            "mean_writers_per_batch": None,
+            "max_writers_per_batch": self.batch_writers_max,
+            "max_records_per_batch": self.batch_records_max,
+            "write_errors": self.write_errors,
+        }
+
+
+class GroupCommit:
+    """Serialises writes into batches; `write_group` does the I/O for one batch."""
+
+    def __init__(self, write_group: Callable[[list[Pending]], None]) -> None:
+        self._write_group = write_group
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: list[Pending] = []
+        self._leader_active = False
+        self.failure: DurabilityError | None = None
+        self.writers_served = 0
+
+    def poison(self, error: DurabilityError) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = error
+
+    def submit(self, pending: Pending) -> Any:
+        """Queue `pending` and return once it is durable (or raise why it is not)."""
+        cond = self._cond
+        with cond:
+            if self.failure is not None:
+                raise DurabilityError(f"store refuses writes after an earlier failure: {self.failure}")
+            self._queue.append(pending)
+            while not pending.done:
+                if self._leader_active:
+                    cond.wait()
+                    continue
+                self._leader_active = True
+                group, self._queue = self._queue, []
+                cond.release()
+                try:
+                    self._lead(group)
+                finally:
+                    cond.acquire()
+                    self._leader_active = False
+                    cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _lead(self, group: list[Pending]) -> None:
+        if self.failure is not None:
+            error: BaseException = DurabilityError(
+                f"store refuses writes after an earlier failure: {self.failure}")
+        else:
+            try:
+                self._write_group(group)
+                error = None  # type: ignore[assignment]
+            except BaseException as exc:  # delivered to every writer of the batch
+                error = exc
+        self.writers_served += len(group)
+        for pending in group:
+            if error is not None and pending.error is None:
+                pending.error = error
+            pending.done = True
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._queue)

@@ -1,0 +1,231 @@
+"""In-memory indexes and fixed-width columns, and their snapshots on disk.
+
+Owns: the per-record columns (location, ID, and the fields of
+`_codec.COLUMNS`), the ID hash index and the posting lists, adding a batch of
+durable records to all of them, and writing / loading snapshots atomically
+(temp directory → fsync files → rename → fsync parent). Must never: write
+segments, or change anything for a record that is not yet durable.
+
+Resource handling: a snapshot is a directory of .npy files plus MANIFEST.json;
+older snapshots are removed only after a newer one is durably named.
+Error handling: a snapshot whose checksums do not match is reported and
+ignored (the segments are the truth; recovery replays them instead).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from stemedb import _codec, _hash, _index
+from stemedb.engine.files import FileLayer
+
+SNAPSHOT_VERSION = 1
+
+# Posting lists: name → the column whose key it indexes (0 = no entry).
+POSTINGS = {
+    "subject": "subject",
+    "pair": "pair",
+    "predicate": "predicate",
+    "signer": "signer",
+    "target": "target",      # votes by assertion, revisions by parent
+    "epoch": "epoch",        # assertions by epoch
+}
+
+EXTRA_COLUMNS = {
+    "location": np.uint64,   # segment number << 32 | frame offset
+    "length": np.uint32,     # payload (encoded record) bytes
+}
+
+
+class Columns:
+    """Growable fixed-width arrays, one row per record number."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.count = 0
+        self.capacity = max(capacity, 1024)
+        self.arrays: dict[str, np.ndarray] = {}
+        for name, dtype in {**_codec.COLUMNS, **EXTRA_COLUMNS}.items():
+            self.arrays[name] = np.zeros(self.capacity, dtype=dtype)
+        self.arrays["id"] = np.zeros((self.capacity, 32), dtype=np.uint8)
+
+    def reserve(self, extra: int) -> None:
+        needed = self.count + extra
+        if needed <= self.capacity:
+            return
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        for name, array in self.arrays.items():
+            grown = np.zeros((capacity,) + array.shape[1:], dtype=array.dtype)
+            grown[: self.count] = array[: self.count]
+            self.arrays[name] = grown
+        self.capacity = capacity
+
+    def append(self, values: dict[str, np.ndarray], n: int) -> None:
+        self.reserve(n)
+        start, end = self.count, self.count + n
+        for name, array in values.items():
+            self.arrays[name][start:end] = array
+        self.count = end
+
+    def view(self, name: str) -> np.ndarray:
+        return self.arrays[name][: self.count]
+
+    def memory_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+class State:
+    """Everything derived from the segments that reads need."""
+
+    def __init__(self) -> None:
+        self.columns = Columns()
+        self.ids = _index.IdIndex()
+        self.postings = {name: _index.PostingIndex() for name in POSTINGS}
+        # epoch ID key → record numbers of the epochs that supersede it
+        self.superseded_by = _index.PostingIndex()
+        self.kind_counts = np.zeros(5, dtype=np.int64)
+
+    @property
+    def count(self) -> int:
+        return self.columns.count
+
+    def all_ids(self) -> np.ndarray:
+        return self.columns.arrays["id"]
+
+    def lookup_many(self, ids: np.ndarray) -> np.ndarray:
+        return self.ids.lookup_many(ids, self.all_ids())
+
+    def add(self, ids: np.ndarray, columns: dict[str, np.ndarray],
+            epoch_links: list[tuple[int, bytes]] | None = None) -> np.ndarray:
+        """Index a batch of durable records; returns their record numbers."""
+        n = len(ids)
+        start = self.count
+        recnos = np.arange(start, start + n, dtype=np.uint32)
+        values = dict(columns)
+        values["id"] = ids
+        self.columns.append(values, n)
+        self.ids.insert_many(ids, recnos, self.all_ids())
+        for name, column in POSTINGS.items():
+            keys = columns[column]
+            mask = keys != 0
+            if mask.any():
+                self.postings[name].add_many(keys[mask], recnos[mask])
+        for recno, superseded in epoch_links or ():
+            self.superseded_by.add_many(np.array([_codec.id_key(superseded)], dtype=np.uint64),
+                                        np.array([recno], dtype=np.uint32))
+        self.kind_counts += np.bincount(columns["kind"], minlength=5)[:5]
+        return recnos
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {
+            "columns": self.columns.memory_bytes(),
+            "id_index": self.ids.memory_bytes(),
+            "postings": sum(p.memory_bytes() for p in self.postings.values())
+            + self.superseded_by.memory_bytes(),
+        }
+
+    # -- snapshots -----------------------------------------------------------
+
+    def arrays_for_snapshot(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name in self.columns.arrays:
+            out[f"column.{name}"] = self.columns.view(name)
+        for prefix, index in [("ids", self.ids), *[(f"posting.{k}", v) for k, v in self.postings.items()],
+                              ("superseded_by", self.superseded_by)]:
+            for key, value in index.state().items():
+                out[f"{prefix}.{key}"] = np.asarray(value)
+        out["kind_counts"] = self.kind_counts
+        return out
+
+    @classmethod
+    def from_snapshot(cls, arrays: dict[str, np.ndarray]) -> State:
+        state = cls()
+        count = len(arrays["column.id"])
+        state.columns.reserve(count)
+        for name in state.columns.arrays:
+            state.columns.arrays[name][:count] = arrays[f"column.{name}"]
+        state.columns.count = count
+
+        def index_state(prefix: str) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for key, value in arrays.items():
+                if key.startswith(prefix + "."):
+                    field = key[len(prefix) + 1:]
+                    out[field] = value.item() if value.ndim == 0 else value
+            return out
+
+        state.ids = _index.IdIndex.from_state(index_state("ids"))
+        state.postings = {name: _index.PostingIndex.from_state(index_state(f"posting.{name}"))
+                          for name in POSTINGS}
+        state.superseded_by = _index.PostingIndex.from_state(index_state("superseded_by"))
+        state.kind_counts = np.array(arrays["kind_counts"], dtype=np.int64)
+        return state
+
+
+def write_snapshot(files: FileLayer, directory: str, state: State, meta: dict[str, Any]) -> str:
+    """Durably write a snapshot named by its record count; returns its path."""
+    files.makedirs(directory)
+    name = f"snapshot-{state.count:012d}"
+    final = os.path.join(directory, name)
+    temp = final + ".tmp"
+    if files.exists(temp):
+        shutil.rmtree(temp)
+    files.makedirs(temp)
+    checksums = {}
+    for key, array in state.arrays_for_snapshot().items():
+        buffer = io.BytesIO()
+        np.save(buffer, array if array.ndim == 0 else np.ascontiguousarray(array),
+                allow_pickle=False)
+        data = buffer.getvalue()
+        files.write_file(os.path.join(temp, key + ".npy"), data)
+        checksums[key] = _hash.crc32c(data)
+    manifest = dict(meta, version=SNAPSHOT_VERSION, records=state.count, checksums=checksums)
+    files.write_file(os.path.join(temp, "MANIFEST.json"), json.dumps(manifest, indent=1).encode())
+    files.fsync_dir(temp)
+    if files.exists(final):
+        shutil.rmtree(final)
+    files.rename(temp, final)
+    files.fsync_dir(directory)
+    for other in files.listdir(directory):
+        if other != name and other.startswith("snapshot-"):
+            shutil.rmtree(os.path.join(directory, other), ignore_errors=True)
+    return final
+
+
+def load_snapshot(files: FileLayer, directory: str) -> tuple[State, dict[str, Any]] | None:
+    """The newest snapshot whose checksums all match, or None.
+
+    Raises ValueError describing the damage when the newest snapshot is bad,
+    so the caller can report it before replaying the segments instead.
+    """
+    if not files.exists(directory):
+        return None
+    names = sorted(n for n in files.listdir(directory)
+                   if n.startswith("snapshot-") and not n.endswith(".tmp"))
+    if not names:
+        return None
+    path = os.path.join(directory, names[-1])
+    try:
+        manifest = json.loads(files.read_file(os.path.join(path, "MANIFEST.json")))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}/MANIFEST.json: unreadable ({exc})") from None
+    if manifest.get("version") != SNAPSHOT_VERSION:
+        raise ValueError(f"{path}: unknown snapshot version {manifest.get('version')}")
+    arrays = {}
+    for key, expected in manifest["checksums"].items():
+        file_path = os.path.join(path, key + ".npy")
+        try:
+            data = files.read_file(file_path)
+        except OSError as exc:
+            raise ValueError(f"{file_path}: unreadable ({exc})") from None
+        if _hash.crc32c(data) != expected:
+            raise ValueError(f"{file_path}: checksum mismatch (snapshot damaged)")
+        arrays[key] = np.load(io.BytesIO(data), allow_pickle=False)
+    return State.from_snapshot(arrays), manifest
