@@ -1408,3 +1408,35 @@ def check_members(buffer, offsets, bytes envelope_id, bytes signer_key):
         if p[clen] != PROOF_ENVELOPE or memcmp(p + clen + 1, env, ID_SIZE) != 0:
             return i
     return -1
+
+
+def envelope_proofs(buffer, offsets):
+    """For each record: (envelope ID, its single signer key, ok flag) as arrays.
+
+    ok is False unless the record has exactly one signer and an envelope proof;
+    the IDs and keys of such records are zero.
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
+    cdef Py_ssize_t i, n = offs.shape[0] - 1, length
+    cdef uint32_t clen
+    cdef const uint8_t* p
+    envelopes = np.zeros((n, ID_SIZE), dtype=np.uint8)
+    signers = np.zeros((n, KEY_SIZE), dtype=np.uint8)
+    ok = np.zeros(n, dtype=np.bool_)
+    cdef uint8_t[:, ::1] ev = envelopes
+    cdef uint8_t[:, ::1] sv = signers
+    cdef uint8_t[::1] okv = ok.view(np.uint8)
+    with nogil:
+        for i in range(n):
+            p = &view[0] + offs[i]
+            length = offs[i + 1] - offs[i]
+            if length < HEADER_SIZE + 1 + KEY_SIZE + 1 + ID_SIZE:
+                continue
+            clen = get_u32(p + 2)
+            if clen + 1 + ID_SIZE != length or p[HEADER_SIZE] != 1 or p[clen] != PROOF_ENVELOPE:
+                continue
+            memcpy(&sv[i, 0], p + HEADER_SIZE + 1, KEY_SIZE)
+            memcpy(&ev[i, 0], p + clen + 1, ID_SIZE)
+            okv[i] = 1
+    return envelopes, signers, ok

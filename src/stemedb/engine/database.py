@@ -105,6 +105,9 @@ class Database:
         self._state_lock = threading.RLock()
         self._batch_seq = 0
         self._records_since_snapshot = 0
+        # Called as listener(record_numbers, columns) under the state lock after each
+        # durable batch is indexed (materialised views use it to invalidate pairs).
+        self.write_listeners: list[Any] = []
         self._verify_pool = ThreadPoolExecutor(max_workers=verify_threads or os.cpu_count() or 2,
                                                thread_name_prefix="stemedb-verify")
         self.files.makedirs(self.path)
@@ -324,22 +327,7 @@ class Database:
             self._verify_envelope_batch(envelopes[0], blob, offsets, ids, None)
             return
         if envelopes:
-            by_id = {}
-            for env in envelopes:
-                if not isinstance(env, Envelope):
-                    raise SignatureError(f"envelope: expected a stemedb.Envelope, got {type(env).__name__}")
-                by_id[env.id] = env
-            groups: dict[bytes, list[int]] = {}
-            for index, record in enumerate(records):
-                key = record.envelope
-                if key not in by_id:
-                    raise SignatureError(
-                        f"records[{index}]: not proven by any of the {len(envelopes)} envelopes given")
-                groups.setdefault(key, []).append(index)
-            for key, members in groups.items():
-                rows = np.asarray(members)
-                sub_blob, sub_offsets, sub_ids = _select(blob, offsets, ids, rows)
-                self._verify_envelope_batch(by_id[key], sub_blob, sub_offsets, sub_ids, rows)
+            self._verify_envelope_batches(envelopes, blob, offsets, ids)
             return
         individually: list[int] = []
         for index, record in enumerate(records):
@@ -357,6 +345,43 @@ class Database:
         futures = [self._verify_pool.submit(_verify_chunk, records, chunk) for chunk in chunks if len(chunk)]
         for future in futures:
             future.result()
+
+    def _verify_envelope_batches(self, envelopes: list[Envelope], blob: bytes,
+                                 offsets: np.ndarray, ids: np.ndarray) -> None:
+        """Many envelopes in one batch: signatures on the pool, membership vectorised."""
+        for env in envelopes:
+            if not isinstance(env, Envelope):
+                raise SignatureError(f"envelope: expected a stemedb.Envelope, got {type(env).__name__}")
+        for future in [self._verify_pool.submit(env.verify) for env in envelopes]:
+            future.result()
+        env_ids = _codec.ids_of(envelopes)
+        claimed, signers, single = _codec.envelope_proofs(blob, offsets)
+        if not single.all():
+            first = int(np.argmin(single))
+            raise SignatureError(f"records[{first}]: not proven by an envelope of its single signer")
+        env_table = _index.IdIndex(capacity=2 * len(envelopes))
+        env_table.insert_many(env_ids, np.arange(len(envelopes), dtype=np.uint32), env_ids)
+        owner = env_table.lookup_many(claimed, env_ids)
+        if (owner < 0).any():
+            first = int(np.argmax(owner < 0))
+            raise SignatureError(
+                f"records[{first}]: not proven by any of the {len(envelopes)} envelopes given")
+        env_signers = np.frombuffer(b"".join(e.signer for e in envelopes), dtype=np.uint8).reshape(-1, 32)
+        wrong_signer = (env_signers[owner] != signers).any(axis=1)
+        if wrong_signer.any():
+            first = int(np.argmax(wrong_signer))
+            raise SignatureError(f"records[{first}]: its signer is not its envelope's signer")
+        listed = np.concatenate([e.member_array() for e in envelopes])
+        listed_by = np.repeat(np.arange(len(envelopes)), [e.member_count for e in envelopes])
+        member_table = _index.IdIndex(capacity=2 * len(listed))
+        member_table.insert_many(listed, np.arange(len(listed), dtype=np.uint32), listed)
+        row = member_table.lookup_many(ids, listed)
+        ok = (row >= 0) & (listed_by[np.maximum(row, 0)] == owner)
+        for index in np.nonzero(~ok)[0]:  # rare: absent, or listed in several envelopes
+            envelope = envelopes[int(owner[index])]
+            if bytes(ids[index]) not in set(envelope.members):
+                raise SignatureError(
+                    f"records[{index}] ({bytes(ids[index]).hex()}): not listed in its envelope")
 
     @staticmethod
     def _verify_envelope_batch(envelope: Envelope, blob: bytes, offsets: np.ndarray, ids: np.ndarray,
@@ -486,7 +511,9 @@ class Database:
         columns["length"] = lengths
         links = self._epoch_links_from(frames, positions, lengths, columns["kind"])
         with self._state_lock:
-            self.state.add(ids, columns, links)
+            recnos = self.state.add(ids, columns, links)
+            for listener in self.write_listeners:
+                listener(recnos, columns)
         self.metrics.batches += 1
         self.metrics.records_written += len(ids)
         self.metrics.bytes_written += len(frames)
@@ -580,6 +607,23 @@ class Database:
                 f"{path} at offset {offset}: record {_hex(bytes(array[index]))} fails its checksum; "
                 "it is not served (restore it from a replica or backup)", path=path, offset=offset)
         return blob, offsets, rows
+
+    def records_at(self, rows: Any) -> list[Any]:
+        """Decode the records with these record numbers (checksums checked)."""
+        self._check_open()
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return []
+        with self._state_lock:
+            cols = self.state.columns
+            blob, offsets, bad = _segment.gather(
+                [s.buffer for s in self.log.segments], cols.arrays["location"], cols.arrays["length"], rows)
+        if bad:
+            index, seg, offset = bad[0]
+            path = self.log.segments[seg].path
+            raise CorruptionError(f"{path} at offset {offset}: record fails its checksum; not served",
+                                  path=path, offset=offset)
+        return list(_codec.decode_many(blob, offsets))
 
     def contains(self, record_id: bytes) -> bool:
         self._check_open()
