@@ -569,9 +569,13 @@ cdef class IdIndex(_Guarded):
         With copy=False "slots" is the live table: cheaper, but only valid
         until the next insert_many, which may change it in place.
         """
-        slots = np.asarray(self._slots)
-        return {"kind": "IdIndex", "format": STATE_FORMAT,
-                "slots": slots.copy() if copy else slots, "count": self._count}
+        self._begin_read()      # a copy taken during a write would be torn
+        try:
+            slots = np.asarray(self._slots)
+            return {"kind": "IdIndex", "format": STATE_FORMAT,
+                    "slots": slots.copy() if copy else slots, "count": self._count}
+        finally:
+            self._end_read()
 
     @classmethod
     def from_state(cls, state):
@@ -589,7 +593,7 @@ cdef class IdIndex(_Guarded):
         count = _state_int(state, "count")
         cdef int bits = _power_of_two_bits(slots.shape[0], MAX_ID_BITS, "slots")
         cdef uint64_t[::1] view = slots
-        cdef Py_ssize_t occupied = int(np.count_nonzero((slots & 0xFFFFFFFF) != NO_RECORD))
+        cdef Py_ssize_t occupied = int(np.count_nonzero((slots & np.uint64(0xFFFFFFFF)) != NO_RECORD))
         if occupied != count or _over_load(<uint64_t>count, bits):
             raise CorruptionError(
                 f"index state: IdIndex count {count} but {occupied} of {slots.shape[0]} slots used")
@@ -846,8 +850,11 @@ cdef class PostingIndex(_Guarded):
     def count(self, uint64_t key):
         """How many records have this key."""
         cdef const uint64_t[:, ::1] table = self._table
-        cdef size_t p = _posting_row(&table[0, 0], self._bits, key)
-        return <Py_ssize_t>(table[p, 1] >> 32)
+        self._begin_read()
+        try:
+            return <Py_ssize_t>(table[_posting_row(&table[0, 0], self._bits, key), 1] >> 32)
+        finally:
+            self._end_read()
 
     def get(self, uint64_t key):
         """uint32 array: the record numbers having this key, ascending."""
@@ -896,8 +903,12 @@ cdef class PostingIndex(_Guarded):
 
     def keys(self):
         """uint64 array of the distinct keys, in no particular order."""
-        table = np.asarray(self._table)
-        return table[(table[:, 1] >> np.uint64(32)) != 0, 0].copy()
+        self._begin_read()
+        try:
+            table = np.asarray(self._table)
+            return table[(table[:, 1] >> np.uint64(32)) != 0, 0].copy()
+        finally:
+            self._end_read()
 
     def state(self, bint copy=True):
         """The index as plain values, for the engine to persist and from_state to rebuild.
@@ -907,12 +918,16 @@ cdef class PostingIndex(_Guarded):
         "entries", "last": int}. With copy=False the arrays are the live ones:
         only valid until the next add_many.
         """
-        table = np.asarray(self._table)
-        prev = np.asarray(self._prev)[:self._last + 1]
-        return {"kind": "PostingIndex", "format": STATE_FORMAT,
-                "table": table.copy() if copy else table,
-                "prev": prev.copy() if copy else prev,
-                "keys": self._keys, "entries": self._entries, "last": self._last}
+        self._begin_read()      # a copy taken during a write would be torn
+        try:
+            table = np.asarray(self._table)
+            prev = np.asarray(self._prev)[:self._last + 1]
+            return {"kind": "PostingIndex", "format": STATE_FORMAT,
+                    "table": table.copy() if copy else table,
+                    "prev": prev.copy() if copy else prev,
+                    "keys": self._keys, "entries": self._entries, "last": self._last}
+        finally:
+            self._end_read()
 
     @classmethod
     def from_state(cls, state):

@@ -145,7 +145,7 @@ def record_from_json(text: str, line: int) -> Any:
     """One JSON Lines entry: an assertion's fields, or {"encoded": hex} of a signed record."""
     try:
         document = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise stemedb.InvalidRecord(f"line {line}: not JSON ({exc.msg})") from None
     if not isinstance(document, dict):
         raise stemedb.InvalidRecord(f"line {line}: expected a JSON object")

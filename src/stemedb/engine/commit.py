@@ -39,6 +39,10 @@ class Pending:
     error: BaseException | None = None
     result: Any = None
     enqueued: float = field(default_factory=time.perf_counter)
+    # Held while the writer waits; whoever serves it (or hands it leadership)
+    # releases it. One raw lock per writer wakes exactly that writer, where a
+    # shared Condition.notify_all would wake all of them to re-check.
+    wakeup: Any = field(default_factory=threading.Lock)
 
 
 class Metrics:
@@ -87,7 +91,6 @@ class GroupCommit:
     def __init__(self, write_group: Callable[[list[Pending]], None]) -> None:
         self._write_group = write_group
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         self._queue: list[Pending] = []
         self._leader_active = False
         self.failure: DurabilityError | None = None
@@ -99,28 +102,41 @@ class GroupCommit:
                 self.failure = error
 
     def submit(self, pending: Pending) -> Any:
-        """Queue `pending` and return once it is durable (or raise why it is not)."""
-        cond = self._cond
-        with cond:
+        """Queue `pending` and return once it is durable (or raise why it is not).
+
+        The first writer to find no leader becomes the leader: it takes the
+        whole queue, writes and syncs it once, wakes each writer it served,
+        and hands leadership to the first writer that queued meanwhile (which
+        is woken with its record not yet written).
+        """
+        pending.wakeup.acquire()  # held from here; a second acquire waits for a release
+        with self._lock:
             if self.failure is not None:
                 raise DurabilityError(f"store refuses writes after an earlier failure: {self.failure}")
             self._queue.append(pending)
-            while not pending.done:
-                if self._leader_active:
-                    cond.wait()
-                    continue
-                self._leader_active = True
-                group, self._queue = self._queue, []
-                cond.release()
-                try:
-                    self._lead(group)
-                finally:
-                    cond.acquire()
-                    self._leader_active = False
-                    cond.notify_all()
+            leading = not self._leader_active
+            self._leader_active = True
+        if not leading:
+            pending.wakeup.acquire()
+        if not pending.done:
+            self._lead_once(pending)
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    def _lead_once(self, pending: Pending) -> None:
+        """Serve the whole queue (which includes `pending`), then hand over or step down."""
+        with self._lock:
+            group, self._queue = self._queue, []
+        self._lead(group)
+        for served in group:
+            if served is not pending:
+                served.wakeup.release()
+        with self._lock:
+            if self._queue:
+                self._queue[0].wakeup.release()  # the next leader; still queued, not done
+            else:
+                self._leader_active = False
 
     def _lead(self, group: list[Pending]) -> None:
         if self.failure is not None:

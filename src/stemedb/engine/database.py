@@ -418,20 +418,29 @@ class Database:
 
     def _write_group(self, group: list[Pending]) -> None:
         """The leader's work for one group commit (runs in one writer's thread)."""
-        blobs, offsets_list, ids_list, owners = [], [], [], []
+        blobs, offsets_list, ids_list = [], [], []
+        by_signer: dict[bytes, list[Pending]] = {}
         for pending in group:
             if pending.records is not None:
-                members, envelope = pending.signer.sign_batch(pending.records)
-                blob, offsets, ids = _codec.encode_many([envelope, *members])
-                pending.result = _id_list(ids[1:])
-            else:
-                assert pending.offsets is not None and pending.ids is not None
-                blob, offsets, ids = pending.blob, pending.offsets, pending.ids
-            if len(ids):
-                blobs.append(blob)
-                offsets_list.append(offsets)
-                ids_list.append(ids)
-                owners.append(pending)
+                by_signer.setdefault(pending.signer.public_key, []).append(pending)
+            elif pending.ids is not None and len(pending.ids):
+                assert pending.offsets is not None
+                blobs.append(pending.blob)
+                offsets_list.append(pending.offsets)
+                ids_list.append(pending.ids)
+        for writers in by_signer.values():
+            # One envelope, hence one signature, for every writer of this signer in the batch.
+            records = [record for pending in writers for record in pending.records or ()]
+            members, envelope = writers[0].signer.sign_batch(records)
+            blob, offsets, ids = _codec.encode_many([envelope, *members])
+            start = 1
+            for pending in writers:
+                count = len(pending.records or ())
+                pending.result = _id_list(ids[start:start + count])
+                start += count
+            blobs.append(blob)
+            offsets_list.append(offsets)
+            ids_list.append(ids)
         if not blobs:
             return
         blob, offsets, ids = _concat(blobs, offsets_list, ids_list)
@@ -640,6 +649,7 @@ class Database:
              *, kind: str | None = None) -> Iterator[Any]:
         """Iterate stored records in write order, optionally by subject and/or predicate."""
         self._check_open()
+        rows: np.ndarray
         with self._state_lock:
             if subject is not None and predicate is not None:
                 rows = self.state.postings["pair"].get(_codec.pair_key(subject, predicate))

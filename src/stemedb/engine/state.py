@@ -137,8 +137,9 @@ class State:
         out: dict[str, np.ndarray] = {}
         for name in self.columns.arrays:
             out[f"column.{name}"] = self.columns.view(name)
-        for prefix, index in [("ids", self.ids), *[(f"posting.{k}", v) for k, v in self.postings.items()],
-                              ("superseded_by", self.superseded_by)]:
+        indexes: list[tuple[str, Any]] = [("ids", self.ids), ("superseded_by", self.superseded_by)]
+        indexes += [(f"posting.{k}", v) for k, v in self.postings.items()]
+        for prefix, index in indexes:
             for key, value in index.state().items():
                 out[f"{prefix}.{key}"] = np.asarray(value)
         out["kind_counts"] = self.kind_counts
