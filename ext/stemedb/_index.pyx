@@ -42,9 +42,15 @@ cdef extern from *:
     #define stm_prefetch_read(p) ((void)(p))
     #define stm_prefetch_write(p) ((void)(p))
     #endif
+    #define STM_HIGH_HALF 0xFFFFFFFF00000000ull
+    #define STM_EMPTY_SLOT 0x00000000FFFFFFFFull
     """
     void stm_prefetch_read(const void *p) nogil
     void stm_prefetch_write(const void *p) nogil
+    # IdIndex slots: the part that holds the key's top half, and an empty slot
+    # (top half 0, record number STM_NO_RECORD). Macros, so they fold into the code.
+    const uint64_t HIGH_HALF "STM_HIGH_HALF"
+    const uint64_t EMPTY_SLOT "STM_EMPTY_SLOT"
 
 
 NO_RECORD = 0xFFFFFFFF
@@ -104,10 +110,15 @@ cdef inline uint64_t _le64(const uint8_t *p) noexcept nogil:
 
 def _id_rows(ids, str name):
     """`ids` as a C-contiguous (n, 32) uint8 array; no copy if it already is one."""
+    if isinstance(ids, (list, tuple)):
+        # numpy would pad a short bytes object to the longest one without a word.
+        for item in ids:
+            if isinstance(item, (bytes, bytearray)) and len(item) != ID_SIZE:
+                raise ValueError(f"{name}: an ID is {ID_SIZE} bytes, not {len(item)}")
     arr = np.asarray(ids)
     if arr.ndim == 1 and arr.dtype.kind in "SV" and arr.dtype.itemsize == ID_SIZE:
         arr = np.ascontiguousarray(arr).view(np.uint8).reshape(-1, ID_SIZE)
-    elif arr.size == 0 and arr.ndim <= 2:
+    elif arr.size == 0 and arr.shape in ((0,), (0, ID_SIZE)):
         return np.empty((0, ID_SIZE), dtype=np.uint8)
     if arr.dtype != np.uint8:
         raise TypeError(f"{name} must be an (n, 32) uint8 array, not {arr.dtype}")
@@ -210,10 +221,6 @@ cdef class _Guarded:
 
 # ----------------------------------------------------------------------------
 # IdIndex: slot = (key & HIGH_HALF) | record number; empty slots hold NO_RECORD.
-
-cdef uint64_t HIGH_HALF = 0xFFFFFFFF00000000
-cdef uint64_t EMPTY_SLOT = 0x00000000FFFFFFFF
-
 
 cdef inline bint _slot_empty(uint64_t slot) noexcept nogil:
     return <uint32_t>slot == STM_NO_RECORD
