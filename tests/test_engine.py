@@ -253,3 +253,36 @@ def test_one_durable_batch_with_several_envelopes(db):
     stray, env_c = SIGNER.sign_batch([Assertion("c", "p", 1, timestamp=1)])
     with pytest.raises(stemedb.SignatureError, match=r"records\[1\]: not proven by any"):
         db.put_many([first[0], stray[0]], envelope=[env_a, env_b])
+
+
+def test_an_epoch_superseding_several_epochs_survives_reopen(tmp_path):
+    path = tmp_path / "db"
+    old = [Epoch(f"e{i}", timestamp=i).sign(SIGNER) for i in range(3)]
+    new = Epoch("merged", supersedes=old, timestamp=9).sign(SIGNER)
+    with stemedb.open(path, segment_size=SMALL) as db:
+        db.put_many(old + [new])
+    for reopen in range(2):
+        with stemedb.open(path) as db:
+            for epoch in old:
+                rows = db.state.superseded_by.get(stemedb._codec.id_key(epoch.id))
+                assert [db.records_at(rows)[0].id] == [new.id], reopen
+            if reopen == 0:
+                db.put(claim(1))  # the second open replays this after the snapshot
+
+
+def test_checkpoint_covers_only_indexed_records(tmp_path):
+    path = tmp_path / "db"
+    db = stemedb.open(path, segment_size=SMALL)
+    db.put_many([claim(i) for i in range(10)])
+    # frames appended but not yet indexed must be replayed, not skipped, after reopen
+    blob, offsets, ids = stemedb.encode_many([claim(99)])
+    db._batch_seq += 1
+    frames, _, _ = stemedb._segment.build_batch(blob, offsets, ids, db._batch_seq)
+    db.log.append(frames)
+    db.log.sync()
+    db.checkpoint()
+    db.log.close()
+    db._release_lock()
+    with stemedb.open(path) as again:
+        assert again.contains(claim(99).id)
+        assert again.stats()["records"] == 11

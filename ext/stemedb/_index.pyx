@@ -435,7 +435,6 @@ cdef class IdIndex(_Guarded):
         """Bytes held by the index's arrays (the table; nothing per call)."""
         return self._slots.shape[0] * 8
 
-
     # -- internals --
 
     cdef int _lookup_into(self, const uint8_t[:, ::1] ids, const uint8_t[:, ::1] all_ids,
@@ -774,7 +773,6 @@ cdef class PostingIndex(_Guarded):
     def memory_bytes(self):
         """Bytes held by the index's arrays (table and prev)."""
         return self._table.shape[0] * 16 + self._prev.shape[0] * 4
-
 
     cdef int _grow_prev(self, Py_ssize_t needed) except -1:
         cdef Py_ssize_t length = self._prev.shape[0]

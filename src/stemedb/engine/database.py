@@ -189,14 +189,15 @@ class Database:
         self.state = state or State()
         if not self.log.segments:
             self.log.create_segment()
-            report.seconds = time.perf_counter() - started
-            return
-        for segment in self.log.segments:
-            if segment.number < start_segment:
-                segment.tail = segment.size  # sealed and fully covered by the snapshot
-                continue
-            offset = start_offset if segment.number == start_segment else _segment.HEADER_SIZE
-            self._replay_segment(segment, offset)
+        else:
+            for segment in self.log.segments:
+                if segment.number < start_segment:
+                    segment.tail = segment.size  # sealed and fully covered by the snapshot
+                    continue
+                offset = start_offset if segment.number == start_segment else _segment.HEADER_SIZE
+                self._replay_segment(segment, offset)
+        self._indexed_position = (self.log.active.number, self.log.active.tail)
+        self._indexed_batch_seq = self._batch_seq
         report.seconds = time.perf_counter() - started
 
     def _replay_segment(self, segment: Segment, offset: int) -> None:
@@ -457,12 +458,7 @@ class Database:
     def _fresh_mask(self, ids: np.ndarray) -> np.ndarray:
         """True for IDs neither stored nor repeated earlier in the same batch."""
         with self._state_lock:
-            stored = self.state.lookup_many(ids) >= 0
-        if len(ids) > 1:
-            scratch = _index.IdIndex(capacity=len(ids) * 2)
-            first = scratch.insert_many(ids, np.arange(len(ids), dtype=np.uint32), ids)
-            return np.asarray(first) & ~stored
-        return ~stored
+            return np.asarray(self.state.ids.new_mask(ids, self.state.all_ids()))
 
     def _append_durably(self, blob: bytes, offsets: np.ndarray, ids: np.ndarray) -> None:
         sizes = np.diff(offsets)
@@ -521,6 +517,8 @@ class Database:
         links = self._epoch_links_from(frames, positions, lengths, columns["kind"])
         with self._state_lock:
             recnos = self.state.add(ids, columns, links)
+            self._indexed_position = (segment.number, offset + len(frames))
+            self._indexed_batch_seq = self._batch_seq
             for listener in self.write_listeners:
                 listener(recnos, columns)
         self.metrics.batches += 1
@@ -721,8 +719,10 @@ class Database:
         with self._state_lock:
             if self.durability != "sync":
                 self.log.sync()
-            segment = self.log.active
-            meta = {"position": [segment.number, segment.tail], "batch_seq": self._batch_seq,
+            # The position the indexed state covers, not the log tail: a commit may
+            # have appended frames it has not indexed yet (they are replayed on open).
+            number, offset = self._indexed_position
+            meta = {"position": [number, offset], "batch_seq": self._indexed_batch_seq,
                     "created_us": time.time_ns() // 1000}
             write_snapshot(self.files, os.path.join(self.path, "index"), self.state, meta)
             self._records_since_snapshot = 0

@@ -81,6 +81,26 @@ class Columns:
         return sum(a.nbytes for a in self.arrays.values())
 
 
+class EpochLinks:
+    """Superseded epoch key → record numbers of the epochs that supersede it.
+
+    Epochs are rare and one epoch may supersede many, so a dict of lists (a
+    PostingIndex holds one key per record).
+    """
+
+    def __init__(self) -> None:
+        self.links: dict[int, list[int]] = {}
+
+    def add(self, key: int, recno: int) -> None:
+        self.links.setdefault(key, []).append(recno)
+
+    def get(self, key: int) -> np.ndarray:
+        return np.array(self.links.get(key, ()), dtype=np.uint32)
+
+    def __len__(self) -> int:
+        return len(self.links)
+
+
 class State:
     """Everything derived from the segments that reads need."""
 
@@ -88,8 +108,7 @@ class State:
         self.columns = Columns()
         self.ids = _index.IdIndex()
         self.postings = {name: _index.PostingIndex() for name in POSTINGS}
-        # epoch ID key → record numbers of the epochs that supersede it
-        self.superseded_by = _index.PostingIndex()
+        self.superseded_by = EpochLinks()
         self.kind_counts = np.zeros(5, dtype=np.int64)
 
     @property
@@ -107,6 +126,8 @@ class State:
         """Index a batch of durable records; returns their record numbers."""
         n = len(ids)
         start = self.count
+        if n == 0:
+            return np.zeros(0, dtype=np.uint32)
         recnos = np.arange(start, start + n, dtype=np.uint32)
         values = dict(columns)
         values["id"] = ids
@@ -118,8 +139,7 @@ class State:
             if mask.any():
                 self.postings[name].add_many(keys[mask], recnos[mask])
         for recno, superseded in epoch_links or ():
-            self.superseded_by.add_many(np.array([_codec.id_key(superseded)], dtype=np.uint64),
-                                        np.array([recno], dtype=np.uint32))
+            self.superseded_by.add(_codec.id_key(superseded), recno)
         self.kind_counts += np.bincount(columns["kind"], minlength=5)[:5]
         return recnos
 
@@ -127,8 +147,7 @@ class State:
         return {
             "columns": self.columns.memory_bytes(),
             "id_index": self.ids.memory_bytes(),
-            "postings": sum(p.memory_bytes() for p in self.postings.values())
-            + self.superseded_by.memory_bytes(),
+            "postings": sum(p.memory_bytes() for p in self.postings.values()),
         }
 
     # -- snapshots -----------------------------------------------------------
@@ -137,7 +156,10 @@ class State:
         out: dict[str, np.ndarray] = {}
         for name in self.columns.arrays:
             out[f"column.{name}"] = self.columns.view(name)
-        indexes: list[tuple[str, Any]] = [("ids", self.ids), ("superseded_by", self.superseded_by)]
+        pairs = [(key, recno) for key, recnos in self.superseded_by.links.items() for recno in recnos]
+        out["superseded_by.keys"] = np.array([k for k, _ in pairs], dtype=np.uint64)
+        out["superseded_by.recnos"] = np.array([r for _, r in pairs], dtype=np.uint32)
+        indexes: list[tuple[str, Any]] = [("ids", self.ids)]
         indexes += [(f"posting.{k}", v) for k, v in self.postings.items()]
         for prefix, index in indexes:
             for key, value in index.state().items():
@@ -165,7 +187,9 @@ class State:
         state.ids = _index.IdIndex.from_state(index_state("ids"))
         state.postings = {name: _index.PostingIndex.from_state(index_state(f"posting.{name}"))
                           for name in POSTINGS}
-        state.superseded_by = _index.PostingIndex.from_state(index_state("superseded_by"))
+        state.superseded_by = EpochLinks()
+        for key, recno in zip(arrays["superseded_by.keys"].tolist(), arrays["superseded_by.recnos"].tolist()):
+            state.superseded_by.add(key, recno)
         state.kind_counts = np.array(arrays["kind_counts"], dtype=np.int64)
         return state
 
