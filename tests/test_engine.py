@@ -286,3 +286,41 @@ def test_checkpoint_covers_only_indexed_records(tmp_path):
     with stemedb.open(path) as again:
         assert again.contains(claim(99).id)
         assert again.stats()["records"] == 11
+
+
+def test_background_snapshot_every_n_records(tmp_path):
+    path = tmp_path / "db"
+    records = [claim(i) for i in range(250)]
+    with stemedb.open(path, segment_size=SMALL, snapshot_every=100) as db:
+        for start in range(0, 250, 50):
+            db.put_many(records[start:start + 50])
+        if db._snapshot_thread is not None:
+            db._snapshot_thread.join()
+        snapshots = sorted((path / "index").iterdir())
+        assert snapshots and snapshots[-1].name.startswith("snapshot-")
+    with stemedb.open(path) as db:
+        assert db.get_many([r.id for r in records]) == records
+
+
+def test_a_damaged_or_foreign_snapshot_is_ignored_and_the_log_replayed(tmp_path):
+    import json as json_module
+
+    path = tmp_path / "db"
+    records = [claim(i) for i in range(40)]
+    with stemedb.open(path, segment_size=SMALL) as db:
+        db.put_many(records)
+    snapshot = next((path / "index").iterdir())
+    manifest = json_module.loads((snapshot / "MANIFEST.json").read_text())
+    manifest["version"] = 1
+    (snapshot / "MANIFEST.json").write_text(json_module.dumps(manifest))
+    with stemedb.open(path) as db:
+        assert db.recovery.snapshot_problem and "version" in db.recovery.snapshot_problem
+        assert db.recovery.records_replayed == 40
+        assert db.get_many([r.id for r in records]) == records
+    column = next(p for p in (next((path / "index").iterdir())).iterdir() if p.name == "column.timestamp.npy")
+    raw = bytearray(column.read_bytes())
+    raw[-1] ^= 0xFF
+    column.write_bytes(bytes(raw))
+    with stemedb.open(path) as db:
+        assert "checksum mismatch" in db.recovery.snapshot_problem
+        assert db.get_many([r.id for r in records]) == records

@@ -1043,28 +1043,34 @@ def decode_many(buffer, offsets):
 # ----------------------------------------------------------------------------
 # Batches: encode and hash many records per call.
 
-def encode_many(records):
+def encode_many(records, bint remember=False):
     """Encode many records at once.
 
     Returns (blob, offsets, ids): record i is blob[offsets[i]:offsets[i+1]]
     (content then proof) and its ID is ids[i], an (n, 32) uint8 array. The
-    hashing runs without the GIL, several records per SIMD lane group.
+    hashing runs without the GIL, several records per SIMD lane group;
+    records whose ID is already known are not hashed again. With remember,
+    each record keeps its content and ID (what signing a batch wants, so
+    that storing the signed members later costs no second encode or hash).
     """
     cdef list items = list(records)
-    cdef Py_ssize_t n = len(items), i, total = 0, csize
+    cdef Py_ssize_t n = len(items), i, total = 0, csize, pending = 0
     cdef Record rec
     offsets = np.empty(n + 1, dtype=np.int64)
     cdef int64_t[::1] offs = offsets
     cdef size_t* lens = <size_t*>malloc(max(n, 1) * sizeof(size_t))
     cdef const uint8_t** ptrs = <const uint8_t**>malloc(max(n, 1) * sizeof(uint8_t*))
+    cdef int64_t* slots = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+    cdef uint8_t* digests = NULL
     cdef bytes blob
     cdef uint8_t* base
     cdef uint8_t* p
     ids = np.empty((n, ID_SIZE), dtype=np.uint8)
     cdef uint8_t[:, ::1] idv = ids
-    if lens == NULL or ptrs == NULL:
+    if lens == NULL or ptrs == NULL or slots == NULL:
         free(lens)
         free(ptrs)
+        free(slots)
         raise MemoryError()
     try:
         for i in range(n):
@@ -1088,13 +1094,34 @@ def encode_many(records):
             else:
                 rec.write_content(p)
             rec.write_proof(p + lens[i])
-            ptrs[i] = p
-        if n:
+            if rec._id_cache is not None:
+                memcpy(&idv[i, 0], PyBytes_AS_STRING(rec._id_cache), ID_SIZE)
+            else:
+                ptrs[pending] = p
+                lens[pending] = lens[i]
+                slots[pending] = i
+                pending += 1
+        if pending:
+            digests = <uint8_t*>malloc(pending * ID_SIZE)
+            if digests == NULL:
+                raise MemoryError()
             with nogil:
-                stm_blake3_many(ptrs, lens, n, &idv[0, 0])
+                stm_blake3_many(ptrs, lens, pending, digests)
+                for i in range(pending):
+                    memcpy(&idv[slots[i], 0], digests + i * ID_SIZE, ID_SIZE)
+        if remember:
+            for i in range(n):
+                rec = <Record>items[i]
+                if rec._content_cache is None:
+                    csize = get_u32(base + offs[i] + 2)
+                    rec._content_cache = PyBytes_FromStringAndSize(<const char*>(base + offs[i]), csize)
+                if rec._id_cache is None:
+                    rec._id_cache = PyBytes_FromStringAndSize(<const char*>&idv[i, 0], ID_SIZE)
     finally:
         free(lens)
         free(ptrs)
+        free(slots)
+        free(digests)
     return blob, offsets, ids
 
 

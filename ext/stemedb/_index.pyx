@@ -23,6 +23,7 @@ corrupting it when it does not have it. The engine serialises its writers.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp
 
@@ -554,7 +555,37 @@ cdef class IdIndex(_Guarded):
         return out
 
     def lookup(self, id, all_ids):
-        """The record number of one 32-byte ID, or -1 where absent."""
+        """The record number of one 32-byte ID, or -1 where absent.
+
+        The single-get hot path: for a bytes ID and an (n, 32) uint8 column
+        it probes directly, without building arrays.
+        """
+        cdef const uint8_t[:, ::1] column
+        cdef const uint8_t *key_bytes
+        cdef uint64_t key
+        cdef uint32_t bad = 0
+        cdef int64_t found
+        cdef uint64_t[::1] slots
+        if type(id) is not bytes or PyBytes_GET_SIZE(id) != ID_SIZE or not (
+                isinstance(all_ids, np.ndarray) and all_ids.dtype == np.uint8 and all_ids.ndim == 2
+                and all_ids.shape[1] == ID_SIZE and all_ids.flags.c_contiguous):
+            return self._lookup_general(id, all_ids)
+        column = all_ids
+        key_bytes = <const uint8_t *>PyBytes_AS_STRING(id)
+        key = _le64(key_bytes)
+        self._begin_read()
+        slots = self._slots
+        found = _id_find(&slots[0], ((<size_t>1) << self._bits) - 1, key, key_bytes,
+                         &column[0, 0] if column.shape[0] else NULL, <size_t>column.shape[0],
+                         _id_home(key, self._bits), &bad)
+        self._end_read()
+        if found == -2:
+            raise ValueError(
+                f"the index holds record number {bad} but all_ids has only {column.shape[0]} "
+                "rows; pass the whole ID column")
+        return found
+
+    def _lookup_general(self, id, all_ids):
         cdef const uint8_t[::1] one = np.frombuffer(id, dtype=np.uint8)
         if one.shape[0] != ID_SIZE:
             raise ValueError(f"an ID is {ID_SIZE} bytes, not {one.shape[0]}")

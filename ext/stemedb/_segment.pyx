@@ -9,6 +9,7 @@ layer), and never trust a length before checking that it fits.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 from stemedb._hash cimport stm_blake3, stm_crc32c
@@ -291,7 +292,20 @@ def last_nonzero(buffer, Py_ssize_t start, Py_ssize_t end):
     """Offset just past the last non-zero byte in buffer[start:end], or start if all zero."""
     cdef const uint8_t[::1] view = buffer
     cdef Py_ssize_t pos = end
+    cdef uint64_t word
+    if end <= start:
+        return start
     with nogil:
+        # Byte by byte down to an 8-byte boundary, then a word at a time: the
+        # tail of a fresh 64 MiB segment is all zeros and this runs on every open.
+        while pos > start and (pos & 7) and view[pos - 1] == 0:
+            pos -= 1
+        if pos > start and not (pos & 7):
+            while pos - 8 >= start:
+                memcpy(&word, &view[pos - 8], 8)
+                if word != 0:
+                    break
+                pos -= 8
         while pos > start and view[pos - 1] == 0:
             pos -= 1
     return pos
@@ -318,43 +332,69 @@ def gather(list buffers, locations, lengths, rows):
     buffers[s] is segment s's mapping; locations/lengths are the columns.
     Returns (blob, offsets, bad): `bad` lists (row index, segment, offset) of
     frames that failed their checksum (their bytes are not in the blob; their
-    slice is empty).
+    slice is empty). A negative row (an absent ID) gets an empty slice too.
     """
     cdef const uint64_t[::1] loc = locations
     cdef const uint32_t[::1] lens = lengths
     cdef const int64_t[::1] want = np.ascontiguousarray(rows, dtype=np.int64)
-    cdef Py_ssize_t n = want.shape[0], i, total = 0, pos
+    cdef Py_ssize_t n = want.shape[0], i, total = 0, pos, nseg = len(buffers), s
     cdef uint64_t where
-    cdef uint32_t seg, length
-    cdef uint32_t frame_length
+    cdef uint32_t seg, length, frame_length
+    cdef Py_ssize_t offset
     cdef const uint8_t[::1] view
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    cdef int64_t[::1] offs = offsets
-    for i in range(n):
-        if want[i] >= 0:
-            total += lens[want[i]]
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
-    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(out)
-    cdef list bad = []
-    pos = 0
+    # Acquire each segment's buffer once, not once per record.
+    cdef const uint8_t** bases = <const uint8_t**>malloc(max(nseg, 1) * sizeof(uint8_t*))
+    cdef Py_ssize_t* sizes = <Py_ssize_t*>malloc(max(nseg, 1) * sizeof(Py_ssize_t))
+    cdef list views = []
+    if bases == NULL or sizes == NULL:
+        free(bases)
+        free(sizes)
+        raise MemoryError()
+    try:
+        for s in range(nseg):
+            view = buffers[s]
+            views.append(view)
+            bases[s] = &view[0]
+            sizes[s] = view.shape[0]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        for i in range(n):
+            if want[i] >= 0:
+                total += lens[want[i]]
+        out = PyBytes_FromStringAndSize(NULL, total)
+        dst = <uint8_t*>PyBytes_AS_STRING(out)
+        offs_view = offsets
+        bad = []
+        pos = gather_into(bases, sizes, nseg, &loc[0], &lens[0], &want[0], n, dst, offs_view, bad)
+    finally:
+        free(bases)
+        free(sizes)
+    if pos != total:
+        out = out[:pos]
+    return out, offsets, bad
+
+
+cdef Py_ssize_t gather_into(const uint8_t** bases, Py_ssize_t* sizes, Py_ssize_t nseg,
+                            const uint64_t* loc, const uint32_t* lens, const int64_t* want,
+                            Py_ssize_t n, uint8_t* dst, int64_t[::1] offs, list bad) except -1:
+    cdef Py_ssize_t i, pos = 0, offset
+    cdef uint64_t where
+    cdef uint32_t seg, length, frame_length
     for i in range(n):
         offs[i] = pos
         if want[i] < 0:
             continue
         where = loc[want[i]]
         seg = <uint32_t>(where >> 32)
-        view = buffers[seg]
+        offset = <Py_ssize_t>(where & 0xFFFFFFFF)
         length = lens[want[i]]
-        if check_frame(&view[0], <Py_ssize_t>(where & 0xFFFFFFFF), view.shape[0], &frame_length) != 1 \
+        if seg >= nseg or check_frame(bases[seg], offset, sizes[seg], &frame_length) != 1 \
                 or frame_length != length:
-            bad.append((i, seg, <Py_ssize_t>(where & 0xFFFFFFFF)))
+            bad.append((i, seg, offset))
             continue
-        memcpy(dst + pos, &view[(where & 0xFFFFFFFF) + FRAME_HEADER_SIZE], length)
+        memcpy(dst + pos, bases[seg] + offset + FRAME_HEADER_SIZE, length)
         pos += length
     offs[n] = pos
-    if pos != total:
-        out = out[:pos]
-    return out, offsets, bad
+    return pos
 
 
 def read_ids(buffer, positions):
@@ -369,3 +409,14 @@ def read_ids(buffer, positions):
             raise ValueError(f"positions[{i}] = {pos[i]} is outside the buffer")
         memcpy(&o[i, 0], &view[pos[i] + 16], 32)
     return out
+
+
+def frame_payload(buffer, Py_ssize_t position, uint32_t length):
+    """The payload of the record frame at `position`, or None if the frame fails its checks."""
+    cdef const uint8_t[::1] view = buffer
+    cdef uint32_t frame_length
+    if position < 0 or position >= view.shape[0]:
+        return None
+    if check_frame(&view[0], position, view.shape[0], &frame_length) != 1 or frame_length != length:
+        return None
+    return PyBytes_FromStringAndSize(<const char*>&view[position + FRAME_HEADER_SIZE], length)

@@ -364,7 +364,8 @@ class Signer:
             members.append(record._with_proof((key,), (), None))  # type: ignore[attr-defined]
         if not members:
             raise InvalidRecord("records: an envelope needs at least one member")
-        ids = _codec.ids_of(members)
+        # remember=True: members keep content and ID, so storing them costs no re-encode
+        _, _, ids = _codec.encode_many(members, remember=True)
         envelope = Envelope(key, ids, timestamp=timestamp).sign(self)
         env_id = envelope.id
         return [m._with_proof((key,), (), env_id) for m in members], envelope

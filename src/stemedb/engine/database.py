@@ -103,6 +103,8 @@ class Database:
         self.recovery = RecoveryReport()
         self._closed = False
         self._state_lock = threading.RLock()
+        self._snapshot_lock = threading.Lock()
+        self._snapshot_thread: threading.Thread | None = None
         self._batch_seq = 0
         self._records_since_snapshot = 0
         # Called as listener(record_numbers, columns) under the state lock after each
@@ -482,7 +484,7 @@ class Database:
                                int(offsets[start]), int(offsets[end]))
             start = end
         if self._records_since_snapshot >= self.snapshot_every:
-            self.checkpoint()
+            self._checkpoint_in_background()
 
     def _roll(self) -> None:
         try:
@@ -574,10 +576,28 @@ class Database:
 
     def get(self, record_id: bytes) -> Any:
         """The record with this ID; raises NotFound, or CorruptionError if its bytes are damaged."""
-        found = self.get_many([record_id])[0]
-        if found is None:
-            raise NotFound(f"no record with ID {_hex(record_id)}")
-        return found
+        return _codec.decode(self.get_encoded(record_id))
+
+    def get_encoded(self, record_id: bytes) -> bytes:
+        """The stored bytes (content + proof) of the record with this ID, checksum-checked."""
+        self._check_open()
+        if type(record_id) is not bytes or len(record_id) != 32:
+            record_id = bytes(_id_array([record_id])[0])
+        with self._state_lock:
+            state = self.state
+            row = state.ids.lookup(record_id, state.columns.arrays["id"])
+            if row < 0:
+                raise NotFound(f"no record with ID {record_id.hex()}")
+            location = int(state.columns.arrays["location"][row])
+            length = int(state.columns.arrays["length"][row])
+        segment = self.log.segments[location >> 32]
+        data = _segment.frame_payload(segment.buffer, location & 0xFFFFFFFF, length)
+        if data is None:
+            offset = location & 0xFFFFFFFF
+            raise CorruptionError(
+                f"{segment.path} at offset {offset}: record {record_id.hex()} fails its checksum; "
+                "it is not served (restore it from a replica or backup)", path=segment.path, offset=offset)
+        return data
 
     def get_many(self, ids: Any) -> list[Any]:
         """Records for many IDs (list of bytes or an (n, 32) uint8 array); None where absent."""
@@ -714,18 +734,41 @@ class Database:
     # --------------------------------------------------------------- maintain
 
     def checkpoint(self) -> None:
-        """Write an index snapshot so the next open replays only what follows it."""
+        """Write an index snapshot so the next open replays only what follows it.
+
+        The state is captured under the state lock (column rows below the count
+        never change, so they are shared, not copied; index tables are copied);
+        the files are written after the lock is released, so writers wait only
+        for the capture.
+        """
         self._check_open()
-        with self._state_lock:
-            if self.durability != "sync":
-                self.log.sync()
-            # The position the indexed state covers, not the log tail: a commit may
-            # have appended frames it has not indexed yet (they are replayed on open).
-            number, offset = self._indexed_position
-            meta = {"position": [number, offset], "batch_seq": self._indexed_batch_seq,
-                    "created_us": time.time_ns() // 1000}
-            write_snapshot(self.files, os.path.join(self.path, "index"), self.state, meta)
-            self._records_since_snapshot = 0
+        with self._snapshot_lock:
+            with self._state_lock:
+                if self.durability != "sync":
+                    self.log.sync()
+                # The position the indexed state covers, not the log tail: a commit may
+                # have appended frames it has not indexed yet (they are replayed on open).
+                number, offset = self._indexed_position
+                meta = {"position": [number, offset], "batch_seq": self._indexed_batch_seq,
+                        "created_us": time.time_ns() // 1000}
+                arrays = self.state.arrays_for_snapshot()
+                count = self.state.count
+                self._records_since_snapshot = 0
+            write_snapshot(self.files, os.path.join(self.path, "index"), arrays, count, meta)
+
+    def _checkpoint_in_background(self) -> None:
+        if self._snapshot_thread is not None and self._snapshot_thread.is_alive():
+            return
+        self._records_since_snapshot = 0
+
+        def run() -> None:
+            try:
+                self.checkpoint()
+            except (OSError, StemeError) as exc:  # the segments stay the truth; retried later
+                self.recovery.problems.append(f"background snapshot failed: {exc}")
+
+        self._snapshot_thread = threading.Thread(target=run, name="stemedb-snapshot", daemon=True)
+        self._snapshot_thread.start()
 
     def verify(self) -> VerifyReport:
         """Scrub every frame checksum and record ID in every segment."""
@@ -766,6 +809,8 @@ class Database:
             if self._flusher is not None:
                 self._flush_stop.set()
                 self._flusher.join()
+            if self._snapshot_thread is not None:
+                self._snapshot_thread.join()
             if self._commit.failure is None:
                 try:
                     self.checkpoint()

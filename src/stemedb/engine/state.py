@@ -24,8 +24,9 @@ import numpy as np
 
 from stemedb import _codec, _hash, _index
 from stemedb.engine.files import FileLayer
+from stemedb.errors import CorruptionError
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: superseded_by as key/record-number arrays
 
 # Posting lists: name → the column whose key it indexes (0 = no entry).
 POSTINGS = {
@@ -164,7 +165,7 @@ class State:
         for prefix, index in indexes:
             for key, value in index.state().items():
                 out[f"{prefix}.{key}"] = np.asarray(value)
-        out["kind_counts"] = self.kind_counts
+        out["kind_counts"] = self.kind_counts.copy()
         return out
 
     @classmethod
@@ -194,24 +195,25 @@ class State:
         return state
 
 
-def write_snapshot(files: FileLayer, directory: str, state: State, meta: dict[str, Any]) -> str:
-    """Durably write a snapshot named by its record count; returns its path."""
+def write_snapshot(files: FileLayer, directory: str, arrays: dict[str, np.ndarray], count: int,
+                   meta: dict[str, Any]) -> str:
+    """Durably write a snapshot (arrays from State.arrays_for_snapshot) named by its record count."""
     files.makedirs(directory)
-    name = f"snapshot-{state.count:012d}"
+    name = f"snapshot-{count:012d}"
     final = os.path.join(directory, name)
     temp = final + ".tmp"
     if files.exists(temp):
         shutil.rmtree(temp)
     files.makedirs(temp)
     checksums = {}
-    for key, array in state.arrays_for_snapshot().items():
+    for key, array in arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, array if array.ndim == 0 else np.ascontiguousarray(array),
                 allow_pickle=False)
         data = buffer.getvalue()
         files.write_file(os.path.join(temp, key + ".npy"), data)
         checksums[key] = _hash.crc32c(data)
-    manifest = dict(meta, version=SNAPSHOT_VERSION, records=state.count, checksums=checksums)
+    manifest = dict(meta, version=SNAPSHOT_VERSION, records=count, checksums=checksums)
     files.write_file(os.path.join(temp, "MANIFEST.json"), json.dumps(manifest, indent=1).encode())
     files.fsync_dir(temp)
     if files.exists(final):
@@ -244,13 +246,34 @@ def load_snapshot(files: FileLayer, directory: str) -> tuple[State, dict[str, An
     if manifest.get("version") != SNAPSHOT_VERSION:
         raise ValueError(f"{path}: unknown snapshot version {manifest.get('version')}")
     arrays = {}
-    for key, expected in manifest["checksums"].items():
-        file_path = os.path.join(path, key + ".npy")
-        try:
-            data = files.read_file(file_path)
-        except OSError as exc:
-            raise ValueError(f"{file_path}: unreadable ({exc})") from None
-        if _hash.crc32c(data) != expected:
-            raise ValueError(f"{file_path}: checksum mismatch (snapshot damaged)")
-        arrays[key] = np.load(io.BytesIO(data), allow_pickle=False)
-    return State.from_snapshot(arrays), manifest
+    try:
+        for key, expected in manifest["checksums"].items():
+            file_path = os.path.join(path, key + ".npy")
+            try:
+                data = files.read_file(file_path)
+            except OSError as exc:
+                raise ValueError(f"{file_path}: unreadable ({exc})") from None
+            if _hash.crc32c(data) != expected:
+                raise ValueError(f"{file_path}: checksum mismatch (snapshot damaged)")
+            arrays[key] = _npy_view(data, file_path)
+        return State.from_snapshot(arrays), manifest
+    except (KeyError, TypeError, CorruptionError) as exc:
+        raise ValueError(f"{path}: inconsistent snapshot ({exc!r})") from None
+
+
+def _npy_view(data: bytes, path: str) -> np.ndarray:
+    """The array in an .npy file's bytes, as a view (no copy; State copies once)."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not an .npy file ({exc})") from None
+    if dtype.hasobject or fortran:
+        raise ValueError(f"{path}: unexpected array layout")
+    count = int(np.prod(shape)) if shape else 1
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape)
