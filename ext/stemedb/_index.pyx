@@ -128,6 +128,9 @@ def _id_rows(ids, str name):
     return np.ascontiguousarray(arr)
 
 
+_DTYPE_MAX = {np.dtype(np.uint32): 0xFFFFFFFF, np.dtype(np.uint64): 0xFFFFFFFFFFFFFFFF}
+
+
 def _integers(values, str name, Py_ssize_t n, dtype, maximum):
     """`values` as a contiguous 1-D array of `dtype`, each in [0, maximum]."""
     arr = np.asarray(values)
@@ -142,7 +145,7 @@ def _integers(values, str name, Py_ssize_t n, dtype, maximum):
     if arr.dtype != dtype:
         if arr.min() < 0 or arr.max() > maximum:
             raise ValueError(f"{name} must be within 0..{maximum}")
-    elif maximum != np.iinfo(dtype).max and arr.max() > maximum:
+    elif maximum != _DTYPE_MAX[arr.dtype] and arr.max() > maximum:
         raise ValueError(f"{name} must be within 0..{maximum} ({maximum + 1} means no record)")
     return np.ascontiguousarray(arr, dtype=dtype)
 

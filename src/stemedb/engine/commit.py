@@ -16,9 +16,7 @@ DurabilityError until the store is closed and reopened.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,23 +24,30 @@ import numpy as np
 from stemedb.errors import DurabilityError
 
 
-@dataclass(eq=False)
 class Pending:
-    """One writer's contribution to a group commit."""
+    """One writer's contribution to a group commit.
 
-    blob: bytes = b""
-    offsets: np.ndarray | None = None
-    ids: np.ndarray | None = None
-    records: list[Any] | None = None        # unsigned records for a group-signing writer
-    signer: Any = None                       # that writer's Signer
-    done: bool = False
-    error: BaseException | None = None
-    result: Any = None
-    enqueued: float = field(default_factory=time.perf_counter)
-    # Held while the writer waits; whoever serves it (or hands it leadership)
-    # releases it. One raw lock per writer wakes exactly that writer, where a
-    # shared Condition.notify_all would wake all of them to re-check.
-    wakeup: Any = field(default_factory=threading.Lock)
+    A plain slotted class: one is made per write call, so its cost is on the
+    hot path of every small durable write.
+    """
+
+    __slots__ = ("blob", "offsets", "ids", "records", "signer", "done", "error", "result", "wakeup")
+
+    def __init__(self, blob: bytes = b"", offsets: np.ndarray | None = None,
+                 ids: np.ndarray | None = None, records: list[Any] | None = None,
+                 signer: Any = None) -> None:
+        self.blob = blob
+        self.offsets = offsets
+        self.ids = ids
+        self.records = records          # unsigned records for a group-signing writer
+        self.signer = signer            # that writer's Signer
+        self.done = False
+        self.error: BaseException | None = None
+        self.result: Any = None
+        # Held while the writer waits; whoever serves it (or hands it leadership)
+        # releases it. One raw lock per writer wakes exactly that writer, where a
+        # shared Condition.notify_all would wake all of them to re-check.
+        self.wakeup = threading.Lock()
 
 
 class Metrics:
