@@ -117,6 +117,7 @@ class Database:
         try:
             segment_size = self._read_or_write_manifest(segment_size)
             self.log = SegmentLog(os.path.join(self.path, "segments"), self.files, segment_size)
+            self._ensure_directories()
             self._recover()
         except BaseException:
             self._release_lock()
@@ -146,6 +147,17 @@ class Database:
         finally:
             os.close(self._lock_fd)
 
+    def _ensure_directories(self) -> None:
+        """Create segments/ and make its name durable (index/ is made by its first snapshot).
+
+        fsyncing a file or a directory does not make its own entry in the parent
+        durable; without this a power loss could drop a new store's whole log.
+        """
+        path = os.path.join(self.path, "segments")
+        if not self.files.exists(path):
+            self.files.makedirs(path)
+            self.files.fsync_dir(self.path)
+
     def _read_or_write_manifest(self, segment_size: int) -> int:
         path = os.path.join(self.path, "MANIFEST")
         if self.files.exists(path):
@@ -158,6 +170,8 @@ class Database:
             return int(manifest["segment_size"])
         manifest = {"version": STORE_VERSION, "segment_size": segment_size,
                     "created_us": time.time_ns() // 1000}
+        parent = os.path.dirname(os.path.abspath(self.path))
+        self.files.fsync_dir(parent)  # the data directory's own entry
         temp = path + ".tmp"
         self.files.write_file(temp, json.dumps(manifest).encode())
         self.files.rename(temp, path)
@@ -180,19 +194,25 @@ class Database:
             report.problems.append(f"snapshot ignored: {exc}")
         if loaded is not None:
             snapshot_state, manifest = loaded
-            position = manifest.get("position", [0, _segment.HEADER_SIZE])
-            if position[0] < len(self.log.segments) or (position[0] == 0 and not self.log.segments):
+            problem = self._snapshot_position_problem(manifest)
+            if problem is None:
                 state = snapshot_state
-                start_segment, start_offset = position
-                self._batch_seq = manifest.get("batch_seq", 0)
+                start_segment, start_offset = (int(x) for x in manifest["position"])
+                self._batch_seq = int(manifest["batch_seq"])
                 report.snapshot_records = state.count
             else:
-                report.problems.append("snapshot ignored: it refers to segments that are missing")
+                report.snapshot_problem = problem
+                report.problems.append(f"snapshot ignored: {problem}")
         self.state = state or State()
         if not self.log.segments:
             self.log.create_segment()
         else:
+            active = self.log.active_number
             for segment in self.log.segments:
+                if segment.number > active:
+                    # An empty spare: zero anything a crash left in it.
+                    report.torn_bytes_dropped += self.log.cut(segment, _segment.HEADER_SIZE)
+                    continue
                 if segment.number < start_segment:
                     segment.tail = segment.size  # sealed and fully covered by the snapshot
                     continue
@@ -201,6 +221,25 @@ class Database:
         self._indexed_position = (self.log.active.number, self.log.active.tail)
         self._indexed_batch_seq = self._batch_seq
         report.seconds = time.perf_counter() - started
+
+    def _snapshot_position_problem(self, manifest: dict[str, Any]) -> str | None:
+        """Why the snapshot's position cannot be trusted with these segments, or None."""
+        try:
+            number, offset = (int(x) for x in manifest["position"])
+            batch_seq = int(manifest["batch_seq"])
+        except (KeyError, TypeError, ValueError):
+            return "its position or batch sequence is missing or malformed"
+        if not self.log.segments:
+            return None if number == 0 and offset == _segment.HEADER_SIZE else \
+                "it covers segments that are not here"
+        if not 0 <= number <= self.log.active_number:
+            return f"it covers segment {number}, which is not a written segment here"
+        size = self.log.segments[number].size
+        if not (_segment.HEADER_SIZE <= offset <= size and offset % _segment.ALIGN == 0):
+            return f"its position {offset} is not a frame boundary of segment {number}"
+        if batch_seq < 0:
+            return f"its batch sequence {batch_seq} is negative"
+        return None
 
     def _replay_segment(self, segment: Segment, offset: int) -> None:
         report = self.recovery
@@ -218,19 +257,23 @@ class Database:
                 report.torn_bytes_dropped += self.log.cut(segment, stop)
                 break
             later = _segment.find_frame(segment.buffer, stop + 8, segment.size, _segment.BATCH)
-            if later >= 0 and self._batch_is_newer(segment, later):
-                # Intact batches follow, so this frame was once synced: corruption.
+            newer = later >= 0 and self._batch_is_newer(segment, later)
+            if newer or segment.sealed:
+                # Intact newer batches follow (or the segment is sealed), so this frame was
+                # once synced: corruption. Resume at the next intact frame of any type, so
+                # the intact records of a damaged batch are still served.
+                resume = _segment.find_frame(segment.buffer, stop + 8, segment.size)
+                if resume < 0:
+                    report.problems.append(
+                        f"{segment.path} at offset {stop}: frame fails its checksum; "
+                        "no intact frame follows in this segment")
+                    segment.tail = stop
+                    break
                 report.problems.append(
                     f"{segment.path} at offset {stop}: frame fails its checksum; "
-                    f"{later - stop} bytes skipped, records there are not served")
-                offset = later
+                    f"{resume - stop} bytes skipped, records there are not served")
+                offset = resume
                 continue
-            if segment.sealed:
-                report.problems.append(
-                    f"{segment.path} at offset {stop}: frame fails its checksum in a sealed "
-                    "segment; the rest of the segment is not served")
-                segment.tail = stop
-                break
             report.torn_bytes_dropped += self.log.cut(segment, stop)
             break
 
@@ -466,23 +509,42 @@ class Database:
         sizes = np.diff(offsets)
         frame_sizes = (_segment.FRAME_HEADER + sizes + 7) // 8 * 8
         batch_frame = _segment.frame_size(24)
-        start = 0
-        n = len(ids)
+        capacity = self.log.segment_size - _segment.HEADER_SIZE - batch_frame
+        too_big = np.nonzero(frame_sizes > capacity)[0]
+        if len(too_big):
+            first = int(too_big[0])
+            raise InvalidRecord(
+                f"record {bytes(ids[first]).hex()}: {int(sizes[first])} bytes do not fit a "
+                f"{self.log.segment_size}-byte segment; open the store with a larger segment_size")
+        # Plan the split over segments first and create every segment it needs, so
+        # that StorageFull refuses the whole batch before any of it is written.
+        plan: list[tuple[int, int] | None] = []
+        room = self.log.room()
+        cumulative = np.cumsum(frame_sizes)
+        start, n = 0, len(ids)
         while start < n:
-            room = self.log.room() - batch_frame
-            fits = int(np.searchsorted(np.cumsum(frame_sizes[start:]), room, side="right"))
+            base = int(cumulative[start - 1]) if start else 0
+            fits = int(np.searchsorted(cumulative[start:] - base, room - batch_frame, side="right"))
             if fits == 0:
-                if self.log.active.tail == _segment.HEADER_SIZE:
-                    raise InvalidRecord(
-                        f"record {bytes(ids[start]).hex()}: {int(sizes[start])} bytes do not fit "
-                        f"a {self.log.segment_size}-byte segment; open the store with a larger "
-                        "segment_size")
+                plan.append(None)
+                room = self.log.segment_size - _segment.HEADER_SIZE
+                continue
+            plan.append((start, start + fits))
+            room -= int(cumulative[start + fits - 1]) - base + batch_frame
+            start += fits
+        try:
+            self.log.prepare(plan.count(None))
+        except StorageFull:
+            raise
+        except OSError as exc:
+            self._fail(exc)
+        for step in plan:
+            if step is None:
                 self._roll()
                 continue
-            end = start + fits
-            self._write_frames(blob, offsets[start:end + 1] - offsets[start], ids[start:end],
-                               int(offsets[start]), int(offsets[end]))
-            start = end
+            lo, hi = step
+            self._write_frames(blob, offsets[lo:hi + 1] - offsets[lo], ids[lo:hi],
+                               int(offsets[lo]), int(offsets[hi]))
         if self._records_since_snapshot >= self.snapshot_every:
             self._checkpoint_in_background()
 
@@ -490,7 +552,7 @@ class Database:
         try:
             if self.durability != "none":
                 self._sync()
-            self.log.create_segment()
+            self.log.roll()
         except StorageFull:
             raise
         except OSError as exc:
@@ -502,14 +564,22 @@ class Database:
         frames, positions, lengths = _segment.build_batch(part, offsets, ids, self._batch_seq)
         segment = self.log.active
         offset = segment.tail
+        data = frames
+        if segment.dirty_until > offset + len(frames):
+            # An earlier write here failed part-way; zero the rest of its range in the
+            # same write so none of its refused frames can be replayed after a crash.
+            data = frames + bytes(segment.dirty_until - offset - len(frames))
         try:
-            self.log.append(frames)
+            self.log.append(data)
         except OSError as exc:
             segment.tail = offset
+            segment.dirty_until = max(segment.dirty_until, offset + len(data))
             self.metrics.write_errors += 1
             if exc.errno == errno.ENOSPC:
                 raise StorageFull(f"disk full while writing {segment.path}; free space and retry") from exc
             self._fail(exc)
+        segment.tail = offset + len(frames)
+        segment.dirty_until = 0
         if self.durability == "sync":
             self._sync()
         columns = _codec.extract_columns(frames, positions, lengths)

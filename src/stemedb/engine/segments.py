@@ -28,6 +28,10 @@ MIN_SEGMENT_SIZE = 1 << 16
 DEFAULT_SEGMENT_SIZE = 64 << 20
 
 
+def _size_text(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+
+
 def segment_name(number: int) -> str:
     return f"{number:08d}.seg"
 
@@ -41,6 +45,7 @@ class Segment:
     view: mmap.mmap
     tail: int = _segment.HEADER_SIZE  # next free offset (frames are appended here)
     sealed: bool = False
+    dirty_until: int = 0  # end of a failed write's range past the tail (zeroed by the next write)
     buffer: memoryview = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,13 +64,26 @@ class SegmentLog:
         self.files = files
         self.segment_size = segment_size
         self.segments: list[Segment] = []
+        # Segments after the active one are spares: created ahead of a batch
+        # that needs them, so that a StorageFull refuses the batch before any
+        # of it is written.
+        self.active_number = 0
 
     # -- opening -------------------------------------------------------------
 
     def open_existing(self) -> None:
-        """Map every segment file found; the last one is the active segment."""
+        """Map every segment file found.
+
+        The active segment is the last one holding data; later ones are empty
+        spares. A `.seg.tmp` file is a segment whose creation never finished
+        (nothing in it was ever acknowledged): it is removed.
+        """
         self.files.makedirs(self.directory)
-        names = [n for n in self.files.listdir(self.directory) if n.endswith(".seg")]  # not .torn-*
+        listing = self.files.listdir(self.directory)
+        for name in listing:
+            if name.endswith(".seg.tmp"):
+                self.files.remove(os.path.join(self.directory, name))
+        names = [n for n in listing if n.endswith(".seg")]  # not .seg.tmp, not .torn-*
         for expected, name in enumerate(names):
             number = int(name[:-4])
             if number != expected:
@@ -95,50 +113,75 @@ class SegmentLog:
                     f"bytes, the file is segment {number} of {size} bytes", path=path, offset=0,
                 )
             self.segments.append(Segment(number, path, fd, size, view, sealed=True))
-        if self.segments:
-            self.segments[-1].sealed = False
+        self.active_number = 0
+        for segment in reversed(self.segments):
+            if bytes(segment.view[_segment.HEADER_SIZE:_segment.HEADER_SIZE + 4]) != bytes(4):
+                self.active_number = segment.number
+                break
+        for segment in self.segments[self.active_number:]:
+            segment.sealed = False
 
     def create_segment(self) -> Segment:
-        """Create, preallocate and durably name the next segment.
+        """Create, preallocate and durably name the next segment (a spare until rolled into).
 
-        Only after the file and its directory entry are synced may a record in
-        it be acknowledged: otherwise a crash could lose the whole file.
+        It is built as `NNNNNNNN.seg.tmp` and renamed only after its header is
+        synced, then the directory is synced: a crash leaves either no segment
+        or a complete one, never a headerless file that would block opening.
         """
         number = len(self.segments)
         path = os.path.join(self.directory, segment_name(number))
+        temp = path + ".tmp"
         size = self.segment_size
-        fd = self.files.open(path, create=True)
+        if self.files.exists(temp):
+            self.files.remove(temp)
+        fd = self.files.open(temp, create=True)
         try:
             self.files.preallocate(fd, size)
             header = _segment.segment_header(number, size, time.time_ns() // 1000)
             self.files.pwrite(fd, header, 0)
             self.files.fsync(fd)
+            self.files.rename(temp, path)
             self.files.fsync_dir(self.directory)
             view = self.files.map(fd, size)
         except OSError as exc:
             self.files.close(fd)
+            for leftover in (temp, path):
+                try:
+                    if self.files.exists(leftover):
+                        self.files.remove(leftover)
+                except OSError:
+                    pass
             try:
-                self.files.remove(path)
                 self.files.fsync_dir(self.directory)
             except OSError:
                 pass
             if exc.errno == errno.ENOSPC:
                 raise StorageFull(
-                    f"no room for a new {size >> 20} MiB segment in {self.directory}; "
+                    f"no room for a new {_size_text(size)} segment in {self.directory}; "
                     "free disk space, then write again (reads keep working)"
                 ) from exc
             raise
-        if self.segments:
-            self.segments[-1].sealed = True
         segment = Segment(number, path, fd, size, view)
         self.segments.append(segment)
         return segment
+
+    def prepare(self, count: int) -> None:
+        """Make sure `count` spare segments exist after the active one."""
+        while len(self.segments) - 1 - self.active_number < count:
+            self.create_segment()
+
+    def roll(self) -> Segment:
+        """Seal the active segment and continue in the next (spare) one."""
+        self.prepare(1)
+        self.active.sealed = True
+        self.active_number += 1
+        return self.active
 
     # -- writing -------------------------------------------------------------
 
     @property
     def active(self) -> Segment:
-        return self.segments[-1]
+        return self.segments[self.active_number]
 
     def room(self) -> int:
         return self.active.size - self.active.tail

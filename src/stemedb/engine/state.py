@@ -26,7 +26,7 @@ from stemedb import _codec, _hash, _index
 from stemedb.engine.files import FileLayer
 from stemedb.errors import CorruptionError
 
-SNAPSHOT_VERSION = 2  # 2: superseded_by as key/record-number arrays
+SNAPSHOT_VERSION = 3  # 3: MANIFEST.json carries its own CRC-32C
 
 # Posting lists: name → the column whose key it indexes (0 = no entry).
 POSTINGS = {
@@ -198,7 +198,9 @@ class State:
 def write_snapshot(files: FileLayer, directory: str, arrays: dict[str, np.ndarray], count: int,
                    meta: dict[str, Any]) -> str:
     """Durably write a snapshot (arrays from State.arrays_for_snapshot) named by its record count."""
-    files.makedirs(directory)
+    if not files.exists(directory):
+        files.makedirs(directory)
+        files.fsync_dir(os.path.dirname(directory))
     name = f"snapshot-{count:012d}"
     final = os.path.join(directory, name)
     temp = final + ".tmp"
@@ -214,6 +216,7 @@ def write_snapshot(files: FileLayer, directory: str, arrays: dict[str, np.ndarra
         files.write_file(os.path.join(temp, key + ".npy"), data)
         checksums[key] = _hash.crc32c(data)
     manifest = dict(meta, version=SNAPSHOT_VERSION, records=count, checksums=checksums)
+    manifest["manifest_crc32c"] = _manifest_checksum(manifest)
     files.write_file(os.path.join(temp, "MANIFEST.json"), json.dumps(manifest, indent=1).encode())
     files.fsync_dir(temp)
     if files.exists(final):
@@ -243,6 +246,8 @@ def load_snapshot(files: FileLayer, directory: str) -> tuple[State, dict[str, An
         manifest = json.loads(files.read_file(os.path.join(path, "MANIFEST.json")))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}/MANIFEST.json: unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("manifest_crc32c") != _manifest_checksum(manifest):
+        raise ValueError(f"{path}/MANIFEST.json: checksum mismatch (snapshot damaged)")
     if manifest.get("version") != SNAPSHOT_VERSION:
         raise ValueError(f"{path}: unknown snapshot version {manifest.get('version')}")
     arrays = {}
@@ -259,6 +264,12 @@ def load_snapshot(files: FileLayer, directory: str) -> tuple[State, dict[str, An
         return State.from_snapshot(arrays), manifest
     except (KeyError, TypeError, CorruptionError) as exc:
         raise ValueError(f"{path}: inconsistent snapshot ({exc!r})") from None
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> int:
+    """CRC-32C of the manifest's canonical JSON, without the checksum field itself."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_crc32c"}
+    return _hash.crc32c(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _npy_view(data: bytes, path: str) -> np.ndarray:
