@@ -22,6 +22,7 @@ MODULES = {
     "_codec": ["ext/stemedb/_codec.pyx", "ext/stemedb/blake3_impl.c"],
     "_index": ["ext/stemedb/_index.pyx", "ext/stemedb/blake3_impl.c"],
     "_segment": ["ext/stemedb/_segment.pyx", "ext/stemedb/blake3_impl.c"],
+    "_protocol": ["ext/stemedb/_protocol.pyx"],
 }
 
 extensions = [

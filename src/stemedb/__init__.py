@@ -3,6 +3,7 @@
 The public API lives here; everything compiled is private (``stemedb._name``).
 """
 
+from stemedb.client import connect, connect_async
 from stemedb.engine import Database, FileLayer, VerifyReport, Writer
 from stemedb.engine import open as open  # noqa: A004 - stemedb.open(path) is the API
 from stemedb.errors import (
@@ -41,6 +42,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "open",
+    "connect",
+    "connect_async",
     "Database",
     "Writer",
     "VerifyReport",

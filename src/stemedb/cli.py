@@ -282,6 +282,17 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Serve a store over the network (binary protocol, optional HTTP side door) until a signal."""
+    import logging
+
+    from stemedb.server import serve
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args.data, listen=args.listen, http=args.http, config=args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stemedb", description=stemedb.__doc__)
     parser.add_argument("--version", action="version", version=f"stemedb {stemedb.__version__}")
@@ -313,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("path", nargs="?", default=DEFAULT_DATA, help="data directory")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(handler=_stats)
+
+    serve = commands.add_parser("serve", help="serve a store over the network until SIGINT/SIGTERM")
+    serve.add_argument("--data", default=DEFAULT_DATA, help=f"data directory (default {DEFAULT_DATA})")
+    serve.add_argument("--listen", help="binary protocol host:port (default: the config's, else 127.0.0.1:7440)")
+    serve.add_argument("--http", help="HTTP side door host:port (default: the config's, else off)")
+    serve.add_argument("--config", help="TOML configuration file (see examples/stemedb.toml)")
+    serve.set_defaults(handler=_serve)
 
     verify = commands.add_parser("verify", help="scrub every checksum and ID of a store")
     verify.add_argument("path", nargs="?", default=DEFAULT_DATA, help="data directory")

@@ -1,0 +1,43 @@
+"""StemeDB clients: blocking (`connect`) and async (`connect_async`, on anyio: trio or asyncio).
+
+Owns: nothing itself; re-exports. Both speak docs/protocol.md through the
+compiled codec in stemedb._protocol and offer the same operations: put,
+put_many (individually signed records, or members plus their envelope), get,
+get_many, query, vote, epoch, scan, stats, audit, ping, and writer(signer) for
+group signing on the client.
+
+    client = stemedb.client.connect("stemedb://127.0.0.1:7440", token="…")
+    with client.writer(signer) as writer:
+        record_id = writer.put(stemedb.Assertion("aspirin", "treats", stemedb.Ref("headache")))
+"""
+
+from stemedb.client._wire import (
+    ConnectionLost,
+    InvalidRequest,
+    RequestTimeout,
+    Session,
+    Unsupported,
+    parse_url,
+)
+from stemedb.client.blocking import Client, ClientWriter, connect
+
+
+def connect_async(url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None, **options: object):  # type: ignore[no-untyped-def]
+    """An AsyncClient (imported lazily: it needs anyio) to enter with ``async with``."""
+    from stemedb.client.aio import AsyncClient
+
+    return AsyncClient(url, token=token, **options)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "connect",
+    "connect_async",
+    "Client",
+    "ClientWriter",
+    "Session",
+    "ConnectionLost",
+    "RequestTimeout",
+    "Unsupported",
+    "InvalidRequest",
+    "parse_url",
+]

@@ -1,0 +1,281 @@
+"""What both clients share: addresses, request payloads, response decoding, errors.
+
+Owns: parsing "stemedb://host:port" addresses, turning records into PUT
+payloads of at most the server's frame size, decoding GET / QUERY / SCAN
+answers into records, and mapping error frames to StemeDB exceptions. Must
+never: do I/O (the blocking and async clients own their sockets).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from stemedb import _codec, _protocol
+from stemedb.errors import (
+    AuthError,
+    CorruptionError,
+    DurabilityError,
+    InvalidRecord,
+    NotFound,
+    ProtocolError,
+    RateLimited,
+    SignatureError,
+    StemeError,
+    StorageFull,
+    Unavailable,
+)
+from stemedb.records import Envelope, Signer
+
+DEFAULT_PORT = 7440
+CLIENT_NAME = "stemedb-python"
+
+
+class RequestTimeout(Unavailable, TimeoutError):
+    """No answer within the timeout; for a write, it may or may not have been stored.
+
+    Writes are idempotent (records are content-addressed), so retrying is safe.
+    """
+
+
+class ConnectionLost(Unavailable):
+    """The connection broke with requests in flight; retrying (writes included) is safe."""
+
+
+class Unsupported(StemeError):
+    """The server does not offer this operation (e.g. queries before the resolution engine)."""
+
+
+class InvalidRequest(StemeError, ValueError):
+    """The server refused the request's parameters (e.g. an unknown lens or filter)."""
+
+
+ERRORS: dict[int, type[StemeError]] = {
+    _protocol.E_PROTOCOL: ProtocolError,
+    _protocol.E_UNSUPPORTED_VERSION: ProtocolError,
+    _protocol.E_FRAME_TOO_LARGE: ProtocolError,
+    _protocol.E_AUTH_REQUIRED: AuthError,
+    _protocol.E_AUTH_FAILED: AuthError,
+    _protocol.E_FORBIDDEN: AuthError,
+    _protocol.E_INVALID_REQUEST: InvalidRequest,
+    _protocol.E_INVALID_RECORD: InvalidRecord,
+    _protocol.E_SIGNATURE: SignatureError,
+    _protocol.E_NOT_FOUND: NotFound,
+    _protocol.E_UNSUPPORTED: Unsupported,
+    _protocol.E_STORAGE_FULL: StorageFull,
+    _protocol.E_DURABILITY: DurabilityError,
+    _protocol.E_UNAVAILABLE: Unavailable,
+    _protocol.E_TOO_MANY_CONNECTIONS: Unavailable,
+    _protocol.E_TIMEOUT: Unavailable,
+    _protocol.E_INTERNAL: StemeError,
+}
+
+
+def error_from_frame(payload: bytes) -> StemeError:
+    """The exception an ERROR frame stands for (its message prefixed with the error's name)."""
+    code, retry_after_ms, message = _protocol.decode_error(payload)
+    if code in (_protocol.E_RATE_LIMITED, _protocol.E_QUOTA_EXCEEDED):
+        return RateLimited(message, retry_after=retry_after_ms / 1000.0)
+    if code == _protocol.E_CORRUPTION:
+        return CorruptionError(message)
+    kind = ERRORS.get(code, StemeError)
+    error = kind(message)
+    error.code = code  # type: ignore[attr-defined]
+    return error
+
+
+def is_fatal(code: int) -> bool:
+    return bool(_protocol.ERROR_CODES.get(code, ("", True))[1])
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        scheme = "stemedbs" if self.tls else "stemedb"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+
+def parse_url(url: str) -> Address:
+    """"stemedb://host:port" (or "stemedbs://" for TLS; "host:port" alone also works)."""
+    if "://" not in url:
+        url = "stemedb://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("stemedb", "stemedbs"):
+        raise ValueError(f"{url!r}: expected stemedb://host:port or stemedbs://host:port")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"{url!r}: bad port") from None
+    return Address(parts.hostname or "127.0.0.1", port, parts.scheme == "stemedbs")
+
+
+@dataclass
+class Session:
+    """What the server said in its HELLO answer."""
+
+    version: int
+    role: int
+    server_flags: int
+    max_frame: int
+    max_inflight: int
+    server_name: str
+
+    @property
+    def role_name(self) -> str:
+        return str(_protocol.ROLE_NAMES[self.role])
+
+    @property
+    def protected_mode(self) -> bool:
+        return bool(self.server_flags & _protocol.SERVER_PROTECTED_MODE)
+
+
+def hello_payload(token: str | None, name: str = CLIENT_NAME) -> bytes:
+    return bytes(_protocol.encode_hello(_protocol.MIN_PROTOCOL_VERSION, _protocol.PROTOCOL_VERSION,
+                                        name, token or ""))
+
+
+def check_hello(opcode: int, payload: bytes, token: str | None) -> Session:
+    """The Session of a HELLO answer (raises the error an ERROR answer stands for)."""
+    if opcode == _protocol.ERROR:
+        raise error_from_frame(payload)
+    if opcode != _protocol.HELLO:
+        raise ProtocolError(f"expected a HELLO answer, got opcode {opcode:#04x}")
+    session = Session(*_protocol.decode_hello_ok(payload))
+    if session.role == _protocol.ROLE_NONE:
+        raise AuthError("the server requires a token: connect(..., token=...)")
+    return session
+
+
+def records_batches(records: Sequence[Any], envelope: Envelope | Sequence[Envelope] | None,
+                    max_frame: int) -> list[bytes]:
+    """PUT payloads, each ≤ max_frame bytes: envelopes first, then the records, in order.
+
+    A batch proven by envelopes is sent whole (the server needs each member
+    with its envelope); if it cannot fit one frame, InvalidRecord says so.
+    """
+    envelopes: list[Any] = []
+    if envelope is not None:
+        envelopes = [envelope] if isinstance(envelope, Envelope) else list(envelope)
+    all_records = [*envelopes, *records]
+    if not all_records:
+        return [bytes(_protocol.encode_record_batch(b"", [0]))]
+    blob, offsets, _ids = _codec.encode_many(all_records)
+    spans = _protocol.split_record_batch(blob, offsets, max_frame)
+    if envelopes and len(spans) > 1:
+        raise InvalidRecord(f"a signed batch of {len(records)} records does not fit one "
+                            f"{max_frame}-byte frame; sign smaller batches")
+    return [bytes(_protocol.encode_record_batch(blob, offsets[first:end + 1])) for first, end in spans]
+
+
+def signed_batch(records: Sequence[Any], signer: Signer, max_frame: int) -> bytes:
+    """A PUT payload: `records` (unsigned) as members of one envelope signed by `signer`.
+
+    Byte-for-byte what ``signer.sign_batch(records)`` then encoding would give,
+    built without a Python object per member (the client's share of group
+    signing: encode once, hash the contents, one Ed25519 signature).
+    """
+    blob, offsets, _ids = _codec.encode_many(records)
+    try:
+        members, member_offsets = _protocol.envelope_members(blob, offsets, signer.public_key)
+    except ValueError as exc:
+        raise SignatureError(str(exc)) from None
+    ids = _codec.hash_encoded(members, member_offsets)
+    envelope = Envelope(signer.public_key, ids).sign(signer)
+    _protocol.set_envelope_id(members, member_offsets, envelope.id)
+    head = envelope.encode()
+    offsets = np.empty(len(member_offsets) + 1, dtype=np.int64)
+    offsets[0] = 0
+    offsets[1:] = member_offsets + len(head)
+    payload = bytes(_protocol.encode_record_batch(head + members, offsets))
+    if len(payload) > max_frame:
+        raise InvalidRecord(f"a signed batch of {len(records)} records is {len(payload)} bytes, above "
+                            f"the server's {max_frame}-byte frames; lower the writer's max_records")
+    return payload
+
+
+def ids_from(payloads: list[bytes]) -> list[bytes]:
+    out: list[bytes] = []
+    for payload in payloads:
+        raw = np.ascontiguousarray(_protocol.decode_ids(payload)).tobytes()
+        out.extend(raw[i:i + 32] for i in range(0, len(raw), 32))
+    return out
+
+
+def id_array(ids: Any) -> np.ndarray:
+    if isinstance(ids, np.ndarray):
+        return np.ascontiguousarray(ids, dtype=np.uint8).reshape(-1, 32)
+    parts = []
+    for index, value in enumerate(ids):
+        if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) != 32:
+            raise InvalidRecord(f"ids[{index}]: expected 32 bytes")
+        parts.append(bytes(value))
+    if not parts:
+        return np.zeros((0, 32), dtype=np.uint8)
+    return np.frombuffer(b"".join(parts), dtype=np.uint8).reshape(-1, 32)
+
+
+def get_payloads(ids: np.ndarray, max_frame: int) -> list[bytes]:
+    """GET payloads of at most MAX_GET_IDS IDs and max_frame bytes each."""
+    step = max(1, min(_protocol.MAX_GET_IDS, (max_frame - 4) // 32))
+    return [bytes(_protocol.encode_ids(ids[i:i + step])) for i in range(0, max(len(ids), 1), step)]
+
+
+def records_from(payloads: list[bytes], allow_absent: bool) -> list[Any]:
+    """Records of record-batch answers, in order; None where a GET found nothing."""
+    out: list[Any] = []
+    for payload in payloads:
+        blob, offsets = _protocol.decode_record_batch(payload, allow_absent)
+        lengths = np.diff(offsets)
+        present = lengths > 0
+        if present.all():
+            out.extend(_codec.decode_many(blob, offsets))
+            continue
+        slots: list[Any] = [None] * len(lengths)
+        if present.any():
+            starts = offsets[:-1][present]
+            ends = offsets[1:][present]
+            pieces = b"".join(bytes(blob[s:e]) for s, e in zip(starts, ends))
+            local = np.concatenate(([0], np.cumsum(ends - starts)))
+            for slot, record in zip(np.nonzero(present)[0], _codec.decode_many(pieces, local)):
+                slots[int(slot)] = record
+        out.extend(slots)
+    return out
+
+
+def query_payload(subject: str, predicate: str | None, lens: str | None, filters: dict[str, Any]) -> bytes:
+    options = json.dumps(filters, default=_json_default) if filters else ""
+    return bytes(_protocol.encode_query(subject, predicate or "", lens or "", options))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if hasattr(value, "name"):
+        return str(value.name).lower()
+    raise TypeError(f"cannot send {type(value).__name__} as a query filter")
+
+
+def query_result(payload: bytes) -> dict[str, Any]:
+    """The resolution as a dict, with the contributing records decoded under "records"."""
+    text, blob, offsets = _protocol.decode_query_result(payload)
+    result = json.loads(text)
+    document = result if isinstance(result, dict) else {"result": result}
+    document["records"] = _codec.decode_many(blob, offsets) if len(offsets) > 1 else []
+    return document
+
+
+def scan_payload(subject: str | None, predicate: str | None, kind: str | None, limit: int) -> bytes:
+    kinds = {None: 0, "assertion": 1, "vote": 2, "epoch": 3, "envelope": 4}
+    if kind not in kinds:
+        raise ValueError(f"kind: {kind!r}, expected one of assertion, vote, epoch, envelope")
+    return bytes(_protocol.encode_scan(subject or "", predicate or "", kinds[kind], limit))

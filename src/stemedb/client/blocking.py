@@ -1,0 +1,710 @@
+"""The blocking client: `stemedb.client.connect("stemedb://host:port", token=...)`.
+
+Owns: one TCP (or TLS) connection at a time, a reader thread that matches
+answers to requests by request id (so any number of threads can have
+requests in flight on the one connection: pipelining), per-request timeouts,
+reconnection with retry (every request is idempotent — records are
+content-addressed — so retrying a write after a lost connection is safe), and
+the group-signing writer. Must never: hold the send lock while waiting for an
+answer, or run user code in the reader thread.
+
+Resource handling: a Client owns its socket and reader thread; `close()` (or
+the context manager) closes both. A ClientWriter owns one flusher thread;
+`close()` flushes and stops it.
+Error handling: error frames become StemeError subclasses (see _wire.ERRORS);
+RequestTimeout when no answer arrives in time; ConnectionLost (an Unavailable)
+when the connection broke and retries were exhausted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from stemedb import _protocol
+from stemedb.client._wire import (
+    CLIENT_NAME,
+    ConnectionLost,
+    RequestTimeout,
+    Session,
+    check_hello,
+    error_from_frame,
+    get_payloads,
+    hello_payload,
+    id_array,
+    ids_from,
+    parse_url,
+    query_result,
+    records_batches,
+    records_from,
+    scan_payload,
+    signed_batch,
+)
+from stemedb.errors import (
+    AuthError,
+    InvalidRecord,
+    NotFound,
+    ProtocolError,
+    SignatureError,
+    StemeError,
+)
+from stemedb.records import Envelope, Signer
+
+RECEIVE_BYTES = 256 * 1024
+
+
+class _PlainTransport:
+    """A connected socket; `send` is thread-safe, `recv` is for the reader thread only."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+
+    def send(self, *parts: bytes) -> None:
+        with self._send_lock:
+            for part in parts:
+                self.sock.sendall(part)
+
+    def recv(self) -> bytes:
+        return self.sock.recv(RECEIVE_BYTES)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class _TlsTransport(_PlainTransport):
+    """TLS through an SSLObject and memory BIOs: the socket is read and written by
+    different threads, which an SSLSocket does not allow; ciphertext is written
+    under the send lock in the order it was produced."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, hostname: str) -> None:
+        super().__init__(sock)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=hostname)
+        self._tls_lock = threading.Lock()
+        while not self._handshake_step():
+            self._flush()
+            data = sock.recv(RECEIVE_BYTES)
+            if not data:
+                raise ConnectionLost("the server closed the connection during the TLS handshake")
+            self._incoming.write(data)
+        self._flush()
+
+    def _handshake_step(self) -> bool:
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def _flush(self) -> None:
+        with self._tls_lock:
+            out = self._outgoing.read()
+        if out:
+            self.sock.sendall(out)
+
+    def send(self, *parts: bytes) -> None:
+        with self._send_lock:
+            with self._tls_lock:
+                for part in parts:
+                    self._tls.write(part)
+                out = self._outgoing.read()
+            self.sock.sendall(out)
+
+    def recv(self) -> bytes:
+        while True:
+            with self._tls_lock:
+                try:
+                    data = self._tls.read(RECEIVE_BYTES)
+                except ssl.SSLWantReadError:
+                    data = b""
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return b""
+                produced = self._outgoing.pending
+            if produced:  # e.g. a TLS 1.3 key update answer
+                with self._send_lock:
+                    self._flush()
+            if data:
+                return data
+            raw = self.sock.recv(RECEIVE_BYTES)
+            if not raw:
+                return b""
+            with self._tls_lock:
+                self._incoming.write(raw)
+
+
+class _Call:
+    """One request in flight: its answer frames, or the error that ended it."""
+
+    __slots__ = ("event", "payloads", "error", "callback", "request_id")
+
+    def __init__(self, callback: Callable[[_Call], None] | None = None) -> None:
+        self.event = threading.Event()
+        self.payloads: list[bytes] = []
+        self.error: BaseException | None = None
+        self.callback = callback
+        self.request_id = 0
+
+    def finish(self) -> None:
+        self.event.set()
+        if self.callback is not None:
+            self.callback(self)
+
+    def result(self) -> list[bytes]:
+        if self.error is not None:
+            raise self.error
+        return self.payloads
+
+
+class _Connection:
+    """One connected, authenticated session with a reader thread."""
+
+    def __init__(self, transport: _PlainTransport, session: Session,
+                 reader: _protocol.FrameReader) -> None:
+        self.transport = transport
+        self.session = session
+        self.reader = reader
+        self.error: BaseException | None = None
+        self._pending: dict[int, _Call] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(2)  # 1 was the HELLO
+        self._thread = threading.Thread(target=self._read_loop, name="stemedb-client-reader", daemon=True)
+        self._thread.start()
+
+    def start(self, opcode: int, payload: bytes, callback: Callable[[_Call], None] | None = None) -> _Call:
+        call = _Call(callback)
+        with self._lock:
+            if self.error is not None:
+                raise ConnectionLost(f"connection lost: {self.error}")
+            request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids) & 0xFFFFFFFF
+            call.request_id = request_id
+            self._pending[request_id] = call
+        try:
+            self.transport.send(_protocol.frame_header(opcode, 0, request_id, len(payload)), payload)
+        except OSError as exc:
+            self._break(ConnectionLost(f"connection lost while sending: {exc}"))
+            raise ConnectionLost(f"connection lost while sending: {exc}") from None
+        return call
+
+    def forget(self, call: _Call) -> None:
+        with self._lock:
+            self._pending.pop(call.request_id, None)
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                data = self.transport.recv()
+                if not data:
+                    raise ConnectionLost("the server closed the connection")
+                self.reader.feed(data)
+                for frame in self.reader.frames():
+                    self._deliver(frame)
+        except BaseException as exc:  # noqa: B036 - the reader thread must report everything
+            if not isinstance(exc, StemeError):
+                exc = ConnectionLost(f"connection lost: {exc}")
+            self._break(exc)
+
+    def _deliver(self, frame: _protocol.Frame) -> None:
+        if frame.request_id == 0:  # about the connection, not one request: it is closing
+            if frame.opcode == _protocol.ERROR:
+                raise ConnectionLost(f"the server closed the connection: {error_from_frame(frame.payload)}")
+            raise ProtocolError(f"unexpected frame {frame!r} with request id 0")
+        with self._lock:
+            call = self._pending.get(frame.request_id)
+            if call is None:
+                return  # the answer to a request that timed out
+            last = not frame.more or frame.opcode == _protocol.ERROR
+            if last:
+                del self._pending[frame.request_id]
+        if frame.opcode == _protocol.ERROR:
+            call.error = error_from_frame(frame.payload)
+        else:
+            call.payloads.append(frame.payload)
+        if last:
+            call.finish()
+
+    def _break(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            pending, self._pending = self._pending, {}
+        for call in pending.values():
+            call.error = error if isinstance(error, ConnectionLost) else ConnectionLost(str(error))
+            call.finish()
+        self.transport.close()
+
+    def close(self) -> None:
+        self._break(ConnectionLost("the client closed the connection"))
+
+
+class Client:
+    """A blocking, thread-safe client; many threads may call it at once (their requests pipeline).
+
+    Resource handling: owns one connection (reopened on demand after a loss);
+    close() it, or use ``with connect(...) as client``.
+    """
+
+    def __init__(self, url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None,
+                 timeout: float = 30.0, connect_timeout: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None, reconnect: bool = True,
+                 retries: int = 3, name: str = CLIENT_NAME) -> None:
+        self.address = parse_url(url)
+        self.token = token
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
+        if self.address.tls and ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
+        self.reconnect = reconnect
+        self.retries = retries
+        self.name = name
+        self.reconnects = 0
+        self._conn: _Connection | None = None
+        self._conn_lock = threading.Lock()
+        self._closed = False
+        self._connection()
+
+    # ------------------------------------------------------------ connection
+
+    @property
+    def session(self) -> Session:
+        """The server's HELLO answer (protocol version, role, limits)."""
+        return self._connection().session
+
+    def _open(self) -> _Connection:
+        sock = socket.create_connection((self.address.host, self.address.port), timeout=self.connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            transport: _PlainTransport
+            if self.ssl_context is not None:
+                transport = _TlsTransport(sock, self.ssl_context, self.address.host)
+            else:
+                transport = _PlainTransport(sock)
+            payload = hello_payload(self.token, self.name)
+            transport.send(_protocol.frame_header(_protocol.HELLO, 0, 1, len(payload)), payload)
+            reader = _protocol.FrameReader(_protocol.DEFAULT_PREAUTH_FRAME * 16, from_server=True)
+            frame = None
+            while frame is None:
+                data = transport.recv()
+                if not data:
+                    raise ConnectionLost("the server closed the connection during the handshake")
+                reader.feed(data)
+                frame = reader.next()
+            session = check_hello(frame.opcode, frame.payload, self.token)
+            reader.max_payload = session.max_frame
+            sock.settimeout(None)
+            return _Connection(transport, session, reader)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and conn.error is None:
+            return conn
+        with self._conn_lock:
+            if self._closed:
+                raise StemeError("the client is closed")
+            conn = self._conn
+            if conn is not None and conn.error is None:
+                return conn
+            attempt = 0
+            while True:
+                try:
+                    conn = self._open()
+                    break
+                except (AuthError, ProtocolError, ssl.SSLCertVerificationError):
+                    raise
+                except (OSError, ConnectionLost, StemeError) as exc:
+                    attempt += 1
+                    if not self.reconnect or attempt > self.retries:
+                        raise ConnectionLost(f"cannot connect to {self.address}: {exc}") from None
+                    time.sleep(min(0.05 * 2 ** attempt, 1.0))
+            if self._conn is not None:
+                self.reconnects += 1
+            self._conn = conn
+            return conn
+
+    def _requests(self, opcode: int, payloads: Sequence[bytes], timeout: float | None = None) -> list[list[bytes]]:
+        """Send every payload (pipelined), wait for all answers; retried whole after a lost connection."""
+        attempt = 0
+        limit = self.timeout if timeout is None else timeout
+        while True:
+            conn = self._connection()
+            calls: list[_Call] = []
+            try:
+                calls = [conn.start(opcode, payload) for payload in payloads]
+                deadline = time.monotonic() + limit
+                for call in calls:
+                    if not call.event.wait(max(deadline - time.monotonic(), 0.0)):
+                        for pending in calls:
+                            conn.forget(pending)
+                        raise RequestTimeout(
+                            f"no answer from {self.address} within {limit:g} s "
+                            f"({_protocol.OPCODE_NAMES.get(opcode, opcode)}); writes are idempotent, "
+                            "retrying is safe")
+                return [call.result() for call in calls]
+            except ConnectionLost:
+                attempt += 1
+                if not self.reconnect or attempt > self.retries or self._closed:
+                    raise
+                time.sleep(min(0.02 * 2 ** attempt, 1.0))
+
+    def _request(self, opcode: int, payload: bytes, timeout: float | None = None) -> list[bytes]:
+        return self._requests(opcode, [payload], timeout)[0]
+
+    def close(self) -> None:
+        with self._conn_lock:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<stemedb.Client {self.address}>"
+
+    # ------------------------------------------------------------ operations
+
+    def ping(self, timeout: float | None = None) -> float:
+        """Round-trip time in seconds."""
+        started = time.perf_counter()
+        self._request(_protocol.PING, b"", timeout)
+        return time.perf_counter() - started
+
+    def put(self, record: Any, *, timeout: float | None = None) -> bytes:
+        """Store one signed record; returns its ID once it is durable."""
+        return self.put_many([record], timeout=timeout)[0]
+
+    def put_many(self, records: Iterable[Any], *, envelope: Envelope | Sequence[Envelope] | None = None,
+                 timeout: float | None = None) -> list[bytes]:
+        """Store individually signed records, or `members` proven by `envelope`; IDs in order.
+
+        Returns once every record is durable. Large batches travel as several
+        pipelined frames (a batch proven by envelopes must fit one frame).
+        """
+        return self._put(_protocol.PUT, list(records), envelope, timeout)
+
+    def _put(self, opcode: int, records: list[Any], envelope: Any, timeout: float | None) -> list[bytes]:
+        envelopes = 0 if envelope is None else (1 if isinstance(envelope, Envelope) else len(envelope))
+        payloads = records_batches(records, envelope, self.session.max_frame)
+        answers = self._requests(opcode, payloads, timeout)
+        ids = ids_from([payload for answer in answers for payload in answer])
+        return ids[envelopes:]
+
+    def vote(self, vote: Any, *, timeout: float | None = None) -> bytes:
+        """Store one signed Vote; returns its ID once durable."""
+        return self._put(_protocol.VOTE, [vote], None, timeout)[0]
+
+    def epoch(self, epoch: Any, *, timeout: float | None = None) -> bytes:
+        """Store one signed Epoch; returns its ID once durable."""
+        return self._put(_protocol.EPOCH, [epoch], None, timeout)[0]
+
+    def get(self, record_id: bytes, *, timeout: float | None = None) -> Any:
+        """The record with this ID; NotFound if the server has none."""
+        record = self.get_many([record_id], timeout=timeout)[0]
+        if record is None:
+            raise NotFound(f"no record with ID {bytes(record_id).hex()}")
+        return record
+
+    def get_many(self, ids: Any, *, timeout: float | None = None) -> list[Any]:
+        """Records for many IDs (a list of 32-byte IDs or an (n, 32) uint8 array); None where absent."""
+        array = id_array(ids)
+        answers = self._requests(_protocol.GET, get_payloads(array, self.session.max_frame), timeout)
+        return records_from([payload for answer in answers for payload in answer], allow_absent=True)[:len(array)]
+
+    def query(self, subject: str, predicate: str | None = None, *, lens: str | None = None,
+              timeout: float | None = None, **filters: Any) -> dict[str, Any]:
+        """Resolve (subject, predicate) with a lens and filters (lifecycle, epoch, as_of, decay, …).
+
+        Returns the resolution as a dict; its "records" holds the contributing
+        records. Raises Unsupported if the server has no resolution engine.
+        """
+        from stemedb.client._wire import query_payload
+
+        return query_result(self._request(_protocol.QUERY, query_payload(subject, predicate, lens, filters),
+                                          timeout)[0])
+
+    def scan(self, subject: str | None = None, predicate: str | None = None, *,
+             kind: str | None = None, limit: int = 10_000, timeout: float | None = None) -> list[Any]:
+        """Stored records in write order, by subject and/or predicate and kind (streamed in frames)."""
+        payloads = self._request(_protocol.SCAN, scan_payload(subject, predicate, kind, limit), timeout)
+        return records_from(payloads, allow_absent=False)
+
+    def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The store's and the server's figures."""
+        import json
+
+        return dict(json.loads(_protocol.decode_text(self._request(_protocol.STATS, b"", timeout)[0])))
+
+    def audit(self, limit: int = 100, *, timeout: float | None = None) -> Any:
+        """Recorded queries (admin role)."""
+        import json
+
+        return json.loads(_protocol.decode_text(
+            self._request(_protocol.AUDIT, _protocol.encode_u32(limit), timeout)[0]))
+
+    def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
+               max_batches_in_flight: int = 16) -> ClientWriter:
+        """A group-signing writer: see ClientWriter."""
+        return ClientWriter(self, signer, linger=linger, max_records=max_records,
+                            max_batches_in_flight=max_batches_in_flight)
+
+
+class WriteTicket:
+    """The pending result of one ClientWriter.submit(): `result(timeout)` gives the record's ID.
+
+    Lighter than a concurrent.futures.Future (one per batch is waited on, not
+    one per record), so a single thread can keep many thousands of writes in flight.
+    """
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: _Batch, index: int) -> None:
+        self._batch = batch
+        self._index = index
+
+    def done(self) -> bool:
+        return self._batch.event.is_set()
+
+    def result(self, timeout: float | None = None) -> bytes:
+        """The ID once the record is durable; raises what refused its batch, or RequestTimeout."""
+        if not self._batch.event.wait(timeout):
+            raise RequestTimeout(f"writer: no answer within {timeout:g} s; resending is safe")
+        if self._batch.error is not None:
+            raise self._batch.error
+        assert self._batch.ids is not None
+        return self._batch.ids[self._index]
+
+
+class _Batch:
+    """Records gathered for one envelope; answered together."""
+
+    __slots__ = ("records", "event", "ids", "error", "tries")
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+        self.event = threading.Event()
+        self.ids: list[bytes] | None = None
+        self.error: BaseException | None = None
+        self.tries = 0
+
+
+class ClientWriter:
+    """Group signing on the client: unsigned records in, durable IDs out.
+
+    Records submitted from any number of threads are gathered for up to
+    `linger` seconds or `max_records` records, signed with ONE envelope by
+    `signer` (one Ed25519 signature per batch), and sent as one PUT; batches
+    are pipelined (up to `max_batches_in_flight` unanswered). `put(record)`
+    returns the record's ID once the server has made it durable;
+    `submit(record)` returns a WriteTicket for the same, so one thread can
+    keep many writes in flight. A batch cut off by a lost connection is
+    re-signed and resent (records are content-addressed: resending is safe).
+
+    Resource handling: owns a flusher thread; `close()` sends what is queued,
+    waits for the answers and stops it.
+    """
+
+    def __init__(self, client: Client, signer: Signer, *, linger: float = 0.002,
+                 max_records: int = 4096, max_batches_in_flight: int = 16) -> None:
+        if not isinstance(signer, Signer):
+            raise TypeError(f"writer() expects a stemedb.Signer, got {type(signer).__name__}")
+        self.client = client
+        self.signer = signer
+        self.linger = linger
+        self.max_records = max_records
+        self.batches_sent = 0
+        self._open = _Batch()
+        self._sealed: list[_Batch] = []   # full batches, and batches to resend, in order
+        self._unanswered: set[_Batch] = set()
+        self._cond = threading.Condition()
+        self._slots = threading.Semaphore(max_batches_in_flight)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="stemedb-client-writer", daemon=True)
+        self._thread.start()
+
+    def _check(self, record: Any) -> None:
+        if not hasattr(record, "_with_proof") or isinstance(record, Envelope):
+            raise InvalidRecord(f"expected an Assertion, Vote or Epoch, got {type(record).__name__}")
+        if record.signers not in ((), (self.signer.public_key,)):
+            raise SignatureError("the record declares other signers than the writer's")
+
+    def submit(self, record: Any) -> WriteTicket:
+        """Queue an unsigned record (or one declaring only this signer); a ticket for its ID."""
+        self._check(record)
+        with self._cond:
+            if self._closed:
+                raise StemeError("the writer is closed")
+            batch = self._open
+            batch.records.append(record)
+            if len(batch.records) == 1:
+                self._unanswered.add(batch)
+                self._cond.notify_all()
+            if len(batch.records) >= self.max_records:
+                self._seal()
+            return WriteTicket(batch, len(batch.records) - 1)
+
+    def submit_many(self, records: Iterable[Any]) -> list[WriteTicket]:
+        """Queue many records at once (cheaper than submit() one by one)."""
+        records = list(records)
+        for record in records:
+            self._check(record)
+        tickets: list[WriteTicket] = []
+        with self._cond:
+            if self._closed:
+                raise StemeError("the writer is closed")
+            start = 0
+            while start < len(records):
+                batch = self._open
+                if not batch.records:
+                    self._unanswered.add(batch)
+                take = min(self.max_records - len(batch.records), len(records) - start)
+                first = len(batch.records)
+                batch.records.extend(records[start:start + take])
+                tickets.extend(WriteTicket(batch, first + i) for i in range(take))
+                start += take
+                if len(batch.records) >= self.max_records:
+                    self._seal()
+            self._cond.notify_all()
+        return tickets
+
+    def _seal(self) -> None:  # holding _cond
+        self._sealed.append(self._open)
+        self._open = _Batch()
+        self._cond.notify_all()
+
+    def put(self, record: Any, *, timeout: float | None = None) -> bytes:
+        """Store one record, signed with the batch it joins; returns its ID once durable."""
+        return self.submit(record).result(self.client.timeout if timeout is None else timeout)
+
+    def put_many(self, records: Iterable[Any], *, timeout: float | None = None) -> list[bytes]:
+        """Store many records (signed in batches of max_records); their IDs once all are durable."""
+        limit = self.client.timeout if timeout is None else timeout
+        return [ticket.result(limit) for ticket in self.submit_many(records)]
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything submitted so far has been answered."""
+        deadline = time.monotonic() + (self.client.timeout if timeout is None else timeout)
+        with self._cond:
+            waiting = list(self._unanswered)
+            self._cond.notify_all()
+        for batch in waiting:
+            if not batch.event.wait(max(deadline - time.monotonic(), 0.0)):
+                raise RequestTimeout("writer: answers still missing at the flush timeout")
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+        try:
+            self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join()
+
+    def __enter__(self) -> ClientWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _next_batch(self) -> _Batch | None:
+        with self._cond:
+            while True:
+                if self._sealed:
+                    return self._sealed.pop(0)
+                if self._open.records:
+                    break
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = time.monotonic() + self.linger
+            while not self._sealed and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self._sealed:
+                return self._sealed.pop(0)
+            batch = self._open
+            self._open = _Batch()
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._slots.acquire()
+            self._send(batch)
+
+    def _send(self, batch: _Batch) -> None:
+        try:
+            conn = self.client._connection()
+            payload = signed_batch(batch.records, self.signer, conn.session.max_frame)
+            conn.start(_protocol.PUT, payload, callback=lambda call: self._answered(batch, call))
+            self.batches_sent += 1
+        except BaseException as exc:  # noqa: B036 - every waiter must hear about it
+            self._slots.release()
+            if not (isinstance(exc, ConnectionLost) and self._requeue(batch)):
+                self._settle(batch, error=exc)
+
+    def _requeue(self, batch: _Batch) -> bool:
+        """Put a batch cut off by a lost connection back in front of the queue (to be re-signed)."""
+        if not self.client.reconnect or batch.tries >= self.client.retries:
+            return False
+        batch.tries += 1
+        with self._cond:
+            self._sealed.insert(0, batch)
+            self._cond.notify_all()
+        return True
+
+    def _answered(self, batch: _Batch, call: _Call) -> None:
+        """Runs in the reader thread: settle the batch (or requeue it)."""
+        self._slots.release()
+        if isinstance(call.error, ConnectionLost) and self._requeue(batch):
+            return
+        if call.error is not None:
+            self._settle(batch, error=call.error)
+            return
+        try:
+            ids = ids_from(call.payloads)[1:]  # the envelope's ID comes first
+            if len(ids) != len(batch.records):
+                raise ProtocolError(f"the server returned {len(ids)} IDs for {len(batch.records)} records")
+        except Exception as exc:
+            self._settle(batch, error=exc)
+            return
+        self._settle(batch, ids=ids)
+
+    def _settle(self, batch: _Batch, *, ids: list[bytes] | None = None,
+                error: BaseException | None = None) -> None:
+        batch.ids = ids
+        batch.error = error
+        batch.event.set()
+        with self._cond:
+            self._unanswered.discard(batch)
+
+
+def connect(url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None, **options: Any) -> Client:
+    """Open a blocking client (see Client for options: timeout, ssl_context, reconnect, retries)."""
+    return Client(url, token=token, **options)
+
+
+__all__ = ["Client", "ClientWriter", "WriteTicket", "connect"]

@@ -1,0 +1,377 @@
+"""The server: listeners, connection cap, graceful shutdown, and `serve()`.
+
+Owns: the binary-protocol and HTTP listeners, the set of open connections
+and its cap, the worker-thread limiters every database call goes through, the
+shared Authenticator / RequestLimits / Service / ServerMetrics, and the
+shutdown sequence (stop accepting → stop reading → answer what is in flight
+→ close). `serve()` adds the process around it: opening and closing the
+store, signals, and the one-line announcement of the bound addresses on
+stdout. Must never: close the Database it was handed (whoever opened it
+closes it; `serve()` does, after the last commit was answered).
+
+Resource handling: `Server.run()` owns its listeners and every accepted
+stream; each stream is closed when its connection ends, with a lingering
+close (half-close, then discard input briefly) so a final error frame is not
+destroyed by a TCP reset.
+Error handling: overload errors on accept (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+are handled by trio.serve_listeners, which logs them to "trio.serve_listeners"
+and retries; a connection's own failure never reaches the others.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import trio
+
+import stemedb
+from stemedb import _protocol
+from stemedb.server.auth import Authenticator, describe_peer
+from stemedb.server.config import ConfigError, ServerConfig, parse_address
+from stemedb.server.connection import Connection
+from stemedb.server.http import HttpConnection
+from stemedb.server.limits import RequestLimits
+from stemedb.server.metrics import ServerMetrics
+from stemedb.server.service import Service
+
+log = logging.getLogger("stemedb.server")
+
+LINGER_SECONDS = 0.5
+LINGER_BYTES = 1 << 20
+
+
+class Server:
+    """Serves one open Database over the binary protocol and, optionally, HTTP."""
+
+    def __init__(self, db: Any, config: ServerConfig | None = None) -> None:
+        self.db = db
+        self.config = config or ServerConfig()
+        self.auth = Authenticator(self.config.tokens)
+        self.limits = RequestLimits(self.config)
+        self.service = Service(db, self.limits)
+        self.metrics = ServerMetrics(db.stats)
+        self.ssl_context = _ssl_context(self.config) if self.config.tls else None
+        self.connections: set[Connection] = set()
+        self.http_connections: set[HttpConnection] = set()
+        self.draining = False
+        self.listen_address: str | None = None
+        self.http_address: str | None = None
+        self.started_at = time.time()
+        self._stop: trio.Event | None = None
+        self.stopped: trio.Event | None = None
+        self._write_limiter: trio.CapacityLimiter | None = None
+        self._read_limiter: trio.CapacityLimiter | None = None
+        self._bulk_limiter: trio.CapacityLimiter | None = None
+
+    # Worker-thread limiters are created inside trio.run (they belong to one run).
+    @property
+    def write_limiter(self) -> trio.CapacityLimiter:
+        if self._write_limiter is None:
+            self._write_limiter = trio.CapacityLimiter(self.config.write_threads)
+        return self._write_limiter
+
+    @property
+    def bulk_limiter(self) -> trio.CapacityLimiter:
+        if self._bulk_limiter is None:
+            self._bulk_limiter = trio.CapacityLimiter(self.config.bulk_threads)
+        return self._bulk_limiter
+
+    @property
+    def read_limiter(self) -> trio.CapacityLimiter:
+        if self._read_limiter is None:
+            self._read_limiter = trio.CapacityLimiter(self.config.read_threads)
+        return self._read_limiter
+
+    def describe(self) -> dict[str, Any]:
+        """The server's own figures (added to STATS answers)."""
+        return {
+            "name": self.config.name,
+            "protocol_version": _protocol.PROTOCOL_VERSION,
+            "listen": self.listen_address,
+            "http": self.http_address,
+            "protected_mode": self.auth.protected_mode,
+            "tls": self.config.tls,
+            "connections": len(self.connections),
+            "http_connections": len(self.http_connections),
+            "uptime_seconds": time.time() - self.started_at,
+            "draining": self.draining,
+        }
+
+    # -------------------------------------------------------------- running
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind the configured addresses, serve until `shutdown()`, then drain and return."""
+        self._stop = trio.Event()
+        self.stopped = trio.Event()
+        binary = await _listeners(self.config.listen)
+        http = await _listeners(self.config.http)
+        self.listen_address = _bound(binary)
+        self.http_address = _bound(http)
+        if self.auth.protected_mode:
+            log.warning("protected mode: no tokens are configured, so only loopback clients are "
+                        "served (each with the admin role); add [[tokens]] to the config to serve "
+                        "the network")
+        limits = self.config.limits
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as acceptors:
+                    if binary:
+                        acceptors.start_soon(partial(trio.serve_listeners, self._accept_binary, binary,
+                                                     handler_nursery=connections))
+                    if http:
+                        acceptors.start_soon(partial(trio.serve_listeners, self._accept_http, http,
+                                                     handler_nursery=connections))
+                    task_status.started(self)
+                    await self._stop.wait()
+                    log.info("shutting down: no new connections; answering requests in flight")
+                    self.draining = True
+                    acceptors.cancel_scope.cancel()
+                for conn in self._all_connections():
+                    conn.stop_reading()
+                connections.cancel_scope.deadline = trio.current_time() + limits.shutdown_grace
+            log.info("all connections closed")
+        finally:
+            self.draining = True
+            self.stopped.set()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (safe to call more than once, from the event loop)."""
+        self.draining = True
+        if self._stop is not None:
+            self._stop.set()
+        for conn in self._all_connections():
+            conn.stop_reading()
+
+    def _all_connections(self) -> list[Connection | HttpConnection]:
+        return [*self.connections, *self.http_connections]
+
+    async def _accept_binary(self, stream: trio.SocketStream) -> None:
+        await self.handle_stream(stream, _peer(stream))
+
+    async def _accept_http(self, stream: trio.SocketStream) -> None:
+        await self.handle_http(stream, _peer(stream))
+
+    async def handle_stream(self, stream: trio.abc.Stream, peer: Any) -> None:
+        """Serve one binary-protocol client on `stream` (closed on return)."""
+        self.metrics.connections_accepted.labels("binary").inc()
+        try:
+            if len(self.connections) >= self.config.limits.max_connections or self.draining:
+                await self._refuse(stream, peer)
+                return
+            if self.ssl_context is not None:
+                stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+            conn = Connection(self, stream, peer)
+            self.connections.add(conn)
+            self.metrics.connections.labels("binary").inc()
+            try:
+                await conn.run()
+            finally:
+                self.connections.discard(conn)
+                self.metrics.connections.labels("binary").dec()
+            await _linger_close(stream, lingering=conn.fatal is not None)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def handle_http(self, stream: trio.abc.Stream, peer: Any) -> None:
+        """Serve one HTTP client on `stream` (closed on return)."""
+        self.metrics.connections_accepted.labels("http").inc()
+        try:
+            if len(self.http_connections) >= self.config.limits.max_connections or self.draining:
+                self.metrics.rejected.labels("too_many_connections").inc()
+                return
+            conn = HttpConnection(self, stream, peer)
+            self.http_connections.add(conn)
+            self.metrics.connections.labels("http").inc()
+            try:
+                await conn.run()
+            finally:
+                self.http_connections.discard(conn)
+                self.metrics.connections.labels("http").dec()
+            await _linger_close(stream, lingering=True)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream: trio.abc.Stream, peer: Any) -> None:
+        """Over the connection cap: one error frame (plain TCP only), then close."""
+        reason = "server is shutting down" if self.draining else (
+            f"too many connections (limit {self.config.limits.max_connections}); retry later")
+        self.metrics.rejected.labels("draining" if self.draining else "too_many_connections").inc()
+        log.info("refusing connection from %s: %s", describe_peer(peer), reason)
+        if self.ssl_context is not None:
+            return  # a TLS client could not read a plain frame
+        payload = _protocol.encode_error(_protocol.E_TOO_MANY_CONNECTIONS, 1000, reason)
+        frame = _protocol.frame_header(_protocol.ERROR, _protocol.RESPONSE, 0, len(payload)) + payload
+        with trio.move_on_after(1.0):
+            try:
+                await stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        await _linger_close(stream, lingering=True)
+
+
+async def _linger_close(stream: trio.abc.Stream, *, lingering: bool) -> None:
+    """Half-close and discard what the peer still sends, so our last frame is not reset away."""
+    if not lingering or not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            await stream.send_eof()
+            discarded = 0
+            while discarded < LINGER_BYTES:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                discarded += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            pass
+
+
+def _peer(stream: trio.SocketStream) -> Any:
+    try:
+        return stream.socket.getpeername()
+    except OSError:
+        return None
+
+
+async def _listeners(address: str | None) -> list[trio.SocketListener]:
+    if not address:
+        return []
+    host, port = parse_address(address)
+    try:
+        return list(await trio.open_tcp_listeners(port, host=host))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise stemedb.StemeError(f"{address}: address already in use") from None
+        raise
+
+
+def _bound(listeners: list[trio.SocketListener]) -> str | None:
+    if not listeners:
+        return None
+    host, port = listeners[0].socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ssl_context(config: ServerConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert config.tls_cert is not None and config.tls_key is not None
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+# ------------------------------------------------------------------ process
+
+
+def load_config(config: ServerConfig | str | os.PathLike[str] | dict[str, Any] | None) -> ServerConfig:
+    if config is None:
+        return ServerConfig()
+    if isinstance(config, ServerConfig):
+        return config
+    if isinstance(config, dict):
+        return ServerConfig.from_dict(config)
+    return ServerConfig.load(config)
+
+
+def serve(data_dir: str | os.PathLike[str], listen: str | None = None, http: str | None = None,
+          config: ServerConfig | str | os.PathLike[str] | dict[str, Any] | None = None) -> int:
+    """Run a server on the store at `data_dir` until SIGINT or SIGTERM; returns an exit code.
+
+    `listen` / `http` ("host:port", port 0 = any free port) override the
+    config file's [server] listen / http; the binary protocol listens on
+    127.0.0.1:7440 when neither gives an address. Once bound, one JSON line
+    goes to stdout: {"listen": "host:port", "http": …, "protected_mode": …,
+    "tls": …, "pid": …}. On a signal the server stops accepting, answers
+    every request in flight (their commits finish and are acknowledged),
+    closes connections, and closes the store (writing an index snapshot).
+    A second signal during shutdown cancels what is left; acknowledged writes
+    are durable either way.
+    """
+    settings = load_config(config)
+    if listen is not None:
+        settings.listen = listen
+    if http is not None:
+        settings.http = http or None
+    try:
+        db = stemedb.open(data_dir, **settings.database)
+    except TypeError as exc:  # an unknown [database] option
+        raise ConfigError(f"[database]: {exc}") from None
+    try:
+        trio.run(_main, db, settings)
+    finally:
+        db.close()
+    log.info("store closed")
+    return 0
+
+
+async def _main(db: Any, config: ServerConfig) -> None:
+    server = Server(db, config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            announcement = {"listen": server.listen_address, "http": server.http_address,
+                            "protected_mode": server.auth.protected_mode, "tls": config.tls,
+                            "pid": os.getpid()}
+            print(json.dumps(announcement), flush=True)
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if server.draining:
+                        log.warning("second signal: cancelling what is left of the shutdown")
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    server.shutdown()
+
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(_warm_up_queries)
+            assert server.stopped is not None
+            await server.stopped.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def _warm_up_queries() -> None:
+    """Compile the resolution engine's kernels now, so the first query does not pay the JIT."""
+
+    def warm() -> None:
+        try:
+            from stemedb import query as engine
+        except ImportError:
+            return
+        warm_up = getattr(engine, "warm_up", None)
+        if warm_up is not None:
+            started = time.perf_counter()
+            warm_up()
+            log.info("query kernels warmed up in %.1f s", time.perf_counter() - started)
+
+    await trio.to_thread.run_sync(warm, cancellable=True)  # shutdown need not wait for it
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stemedb.server --data DIR [--listen H:P] [--http H:P] [--config FILE]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stemedb.server",
+                                     description="Serve a StemeDB store over the network.")
+    parser.add_argument("--data", required=True, help="data directory (created if missing)")
+    parser.add_argument("--listen", help="binary protocol address host:port (default 127.0.0.1:7440)")
+    parser.add_argument("--http", help="HTTP side door address host:port (default: off)")
+    parser.add_argument("--config", help="TOML configuration file (see examples/stemedb.toml)")
+    parser.add_argument("--log-level", default=os.environ.get("STEMEDB_LOG", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(args.data, listen=args.listen, http=args.http, config=args.config)
+    except stemedb.StemeError as exc:
+        print(f"stemedb serve: error: {exc}", file=sys.stderr)
+        return 1

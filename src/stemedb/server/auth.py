@@ -1,0 +1,124 @@
+"""Authentication and authorisation: tokens, roles, protected mode.
+
+Owns: checking a presented API token against the configured ones (by
+SHA-256, compared in constant time, with expiry), the role each operation
+needs, and protected mode (no tokens configured: loopback clients only).
+Must never: log or store a presented token, or say which part of a failed
+credential was wrong beyond "unknown" / "expired".
+
+Error handling: refusals raise AuthError; the front doors turn it into an
+error frame or an HTTP 401/403.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from stemedb import _protocol
+from stemedb.errors import AuthError
+from stemedb.server.config import Token, hash_token
+
+# docs/protocol.md, "Roles": the least role each request needs.
+REQUIRED_ROLE = {
+    _protocol.PING: _protocol.ROLE_READ,
+    _protocol.GET: _protocol.ROLE_READ,
+    _protocol.QUERY: _protocol.ROLE_READ,
+    _protocol.SCAN: _protocol.ROLE_READ,
+    _protocol.STATS: _protocol.ROLE_READ,
+    _protocol.PUT: _protocol.ROLE_WRITE,
+    _protocol.VOTE: _protocol.ROLE_WRITE,
+    _protocol.EPOCH: _protocol.ROLE_WRITE,
+    _protocol.AUDIT: _protocol.ROLE_ADMIN,
+}
+
+
+def required_role(opcode: int) -> int:
+    """Replication opcodes (0x40..0x4F) need admin; see REQUIRED_ROLE for the rest."""
+    return REQUIRED_ROLE.get(opcode, _protocol.ROLE_ADMIN)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a token's name and role, or a loopback client in protected mode."""
+
+    name: str
+    role: int
+
+    @property
+    def role_name(self) -> str:
+        return str(_protocol.ROLE_NAMES[self.role])
+
+
+def is_loopback(peer: Any) -> bool:
+    """True for 127.0.0.0/8, ::1 and Unix sockets (peer is a sockaddr, a str, or None)."""
+    if peer is None or isinstance(peer, bytes):
+        return False
+    host = peer[0] if isinstance(peer, tuple) else peer
+    if isinstance(host, str) and (host == "" or host.startswith("/")):
+        return True  # AF_UNIX
+    try:
+        address = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def describe_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)
+
+
+class Authenticator:
+    """Maps presented tokens to principals; decides who may connect without one."""
+
+    def __init__(self, tokens: list[Token], *, clock: Callable[[], float] = time.time) -> None:
+        self.tokens = list(tokens)
+        self.clock = clock
+
+    @property
+    def protected_mode(self) -> bool:
+        return not self.tokens
+
+    def authenticate(self, token: str) -> Principal:
+        """The principal of a valid, unexpired token; AuthError otherwise."""
+        digest = hash_token(token)
+        found: Token | None = None
+        for entry in self.tokens:  # compare with every entry: time does not depend on which matched
+            if hmac.compare_digest(entry.sha256, digest):
+                found = entry
+        if found is None:
+            raise AuthError("unknown token")
+        if found.expires is not None and self.clock() >= found.expires:
+            raise AuthError(f"token {found.name!r} has expired")
+        return Principal(found.name, found.role)
+
+    def anonymous(self, peer: Any) -> Principal | None:
+        """The principal of a client that presented no token, or None if it must authenticate.
+
+        In protected mode a loopback client is an admin (as with a local
+        embedded store); any other peer is refused with AuthError.
+        """
+        if not self.protected_mode:
+            return None
+        if not is_loopback(peer):
+            raise AuthError(
+                f"protected mode: no tokens are configured, so only loopback clients are served "
+                f"({describe_peer(peer)} is not); configure [[tokens]] to serve the network")
+        return Principal(f"local:{describe_peer(peer)}", _protocol.ROLE_ADMIN)
+
+    @staticmethod
+    def authorize(principal: Principal, opcode: int) -> None:
+        needed = required_role(opcode)
+        if principal.role < needed:
+            op = _protocol.OPCODE_NAMES.get(opcode, f"0x{opcode:02x}")
+            raise AuthError(f"{op} needs the {_protocol.ROLE_NAMES[needed]} role; "
+                            f"{principal.name!r} has {principal.role_name}")

@@ -1,0 +1,331 @@
+"""The operations both front doors serve, run against the embedded Database.
+
+Owns: what a PUT / GET / QUERY / SCAN / STATS / AUDIT does with the store
+(decoding records, splitting envelopes from members, charging write quotas,
+calling `db.put_many`, turning a Resolution into JSON), and the mapping from
+StemeDB exceptions to protocol error codes. Every method here blocks (it
+decodes, verifies or waits for a group commit): the front doors call them
+through `trio.to_thread.run_sync`, never on the event loop.
+
+Error handling: exceptions propagate unchanged; `error_code(exc)` names the
+protocol error code, message and retry-after for any of them. Nothing is
+written when a batch is refused (quota, invalid record, bad signature).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from stemedb import _codec, _protocol
+from stemedb.errors import (
+    AuthError,
+    CorruptionError,
+    DurabilityError,
+    InvalidRecord,
+    NotFound,
+    ProtocolError,
+    RateLimited,
+    SignatureError,
+    StemeError,
+    StorageFull,
+    Unavailable,
+)
+from stemedb.records import Assertion, Envelope, Epoch, Vote
+from stemedb.server.limits import RequestLimits
+
+log = logging.getLogger("stemedb.server")
+
+KIND_CODES = {"assertion": 1, "vote": 2, "epoch": 3, "envelope": 4}
+KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
+MAX_CONTRIBUTING = 1000  # contributing records sent with a query answer, at most
+
+
+class ServiceError(StemeError):
+    """A refusal with an explicit protocol error code (e.g. unsupported, invalid request)."""
+
+    def __init__(self, code: int, message: str, *, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
+
+
+def error_code(exc: BaseException) -> tuple[int, str, float]:
+    """(protocol error code, message for the client, retry-after seconds) for an exception."""
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc), exc.retry_after
+    if isinstance(exc, _protocol.FrameError):
+        return int(exc.code), str(exc), 0.0
+    table: tuple[tuple[type[BaseException], int], ...] = (
+        (RateLimited, _protocol.E_RATE_LIMITED),
+        (AuthError, _protocol.E_FORBIDDEN),
+        (InvalidRecord, _protocol.E_INVALID_RECORD),
+        (SignatureError, _protocol.E_SIGNATURE),
+        (NotFound, _protocol.E_NOT_FOUND),
+        (StorageFull, _protocol.E_STORAGE_FULL),
+        (DurabilityError, _protocol.E_DURABILITY),
+        (CorruptionError, _protocol.E_CORRUPTION),
+        (Unavailable, _protocol.E_UNAVAILABLE),
+        (ProtocolError, _protocol.E_PROTOCOL),
+    )
+    for kind, code in table:
+        if isinstance(exc, kind):
+            retry = exc.retry_after if isinstance(exc, RateLimited) else 0.0
+            return code, str(exc), retry
+    if isinstance(exc, StemeError):
+        return _protocol.E_UNAVAILABLE if "closed" in str(exc) else _protocol.E_INTERNAL, str(exc), 0.0
+    if isinstance(exc, (ValueError, TypeError)):
+        return _protocol.E_INVALID_REQUEST, str(exc), 0.0
+    log.error("internal error while serving a request", exc_info=exc)
+    return _protocol.E_INTERNAL, f"internal error ({type(exc).__name__}); see the server log", 0.0
+
+
+class Service:
+    """Database operations with quotas; blocking, thread-safe (the Database is)."""
+
+    def __init__(self, db: Any, limits: RequestLimits) -> None:
+        self.db = db
+        self.limits = limits
+
+    # ---------------------------------------------------------------- writes
+
+    def put_encoded(self, blob: Any, offsets: np.ndarray, now: float,
+                    expect_kind: int | None = None) -> np.ndarray:
+        """Store a batch of encoded records; returns their IDs (n, 32) in request order.
+
+        Envelopes in the batch prove the members that name them; other records
+        must be individually signed or members of an envelope already stored.
+        Acknowledged (returned) only once durable.
+        """
+        records = _codec.decode_many(blob, offsets)
+        if not records:
+            return np.zeros((0, 32), dtype=np.uint8)
+        envelopes = [r for r in records if isinstance(r, Envelope)]
+        if expect_kind is not None:
+            for index, record in enumerate(records):
+                if not isinstance(record, Envelope) and _kind_of(record) != expect_kind:
+                    raise ServiceError(_protocol.E_INVALID_REQUEST,
+                                       f"records[{index}]: expected a {KIND_NAMES[expect_kind]}, "
+                                       f"got a {KIND_NAMES.get(_kind_of(record), '?')}")
+        if self.limits.has_quotas:
+            counts: dict[bytes, int] = {}
+            for record in records:
+                if not isinstance(record, Envelope):
+                    signer = record.signers[0] if record.signers else b""
+                    counts[signer] = counts.get(signer, 0) + 1
+            try:
+                self.limits.charge_writes(counts, now)
+            except RateLimited as exc:
+                raise ServiceError(_protocol.E_QUOTA_EXCEEDED, str(exc), retry_after=exc.retry_after) from None
+        if not envelopes:
+            ids = self.db.put_many(records)
+        else:
+            # Members of the batch's envelopes go in one put_many with them; anything else
+            # (individually signed, or members of envelopes stored earlier) in a second one.
+            envelope_ids = {e.id for e in envelopes}
+            groups: dict[bool, list[int]] = {True: [], False: []}
+            for index, record in enumerate(records):
+                if not isinstance(record, Envelope):
+                    groups[record.envelope in envelope_ids].append(index)
+            ids = [b""] * len(records)
+            for index, record in enumerate(records):
+                if isinstance(record, Envelope):
+                    ids[index] = record.id
+            members = [records[i] for i in groups[True]]
+            stored = self.db.put_many(members, envelope=envelopes) if members else self.db.put_many(envelopes)
+            for index, record_id in zip(groups[True], stored if members else ()):
+                ids[index] = record_id
+            if groups[False]:
+                for index, record_id in zip(groups[False], self.db.put_many([records[i] for i in groups[False]])):
+                    ids[index] = record_id
+        return np.frombuffer(b"".join(ids), dtype=np.uint8).reshape(-1, 32)
+
+    # ----------------------------------------------------------------- reads
+
+    def get_encoded(self, ids: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """(blob, offsets) of the stored records for `ids`; an absent ID has an empty slice."""
+        blob, offsets, _rows = self.db.get_encoded_many(ids)
+        return blob, offsets
+
+    def get_record(self, record_id: bytes) -> Any:
+        return self.db.get(record_id)
+
+    @staticmethod
+    def _engine() -> Any:
+        """The resolution engine (stemedb.query), or None in a build without it."""
+        try:
+            from stemedb import query as engine
+        except ImportError:
+            return None
+        return engine
+
+    def _query_function(self) -> Any:
+        """`db.query`, else the engine's `stemedb.query.query(db, …)`, else None."""
+        query = getattr(self.db, "query", None)
+        if query is not None:
+            return query
+        function = getattr(self._engine(), "query", None)
+        return functools.partial(function, self.db) if function is not None else None
+
+    def query(self, subject: str, predicate: str | None, lens: str | None,
+              options: dict[str, Any], agent: str | None = None) -> tuple[dict[str, Any], list[Any]]:
+        """(JSON-ready resolution, contributing records: the winner first).
+
+        `options` are the resolution engine's filters. With "audit": true the
+        query is recorded under `agent` (the authenticated principal; a client
+        cannot name another).
+        """
+        query = self._query_function()
+        if query is None:
+            raise ServiceError(_protocol.E_UNSUPPORTED,
+                               "queries are not available: this build has no resolution engine")
+        if not subject:
+            raise ServiceError(_protocol.E_INVALID_REQUEST, "subject: required")
+        kwargs = dict(options)
+        if "agent" in kwargs:
+            raise ServiceError(_protocol.E_INVALID_REQUEST, "options: agent is set by the server")
+        if kwargs.get("audit"):
+            kwargs["agent"] = agent
+        if lens:
+            kwargs["lens"] = lens
+        try:
+            result = query(subject, predicate or None, **kwargs)
+        except TypeError as exc:
+            raise ServiceError(_protocol.E_INVALID_REQUEST, f"query: {exc}") from None
+        records: dict[bytes, Any] = {}
+        wanted: list[bytes] = []
+        _collect_records(result, records, wanted, depth=0)
+        missing = [i for i in dict.fromkeys(wanted) if i not in records][:MAX_CONTRIBUTING]
+        if missing:
+            for record in self.db.get_many(missing):
+                if record is not None:
+                    records[record.id] = record
+        return jsonable(result), list(records.values())
+
+    def scan(self, subject: str | None, predicate: str | None, kind: int,
+             limit: int) -> Iterator[list[Any]]:
+        """Chunks of stored records (write order), at most `limit` in all."""
+        records = self.db.scan(subject or None, predicate or None,
+                               kind=KIND_NAMES[kind] if kind else None)
+        chunk: list[Any] = []
+        sent = 0
+        for record in records:
+            if sent >= limit:
+                break
+            chunk.append(record)
+            sent += 1
+            if len(chunk) >= 4096:
+                yield chunk
+                chunk = []
+        yield chunk
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.db.stats())
+
+    def audit(self, limit: int) -> Any:
+        """The last `limit` recorded queries: `db.audit`, else the engine's `audit_log`."""
+        audit = getattr(self.db, "audit", None)
+        if audit is not None:
+            return jsonable(audit(limit=limit))
+        audit_log = getattr(self._engine(), "audit_log", None)
+        if audit_log is None:
+            raise ServiceError(_protocol.E_UNSUPPORTED,
+                               "the audit log is not available: this build has no resolution engine")
+        return jsonable(audit_log(self.db, limit=limit))
+
+
+def _kind_of(record: Any) -> int:
+    for cls, code in ((Assertion, 1), (Vote, 2), (Epoch, 3), (Envelope, 4)):
+        if isinstance(record, cls):
+            return code
+    return 0
+
+
+def record_json(record: Any) -> dict[str, Any]:
+    """A JSON view of any record (assertions field by field; others with their encoding)."""
+    to_dict = getattr(record, "to_dict", None)
+    if to_dict is not None:
+        return dict(to_dict())
+    return {"kind": type(record).__name__.lower(), "id": record.id.hex(),
+            "timestamp": record.timestamp, "signers": [k.hex() for k in record.signers],
+            "encoded": record.encode().hex()}
+
+
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """A JSON-ready copy: dataclasses and objects with to_dict() → dicts, bytes → hex, enums → names."""
+    if depth > 32:
+        return repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, enum.Enum):
+        return value.name.lower()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, _codec.Record):
+        return record_json(value)
+    if isinstance(value, np.generic):
+        return jsonable(value.item(), depth + 1)
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist(), depth + 1)
+    if isinstance(value, dict):
+        return {str(jsonable(k, depth + 1)): jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v, depth + 1) for v in value]
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return jsonable(to_dict(), depth + 1)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value)}
+    if hasattr(value, "__dict__"):
+        return {k: jsonable(v, depth + 1) for k, v in vars(value).items() if not k.startswith("_")}
+    return repr(value)
+
+
+def _collect_records(value: Any, out: dict[bytes, Any], wanted: list[bytes], depth: int) -> None:
+    """Records reachable from a query result (winners), and IDs of contributing assertions."""
+    if depth > 8 or value is None or isinstance(value, (str, bytes, int, float, bool, enum.Enum)):
+        return
+    if isinstance(value, _codec.Record):
+        out.setdefault(value.id, value)
+        return
+    assertion_id = getattr(value, "assertion_id", None)
+    if isinstance(assertion_id, bytes) and not isinstance(value, _codec.Record):
+        wanted.append(assertion_id)
+        return
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, (list, tuple)):
+        children = value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        children = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    else:  # result objects (e.g. a Resolution with __slots__): their winner and contributions
+        children = [getattr(value, name, None) for name in ("winner", "contributions")]
+        if hasattr(value, "__dict__"):
+            children += list(vars(value).values())
+    for child in children:
+        _collect_records(child, out, wanted, depth + 1)
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """QUERY options: a JSON object (or empty)."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ServiceError(_protocol.E_INVALID_REQUEST, f"options: not JSON ({exc.msg})") from None
+    if not isinstance(options, dict):
+        raise ServiceError(_protocol.E_INVALID_REQUEST, "options: expected a JSON object")
+    if "lens" in options:
+        raise ServiceError(_protocol.E_INVALID_REQUEST, "options: the lens has its own field")
+    return options

@@ -1,0 +1,172 @@
+"""Writes tests/vectors/protocol.json, the wire vectors of docs/protocol.md.
+
+Run only when the protocol deliberately changes (then bump PROTOCOL_VERSION):
+    PYTHONPATH=src python tests/vectors/generate_protocol.py
+
+The frames are built here with `struct`, independently of the compiled codec
+(stemedb._protocol); tests/test_protocol.py checks that the codec builds the
+same bytes from the same fields and parses them back to the same fields.
+Records inside PUT / GET / QUERY / SCAN payloads are opaque byte strings to
+the protocol; they come from the record codec (docs/format.md).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import struct
+
+import stemedb
+from stemedb import Assertion, Ref
+
+SEED = bytes(range(32))
+SIGNER = stemedb.Signer.from_seed(SEED)
+T = 1_700_000_000_000_000
+
+RESPONSE, MORE = 1, 2
+OPCODES = {"hello": 0x01, "auth": 0x02, "ping": 0x03, "put": 0x10, "get": 0x11, "query": 0x12,
+           "scan": 0x13, "vote": 0x14, "epoch": 0x15, "stats": 0x16, "audit": 0x17, "error": 0x7F}
+
+
+def frame(opcode: str | int, flags: int, request_id: int, payload: bytes) -> bytes:
+    code = OPCODES[opcode] if isinstance(opcode, str) else opcode
+    return b"SD" + struct.pack("<BBII", code, flags, request_id, len(payload)) + payload
+
+
+def s8(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<B", len(raw)) + raw
+
+
+def s16(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<H", len(raw)) + raw
+
+
+def s32(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<I", len(raw)) + raw
+
+
+def batch(records: list[bytes]) -> bytes:
+    return (struct.pack("<I", len(records)) + b"".join(struct.pack("<I", len(r)) for r in records)
+            + b"".join(records))
+
+
+def ids(values: list[bytes]) -> bytes:
+    return struct.pack("<I", len(values)) + b"".join(values)
+
+
+def error(code: int, retry_after_ms: int, message: str) -> bytes:
+    return struct.pack("<HI", code, retry_after_ms) + s16(message)
+
+
+def vectors() -> list[dict]:
+    claim = Assertion("aspirin", "treats", Ref("headache"), confidence=0.75, timestamp=T,
+                      source_class="clinical", lifecycle="approved").sign(SIGNER)
+    encoded = claim.encode()
+    members, envelope = SIGNER.sign_batch(
+        [Assertion("sensor-1", "reading", 20.5, timestamp=T), Assertion("sensor-2", "reading", 21.0, timestamp=T)],
+        timestamp=T)
+    absent = bytes(32)
+    token = "example-token-0123456789"
+    result = json.dumps({"winner": claim.id.hex(), "candidates": 1, "confidence": 1.0, "conflict": 0.0})
+    stats = json.dumps({"records": 1})
+    out = [
+        dict(name="hello-request", direction="request", opcode="hello", flags=0, request_id=1,
+             fields={"min_version": 1, "max_version": 1, "client_name": "stemedb-python", "token": ""},
+             payload=struct.pack("<HH", 1, 1) + s8("stemedb-python") + s16("")),
+        dict(name="hello-request-with-token", direction="request", opcode="hello", flags=0, request_id=1,
+             fields={"min_version": 1, "max_version": 1, "client_name": "stemedb-python", "token": token},
+             payload=struct.pack("<HH", 1, 1) + s8("stemedb-python") + s16(token)),
+        dict(name="hello-response", direction="response", opcode="hello", flags=RESPONSE, request_id=1,
+             fields={"version": 1, "role": 2, "server_flags": 0, "max_frame": 16 << 20,
+                     "max_inflight": 128, "server_name": "stemedb"},
+             payload=struct.pack("<HBBII", 1, 2, 0, 16 << 20, 128) + s8("stemedb")),
+        dict(name="hello-response-auth-required", direction="response", opcode="hello", flags=RESPONSE,
+             request_id=1,
+             fields={"version": 1, "role": 0, "server_flags": 1, "max_frame": 16 << 20,
+                     "max_inflight": 128, "server_name": "stemedb"},
+             payload=struct.pack("<HBBII", 1, 0, 1, 16 << 20, 128) + s8("stemedb")),
+        dict(name="auth-request", direction="request", opcode="auth", flags=0, request_id=2,
+             fields={"token": token}, payload=s16(token)),
+        dict(name="auth-response", direction="response", opcode="auth", flags=RESPONSE, request_id=2,
+             fields={"role": 2}, payload=bytes([2])),
+        dict(name="ping-request", direction="request", opcode="ping", flags=0, request_id=3,
+             fields={"data": "6869"}, payload=b"hi"),
+        dict(name="ping-response", direction="response", opcode="ping", flags=RESPONSE, request_id=3,
+             fields={"data": "6869"}, payload=b"hi"),
+        dict(name="put-request", direction="request", opcode="put", flags=0, request_id=4,
+             fields={"records": [encoded.hex()]}, payload=batch([encoded])),
+        dict(name="put-response", direction="response", opcode="put", flags=RESPONSE, request_id=4,
+             fields={"ids": [claim.id.hex()]}, payload=ids([claim.id])),
+        dict(name="put-envelope-request", direction="request", opcode="put", flags=0, request_id=5,
+             fields={"records": [r.encode().hex() for r in [envelope, *members]]},
+             payload=batch([r.encode() for r in [envelope, *members]])),
+        dict(name="put-envelope-response", direction="response", opcode="put", flags=RESPONSE,
+             request_id=5, fields={"ids": [r.id.hex() for r in [envelope, *members]]},
+             payload=ids([r.id for r in [envelope, *members]])),
+        dict(name="get-request", direction="request", opcode="get", flags=0, request_id=6,
+             fields={"ids": [claim.id.hex(), absent.hex()]}, payload=ids([claim.id, absent])),
+        dict(name="get-response", direction="response", opcode="get", flags=RESPONSE, request_id=6,
+             fields={"records": [encoded.hex(), ""]},
+             payload=struct.pack("<III", 2, len(encoded), 0) + encoded),
+        dict(name="query-request", direction="request", opcode="query", flags=0, request_id=7,
+             fields={"subject": "aspirin", "predicate": "treats", "lens": "recency",
+                     "options": '{"lifecycle": "approved"}'},
+             payload=s16("aspirin") + s16("treats") + s8("recency") + s32('{"lifecycle": "approved"}')),
+        dict(name="query-response", direction="response", opcode="query", flags=RESPONSE, request_id=7,
+             fields={"result": result, "records": [encoded.hex()]},
+             payload=s32(result) + batch([encoded])),
+        dict(name="scan-request", direction="request", opcode="scan", flags=0, request_id=8,
+             fields={"subject": "aspirin", "predicate": "", "kind": 1, "limit": 100},
+             payload=s16("aspirin") + s16("") + struct.pack("<BI", 1, 100)),
+        dict(name="scan-response-part", direction="response", opcode="scan", flags=RESPONSE | MORE,
+             request_id=8, fields={"records": [encoded.hex()]}, payload=batch([encoded])),
+        dict(name="scan-response-end", direction="response", opcode="scan", flags=RESPONSE, request_id=8,
+             fields={"records": []}, payload=batch([])),
+        dict(name="stats-request", direction="request", opcode="stats", flags=0, request_id=9,
+             fields={}, payload=b""),
+        dict(name="stats-response", direction="response", opcode="stats", flags=RESPONSE, request_id=9,
+             fields={"text": stats}, payload=s32(stats)),
+        dict(name="audit-request", direction="request", opcode="audit", flags=0, request_id=10,
+             fields={"limit": 50}, payload=struct.pack("<I", 50)),
+        dict(name="error-rate-limited", direction="response", opcode="error", flags=RESPONSE,
+             request_id=11, fields={"code": 7, "retry_after_ms": 250, "message": "rate limit exceeded"},
+             payload=error(7, 250, "rate limit exceeded")),
+        dict(name="error-frame-too-large", direction="response", opcode="error", flags=RESPONSE,
+             request_id=0, fields={"code": 3, "retry_after_ms": 0, "message": "frame too large"},
+             payload=error(3, 0, "frame too large")),
+    ]
+    for vector in out:
+        vector["hex"] = frame(vector["opcode"], vector["flags"], vector["request_id"], vector["payload"]).hex()
+        vector["payload"] = vector["payload"].hex()
+    invalid = [
+        ("bad-magic", b"XD" + struct.pack("<BBII", 0x03, 0, 1, 0), 1),
+        ("unknown-opcode", frame(0x33, 0, 1, b""), 1),
+        ("reserved-flag-bits", frame("ping", 4, 1, b""), 1),
+        ("request-with-response-flag", frame("ping", RESPONSE, 1, b""), 1),
+        ("declared-4-gib", b"SD" + struct.pack("<BBII", 0x10, 0, 1, 0xFFFFFFFF), 3),
+    ]
+    for name, raw, code in invalid:
+        out.append(dict(name=name, direction="invalid-request", hex=raw.hex(), error_code=code))
+    return out
+
+
+def main() -> None:
+    path = pathlib.Path(__file__).with_name("protocol.json")
+    document = {
+        "description": "StemeDB wire protocol vectors (docs/protocol.md). 'hex' is a whole frame; "
+                       "'payload' its payload; 'fields' the decoded message. Records inside payloads "
+                       "follow docs/format.md. 'invalid-request' frames must be refused with "
+                       "'error_code' before any payload is read.",
+        "protocol_version": 1,
+        "signer_seed": SEED.hex(),
+        "vectors": vectors(),
+    }
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"wrote {len(document['vectors'])} vectors to {path}")
+
+
+if __name__ == "__main__":
+    main()
