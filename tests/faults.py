@@ -335,6 +335,12 @@ class FaultyFiles(FileLayer):
             self._change(DirectoryChange("remove", path, old_bytes=old))
             self._leave("remove", number)
 
+    def remove_tree(self, path: str) -> None:
+        """Old snapshots: removed at once and treated as durable (see the module's limits),
+        but under the lock, so a crash image never copies a half-removed tree."""
+        with self._lock:
+            super().remove_tree(path)
+
     def makedirs(self, path: str) -> None:
         path = os.path.abspath(path)
         with self._lock:

@@ -110,3 +110,24 @@ def test_verify_finds_a_flipped_byte(tmp_path, capsys):
     segment.write_bytes(bytes(raw))
     code, out, _ = run(capsys, "verify", str(data))
     assert code == 1 and "00000000.seg at offset" in out and "DAMAGED" in out
+
+
+def test_query_and_conflicts(tmp_path, capsys):
+    data = tmp_path / "data"
+    a, b = stemedb.Signer.from_seed(b"\x01" * 32), stemedb.Signer.from_seed(b"\x02" * 32)
+    with stemedb.open(data) as db:
+        db.put_many([
+            stemedb.Assertion("aspirin", "treats", "headache", confidence=0.9, timestamp=1).sign(a),
+            stemedb.Assertion("aspirin", "treats", "fever", confidence=0.9, timestamp=2).sign(b),
+            stemedb.Assertion("aspirin", "max_mg", 4000, timestamp=3).sign(a),
+        ])
+    code, out, _ = run(capsys, "query", str(data), "aspirin", "treats", "--lens", "skeptic", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["analysis"]["status"] == "Contested"
+    assert result["conflict_score"] >= 0.88
+    code, out, _ = run(capsys, "query", str(data), "aspirin", "treats", "--as-of", "1", "--json")
+    assert json.loads(out)["winner"]["object"] == "headache"
+    code, out, _ = run(capsys, "conflicts", str(data), "--top", "5")
+    assert code == 0 and "aspirin / treats" in out and "max_mg" not in out
+    code, out, _ = run(capsys, "conflicts", str(data), "--json")
+    assert [row["predicate"] for row in json.loads(out)] == ["treats"]

@@ -40,8 +40,43 @@ from stemedb.records import (
 
 __version__ = "0.1.0"
 
+# Query results and lenses load on first use, so `import stemedb` does not pull in numba.
+_LAZY = {
+    "Resolution": "stemedb.query",
+    "Contribution": "stemedb.query",
+    "PairConflict": "stemedb.query",
+    "lenses": "stemedb.lenses",
+    **{name: "stemedb.lenses" for name in ("Lens", "Recency", "Confidence", "Consensus",
+                                           "VoteConsensus", "Authority", "Skeptic", "EpochAware",
+                                           "Layered", "Constraints")},
+}
+
+
+def __getattr__(name: str) -> object:  # PEP 562
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        return module if name == "lenses" else getattr(module, name)
+    raise AttributeError(f"module 'stemedb' has no attribute {name!r}")
+
+
 __all__ = [
     "open",
+    "Resolution",
+    "Contribution",
+    "PairConflict",
+    "lenses",
+    "Lens",
+    "Recency",
+    "Confidence",
+    "Consensus",
+    "VoteConsensus",
+    "Authority",
+    "Skeptic",
+    "EpochAware",
+    "Layered",
+    "Constraints",
     "connect",
     "connect_async",
     "Database",

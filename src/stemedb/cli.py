@@ -282,6 +282,37 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _query(args: argparse.Namespace) -> int:
+    """Resolve a subject (and predicate) through a lens."""
+    from stemedb import query as query_module
+
+    with stemedb.open(args.path) as db:
+        result = db.query(args.subject, args.predicate, lens=args.lens, lifecycle=args.lifecycle,
+                          as_of=args.as_of, decay=args.decay, now=args.now,
+                          audit=args.audit, agent=args.agent)
+        if args.json:
+            if isinstance(result, dict):
+                print(json.dumps({k: v.to_dict() for k, v in result.items()}, indent=1))
+            else:
+                print(json.dumps(result.to_dict(), indent=1))
+        else:
+            print(query_module.render(result))
+    return 0
+
+
+def _conflicts(args: argparse.Namespace) -> int:
+    """The disagreement dashboard: the most contested (subject, predicate) pairs."""
+    from stemedb import query as query_module
+
+    with stemedb.open(args.path) as db:
+        rows = db.conflicts(args.top, min_score=args.min_score)
+    if args.json:
+        print(json.dumps([row.to_dict() for row in rows], indent=1))
+    else:
+        print(query_module.render(rows))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Serve a store over the network (binary protocol, optional HTTP side door) until a signal."""
     import logging
@@ -324,6 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("path", nargs="?", default=DEFAULT_DATA, help="data directory")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(handler=_stats)
+
+    query = commands.add_parser("query", help="resolve a subject (and predicate) through a lens")
+    query.add_argument("path", help="data directory")
+    query.add_argument("subject")
+    query.add_argument("predicate", nargs="?", help="omit to resolve every predicate of the subject")
+    query.add_argument("--lens", default="recency",
+                       help="recency, confidence, consensus, vote_consensus, authority, skeptic, "
+                            "epoch_aware, layered, constraints (default recency)")
+    query.add_argument("--lifecycle", default="any", help="any, approved, or a stage")
+    query.add_argument("--as-of", type=int, help="time travel: only claims at or before this µs time")
+    query.add_argument("--decay", action="store_true", help="decay confidence by source-class half-life")
+    query.add_argument("--now", type=int, help="the time decay is measured from (µs; default now)")
+    query.add_argument("--audit", action="store_true", help="record this query in the audit log")
+    query.add_argument("--agent", help="who is asking (for the audit log)")
+    query.add_argument("--json", action="store_true")
+    query.set_defaults(handler=_query)
+
+    conflicts = commands.add_parser("conflicts", help="the most contested (subject, predicate) pairs")
+    conflicts.add_argument("path", nargs="?", default=DEFAULT_DATA, help="data directory")
+    conflicts.add_argument("--top", type=int, default=20)
+    conflicts.add_argument("--min-score", type=float, default=0.0)
+    conflicts.add_argument("--json", action="store_true")
+    conflicts.set_defaults(handler=_conflicts)
 
     serve = commands.add_parser("serve", help="serve a store over the network until SIGINT/SIGTERM")
     serve.add_argument("--data", default=DEFAULT_DATA, help=f"data directory (default {DEFAULT_DATA})")

@@ -129,6 +129,9 @@ class Database:
         if durability == "batch":
             self._flusher = threading.Thread(target=self._flush_loop, name="stemedb-flush", daemon=True)
             self._flusher.start()
+        # Load (or compile) the numba query kernels once per process, off the opening
+        # thread: a query that arrives first waits for it; opening does not.
+        threading.Thread(target=_warm_query_kernels, name="stemedb-jit-warm-up", daemon=True).start()
 
     # ------------------------------------------------------------------ setup
 
@@ -588,7 +591,8 @@ class Database:
         columns["length"] = lengths
         links = self._epoch_links_from(frames, positions, lengths, columns["kind"])
         with self._state_lock:
-            recnos = self.state.add(ids, columns, links)
+            base = self.state.count  # links carry batch positions; the index wants record numbers
+            recnos = self.state.add(ids, columns, [(base + i, superseded) for i, superseded in links])
             self._indexed_position = (segment.number, offset + len(frames))
             self._indexed_batch_seq = self._batch_seq
             for listener in self.write_listeners:
@@ -771,6 +775,42 @@ class Database:
                     continue
                 yield record
 
+    # ------------------------------------------------------------------ query
+
+    def query(self, subject: str, predicate: str | None = None, *, lens: Any = "recency",
+              lifecycle: Any = "any", epoch: Any = None, as_of: int | None = None,
+              decay: bool = False, now: int | None = None, audit: bool = False,
+              agent: Any = None) -> Any:
+        """Resolve the claims about subject (and predicate) through a lens.
+
+        Returns a Resolution, or with predicate=None a mapping predicate →
+        Resolution. See stemedb.query and docs/query.md for lenses and filters.
+        """
+        from stemedb import query as _query
+        return _query.query(self, subject, predicate, lens=lens, lifecycle=lifecycle, epoch=epoch,
+                            as_of=as_of, decay=decay, now=now, audit=audit, agent=agent)
+
+    def query_many(self, pairs: Any, **options: Any) -> list[Any]:
+        """Resolve many (subject, predicate) pairs in one call."""
+        from stemedb import query as _query
+        return _query.query_many(self, pairs, **options)
+
+    def conflicts(self, top: int | None = None, **options: Any) -> list[Any]:
+        """The disagreement dashboard: every contested pair by conflict score, highest first."""
+        from stemedb import query as _query
+        return _query.conflicts(self, top, **options)
+
+    def materialize(self, lens: Any) -> Any:
+        """A view caching the winner of every pair under `lens`, kept fresh by writes."""
+        from stemedb import query as _query
+        return _query.materialize(self, lens)
+
+    def audit(self, agent: Any = None, since: int | None = None,
+              limit: int | None = 100) -> list[dict[str, Any]]:
+        """Recorded query audits (newest first), optionally by agent and time."""
+        from stemedb import query as _query
+        return _query.audit_log(self, agent=agent, since=since, limit=limit)
+
     def stats(self) -> dict[str, Any]:
         """Counts, sizes and write metrics."""
         self._check_open()
@@ -923,6 +963,12 @@ class Writer:
 
     def put_many(self, records: Iterable[Any]) -> list[bytes]:
         return self.db._put_unsigned(list(records), self.signer)
+
+
+def _warm_query_kernels() -> None:
+    from stemedb import query
+
+    query.warm_up()
 
 
 def open(path: str | os.PathLike[str], **options: Any) -> Database:  # noqa: A001

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 
 
 class FileLayer:
@@ -84,6 +85,10 @@ class FileLayer:
 
     def remove(self, path: str) -> None:
         os.remove(path)
+
+    def remove_tree(self, path: str) -> None:
+        """Remove a directory and everything in it (old snapshots; no durability needed)."""
+        shutil.rmtree(path, ignore_errors=True)
 
     def makedirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -205,7 +204,7 @@ def write_snapshot(files: FileLayer, directory: str, arrays: dict[str, np.ndarra
     final = os.path.join(directory, name)
     temp = final + ".tmp"
     if files.exists(temp):
-        shutil.rmtree(temp)
+        files.remove_tree(temp)
     files.makedirs(temp)
     checksums = {}
     for key, array in arrays.items():
@@ -220,12 +219,12 @@ def write_snapshot(files: FileLayer, directory: str, arrays: dict[str, np.ndarra
     files.write_file(os.path.join(temp, "MANIFEST.json"), json.dumps(manifest, indent=1).encode())
     files.fsync_dir(temp)
     if files.exists(final):
-        shutil.rmtree(final)
+        files.remove_tree(final)
     files.rename(temp, final)
     files.fsync_dir(directory)
     for other in files.listdir(directory):
         if other != name and other.startswith("snapshot-"):
-            shutil.rmtree(os.path.join(directory, other), ignore_errors=True)
+            files.remove_tree(os.path.join(directory, other))
     return final
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import json
 import logging
 import math
@@ -158,22 +157,9 @@ class Service:
     def get_record(self, record_id: bytes) -> Any:
         return self.db.get(record_id)
 
-    @staticmethod
-    def _engine() -> Any:
-        """The resolution engine (stemedb.query), or None in a build without it."""
-        try:
-            from stemedb import query as engine
-        except ImportError:
-            return None
-        return engine
-
     def _query_function(self) -> Any:
-        """`db.query`, else the engine's `stemedb.query.query(db, …)`, else None."""
-        query = getattr(self.db, "query", None)
-        if query is not None:
-            return query
-        function = getattr(self._engine(), "query", None)
-        return functools.partial(function, self.db) if function is not None else None
+        """The store's `query`, or None for a store object without one."""
+        return getattr(self.db, "query", None)
 
     def query(self, subject: str, predicate: str | None, lens: str | None,
               options: dict[str, Any], agent: str | None = None) -> tuple[dict[str, Any], list[Any]]:
@@ -231,15 +217,11 @@ class Service:
         return dict(self.db.stats())
 
     def audit(self, limit: int) -> Any:
-        """The last `limit` recorded queries: `db.audit`, else the engine's `audit_log`."""
+        """The last `limit` recorded queries."""
         audit = getattr(self.db, "audit", None)
-        if audit is not None:
-            return jsonable(audit(limit=limit))
-        audit_log = getattr(self._engine(), "audit_log", None)
-        if audit_log is None:
-            raise ServiceError(_protocol.E_UNSUPPORTED,
-                               "the audit log is not available: this build has no resolution engine")
-        return jsonable(audit_log(self.db, limit=limit))
+        if audit is None:
+            raise ServiceError(_protocol.E_UNSUPPORTED, "this store keeps no audit log")
+        return jsonable(audit(limit=limit))
 
 
 def _kind_of(record: Any) -> int:

@@ -1,0 +1,97 @@
+"""Lenses: the rules that choose an answer among conflicting claims at read time.
+
+Built in (FEATURES.md §3): Recency, Confidence, Consensus, VoteConsensus,
+Authority, Skeptic, EpochAware, Layered, Constraints. A lens is named by a
+string ("recency", "vote_consensus", ...) or passed as an object with
+parameters (``EpochAware(inner=Consensus())``). Write your own by
+subclassing `Lens` (see docs/query.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stemedb.lenses.base import (
+    HALF_LIVES_DAYS,
+    SOURCE_MULTIPLIERS,
+    Candidates,
+    Context,
+    Filters,
+    Lens,
+    Outcome,
+    claims_of,
+    conflict_score,
+    pick,
+)
+from stemedb.lenses.constraints import Constraints, ConstraintsAnalysis, Rule
+from stemedb.lenses.epochs import EpochAnalysis, EpochAware
+from stemedb.lenses.layered import Layered, LayeredAnalysis, Tier
+from stemedb.lenses.simple import Confidence, Recency
+from stemedb.lenses.skeptic import (
+    AGREED,
+    CONTESTED,
+    CONTESTED_AT,
+    UNANIMOUS,
+    Claim,
+    Skeptic,
+    SkepticAnalysis,
+)
+from stemedb.lenses.weighted import Authority, Consensus, VoteConsensus
+
+__all__ = [
+    "Lens", "Candidates", "Context", "Filters", "Outcome",
+    "Recency", "Confidence", "Consensus", "VoteConsensus", "Authority", "Skeptic",
+    "EpochAware", "Layered", "Constraints",
+    "SkepticAnalysis", "Claim", "LayeredAnalysis", "Tier", "EpochAnalysis",
+    "ConstraintsAnalysis", "Rule",
+    "UNANIMOUS", "AGREED", "CONTESTED", "CONTESTED_AT",
+    "HALF_LIVES_DAYS", "SOURCE_MULTIPLIERS",
+    "claims_of", "conflict_score", "pick", "get_lens", "register", "lens_names",
+]
+
+_REGISTRY: dict[str, Any] = {}
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "").replace(" ", "")
+
+
+_BY_NAME: dict[str, Lens] = {}
+
+
+def register(name: str, factory: Any) -> None:
+    """Make `get_lens(name)` (and `db.query(..., lens=name)`) build a lens with `factory()`."""
+    _REGISTRY[_normal(name)] = (name, factory)
+    _BY_NAME.clear()
+
+
+_BUILT_IN = (Recency, Confidence, Consensus, VoteConsensus, Authority, Skeptic, EpochAware,
+             Layered, Constraints)
+for _cls in _BUILT_IN:
+    register(_cls.name, _cls)
+
+
+def lens_names() -> list[str]:
+    return [name for name, _ in _REGISTRY.values()]
+
+
+def get_lens(spec: Any) -> Lens:
+    """A Lens from a name, a Lens subclass, or a Lens (returned as is)."""
+    if isinstance(spec, Lens):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Lens):
+        return spec()
+    if isinstance(spec, str):
+        cached = _BY_NAME.get(spec)
+        if cached is not None:
+            return cached
+        found = _REGISTRY.get(_normal(spec))
+        if found is None:
+            raise ValueError(f"lens: {spec!r}, expected one of {', '.join(lens_names())} or a Lens")
+        lens = found[1]()
+        if not isinstance(lens, Lens):
+            raise TypeError(f"lens {spec!r}: its factory returned {type(lens).__name__}, not a Lens")
+        if found[1] in _BUILT_IN:
+            _BY_NAME[spec] = lens  # built-in lenses hold only parameters: one instance serves all
+        return lens
+    raise TypeError(f"lens: expected a name or a stemedb.lenses.Lens, got {type(spec).__name__}")
