@@ -1467,3 +1467,15 @@ def envelope_proofs(buffer, offsets):
             memcpy(&ev[i, 0], p + clen + 1, ID_SIZE)
             okv[i] = 1
     return envelopes, signers, ok
+
+
+def id_list(ids):
+    """The rows of an (n, 32) uint8 array as a list of 32-byte bytes objects."""
+    cdef const uint8_t[:, ::1] view = np.ascontiguousarray(ids, dtype=np.uint8)
+    cdef Py_ssize_t i, n = view.shape[0]
+    if n and view.shape[1] != ID_SIZE:
+        raise ValueError(f"ids: expected 32 bytes per row, got {view.shape[1]}")
+    cdef list out = [None] * n
+    for i in range(n):
+        out[i] = PyBytes_FromStringAndSize(<const char*>&view[i, 0], ID_SIZE)
+    return out

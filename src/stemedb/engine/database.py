@@ -1004,8 +1004,7 @@ def _envelope_list(envelope: Any) -> list[Any]:
 
 
 def _id_list(ids: np.ndarray) -> list[bytes]:
-    raw = np.ascontiguousarray(ids).tobytes()
-    return [raw[i:i + 32] for i in range(0, len(raw), 32)]
+    return list(_codec.id_list(ids))
 
 
 def _hex(value: Any) -> str:
