@@ -324,3 +324,13 @@ def test_a_damaged_or_foreign_snapshot_is_ignored_and_the_log_replayed(tmp_path)
     with stemedb.open(path) as db:
         assert "checksum mismatch" in db.recovery.snapshot_problem
         assert db.get_many([r.id for r in records]) == records
+
+
+def test_write_metrics_count_batches_writers_and_fsyncs(db):
+    db.put_many([claim(i) for i in range(10)])
+    db.put(claim(10))
+    writes = db.stats()["writes"]
+    assert writes["batches"] == 2 and writes["records_written"] == 11
+    assert writes["mean_records_per_batch"] == 5.5
+    assert writes["mean_writers_per_batch"] == 1.0 and writes["max_writers_per_batch"] == 1
+    assert writes["fsyncs"] == 2 and sum(writes["fsync_histogram_ms"].values()) == 2

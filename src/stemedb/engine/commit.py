@@ -63,6 +63,7 @@ class Metrics:
         self.fsync_seconds = 0.0
         self.fsync_histogram = [0] * len(self.BUCKETS_MS)
         self.batch_writers_max = 0
+        self.writers_committed = 0          # writers served by batches that wrote something
         self.batch_records_max = 0
         self.write_errors = 0
 
@@ -83,7 +84,8 @@ class Metrics:
             "fsyncs": self.fsyncs,
             "fsync_mean_ms": 1000 * self.fsync_seconds / self.fsyncs if self.fsyncs else 0.0,
             "fsync_histogram_ms": {str(b): c for b, c in zip(self.BUCKETS_MS, self.fsync_histogram)},
-            "mean_writers_per_batch": None,
+            "mean_writers_per_batch": self.writers_committed / self.batches if self.batches else 0.0,
+            "mean_records_per_batch": self.records_written / self.batches if self.batches else 0.0,
             "max_writers_per_batch": self.batch_writers_max,
             "max_records_per_batch": self.batch_records_max,
             "write_errors": self.write_errors,

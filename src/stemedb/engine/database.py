@@ -500,6 +500,7 @@ class Database:
                 return
             blob, offsets, ids = _select(blob, offsets, ids, keep)
         self.metrics.batch_writers_max = max(self.metrics.batch_writers_max, len(group))
+        self.metrics.writers_committed += len(group)
         self.metrics.batch_records_max = max(self.metrics.batch_records_max, len(ids))
         self._append_durably(blob, offsets, ids)
 
