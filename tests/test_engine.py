@@ -334,3 +334,16 @@ def test_write_metrics_count_batches_writers_and_fsyncs(db):
     assert writes["mean_records_per_batch"] == 5.5
     assert writes["mean_writers_per_batch"] == 1.0 and writes["max_writers_per_batch"] == 1
     assert writes["fsyncs"] == 2 and sum(writes["fsync_histogram_ms"].values()) == 2
+
+
+def test_vote_and_epoch_conveniences(db):
+    target = claim(1)
+    db.put(target)
+    vote = Vote(target, 1.0, timestamp=2).sign(OTHER)
+    epoch = Epoch("2025", timestamp=3).sign(SIGNER)
+    assert db.vote(vote) == vote.id and db.get(vote.id) == vote
+    assert db.epoch(epoch) == epoch.id and db.get(epoch.id) == epoch
+    with pytest.raises(stemedb.InvalidRecord, match="vote: expected a stemedb.Vote, got Epoch"):
+        db.vote(epoch)
+    with pytest.raises(stemedb.InvalidRecord, match="epoch: expected a stemedb.Epoch, got Assertion"):
+        db.epoch(target)

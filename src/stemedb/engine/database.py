@@ -46,7 +46,7 @@ from stemedb.errors import (
     StemeError,
     StorageFull,
 )
-from stemedb.records import Envelope, Signer
+from stemedb.records import Envelope, Epoch, Signer, Vote
 
 DURABILITY_MODES = ("sync", "batch", "none")
 KIND_NAMES = {1: "assertion", 2: "vote", 3: "epoch", 4: "envelope"}
@@ -336,6 +336,18 @@ class Database:
             blob, offsets, ids = _concat([env_blob, blob], [env_offsets, offsets], [env_ids, ids])
         self._commit.submit(Pending(blob=blob, offsets=offsets, ids=ids))
         return _id_list(ids[len(envelopes):])
+
+    def vote(self, vote: Any) -> bytes:
+        """Store a signed Vote (the same as put, refusing any other kind); returns its ID."""
+        if not isinstance(vote, Vote):
+            raise InvalidRecord(f"vote: expected a stemedb.Vote, got {type(vote).__name__}")
+        return self.put(vote)
+
+    def epoch(self, epoch: Any) -> bytes:
+        """Store a signed Epoch (the same as put, refusing any other kind); returns its ID."""
+        if not isinstance(epoch, Epoch):
+            raise InvalidRecord(f"epoch: expected a stemedb.Epoch, got {type(epoch).__name__}")
+        return self.put(epoch)
 
     def put_encoded(self, blob: bytes, offsets: np.ndarray) -> np.ndarray:
         """Store already-encoded records (e.g. from the network); returns their IDs (n, 32).
