@@ -711,23 +711,15 @@ class Database:
         array = _id_array(ids)
         with self._state_lock:
             rows = self.state.lookup_many(array)
-            cols = self.state.columns
-            blob, offsets, bad = _segment.gather(
-                [s.buffer for s in self.log.segments], cols.arrays["location"], cols.arrays["length"], rows)
-        if bad:
-            index, seg, offset = bad[0]
-            path = self.log.segments[seg].path
-            raise CorruptionError(
-                f"{path} at offset {offset}: record {_hex(bytes(array[index]))} fails its checksum; "
-                "it is not served (restore it from a replica or backup)", path=path, offset=offset)
+            blob, offsets = self._gather(rows, lambda i: f"record {_hex(bytes(array[i]))}")
         return blob, offsets, rows
 
-    def records_at(self, rows: Any) -> list[Any]:
-        """Decode the records with these record numbers (checksums checked)."""
-        self._check_open()
-        rows = np.asarray(rows, dtype=np.int64)
-        if not len(rows):
-            return []
+    def _gather(self, rows: np.ndarray, what: Any = None) -> tuple[bytes, np.ndarray]:
+        """The stored bytes of record numbers `rows` (absent: -1, empty slice), CRC-checked.
+
+        Raises CorruptionError naming file and offset for the first damaged frame;
+        `what(i)` names the record asked for at position i in the message.
+        """
         with self._state_lock:
             cols = self.state.columns
             blob, offsets, bad = _segment.gather(
@@ -735,8 +727,19 @@ class Database:
         if bad:
             index, seg, offset = bad[0]
             path = self.log.segments[seg].path
-            raise CorruptionError(f"{path} at offset {offset}: record fails its checksum; not served",
-                                  path=path, offset=offset)
+            name = what(index) if what is not None else "record"
+            raise CorruptionError(
+                f"{path} at offset {offset}: {name} fails its checksum; it is not served "
+                "(restore it from a replica or backup)", path=path, offset=offset)
+        return blob, offsets
+
+    def records_at(self, rows: Any) -> list[Any]:
+        """Decode the records with these record numbers (checksums checked)."""
+        self._check_open()
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return []
+        blob, offsets = self._gather(rows)
         return list(_codec.decode_many(blob, offsets))
 
     def contains(self, record_id: bytes) -> bool:
@@ -771,15 +774,7 @@ class Database:
                 rows = rows[self.state.columns.arrays["kind"][rows] == codes[kind]]
         for start in range(0, len(rows), 4096):
             chunk = np.asarray(rows[start:start + 4096], dtype=np.int64)
-            with self._state_lock:
-                blob, offsets, bad = _segment.gather(
-                    [s.buffer for s in self.log.segments], self.state.columns.arrays["location"],
-                    self.state.columns.arrays["length"], chunk)
-            if bad:
-                index, seg, offset = bad[0]
-                path = self.log.segments[seg].path
-                raise CorruptionError(f"{path} at offset {offset}: record fails its checksum",
-                                      path=path, offset=offset)
+            blob, offsets = self._gather(chunk)
             for record in _codec.decode_many(blob, offsets):
                 # Posting keys are 64-bit hashes: confirm the match on the record itself.
                 if subject is not None and getattr(record, "subject", None) != subject:
