@@ -20,7 +20,7 @@ LINK = ["-fsanitize=address"] if MODE == "asan" else []
 MODULES = {
     "_hash": ["ext/stemedb/_hash.pyx", "ext/stemedb/blake3_impl.c"],
     "_codec": ["ext/stemedb/_codec.pyx", "ext/stemedb/blake3_impl.c"],
-    "_index": ["ext/stemedb/_index.pyx", "ext/stemedb/blake3_impl.c"],
+    "_index": ["ext/stemedb/_index.pyx"],
     "_segment": ["ext/stemedb/_segment.pyx", "ext/stemedb/blake3_impl.c"],
     "_protocol": ["ext/stemedb/_protocol.pyx"],
 }

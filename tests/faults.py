@@ -219,13 +219,6 @@ class FaultyFiles(FileLayer):
             self._leave("open", number)
             return fd
 
-    def open_readonly(self, path: str) -> int:
-        with self._lock:
-            number, _ = self._enter("open_readonly", path)
-            fd = super().open_readonly(path)
-            self._leave("open_readonly", number)
-            return fd
-
     def close(self, fd: int) -> None:
         with self._lock:
             number, _ = self._enter("close", self._paths.get(fd))

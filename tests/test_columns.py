@@ -48,3 +48,25 @@ def test_equal_objects_share_an_object_key_and_different_ones_do_not():
 
 def test_pair_key_separates_subject_and_predicate_boundaries():
     assert _codec.pair_key("ab", "c") != _codec.pair_key("a", "bc")
+
+
+# Pinned values: keys are persisted in snapshots, so these must never change.
+# Each is also recomputed from the `blake3` package (first 8 bytes, little-endian).
+GOLDEN_KEYS = [
+    ("", 0xA6A1F9F5B94913AF),
+    ("abc", 0x33514638ACB33764),
+    ("subject", 0x682E2AD04E72B4FA),
+    ("ünïcode predicate", 0x331DF9AC85F2B75D),
+    ("x" * 5000, 0x93BAB55ECD12B752),
+]
+
+
+def test_keys_are_pinned_blake3_prefixes():
+    import blake3
+
+    for text, expected in GOLDEN_KEYS:
+        assert int.from_bytes(blake3.blake3(text.encode()).digest()[:8], "little") == expected
+        assert _codec.subject_key(text) == expected
+        assert _codec.predicate_key(text) == expected
+    record_id = bytes(range(32))
+    assert _codec.id_key(record_id) == int.from_bytes(record_id[:8], "little")

@@ -1,4 +1,4 @@
-"""stemedb._index against Python dict models: IdIndex, PostingIndex, hash64.
+"""stemedb._index against Python dict models: IdIndex, PostingIndex.
 
 Random content comes from SEED (override with STEMEDB_TEST_SEED=<int>); every
 assertion that depends on it names the seed, so a failure can be replayed.
@@ -10,7 +10,6 @@ import os
 import threading
 from collections import defaultdict
 
-import blake3
 import numpy as np
 import pytest
 from hypothesis import given
@@ -417,44 +416,3 @@ def test_posting_index_from_state_rejects_damage():
         damaged.get(5)
 
 
-# ----------------------------------------------------------------------------
-# hash64
-
-# Pinned values: hash64 is persisted, so these must never change. They are
-# also recomputed from the `blake3` package below.
-GOLDEN = [
-    (b"", 0xA6A1F9F5B94913AF),
-    (b"abc", 0x33514638ACB33764),
-    (b"subject", 0x682E2AD04E72B4FA),
-    ("ünïcode predicate".encode(), 0x331DF9AC85F2B75D),
-    (bytes(range(256)), 0x8E746124A45B494A),
-    (b"x" * 5000, 0x93BAB55ECD12B752),
-]
-
-
-def reference_hash64(data: bytes) -> int:
-    return int.from_bytes(blake3.blake3(data).digest()[:8], "little")
-
-
-@pytest.mark.parametrize(("data", "expected"), GOLDEN)
-def test_hash64_golden_values(data, expected):
-    assert reference_hash64(data) == expected
-    assert _index.hash64(data) == expected
-    assert _index.hash64(bytearray(data)) == expected
-    assert _index.hash64(memoryview(data)) == expected
-
-
-def test_hash64_many_matches_reference():
-    rng = rng_for("hash64")
-    lengths = [int(n) for n in rng.integers(0, 2000, 700)] + [0, 1, 64, 1024, 1025, 5000]
-    items = [rng.bytes(n) for n in lengths]
-    offsets = np.zeros(len(items) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    keys = _index.hash64_many(b"".join(items), offsets)
-    assert keys.dtype == np.uint64
-    assert keys.tolist() == [reference_hash64(item) for item in items], f"seed {SEED}"
-    assert _index.hash64_many(b"", [0]).shape == (0,)
-    assert _index.hash64_many(b"", []).shape == (0,)
-    for bad in ([0, 5], [2, 1], [-1, 0]):
-        with pytest.raises(ValueError):
-            _index.hash64_many(b"abcd", bad)

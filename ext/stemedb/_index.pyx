@@ -3,8 +3,7 @@
 Owns: IdIndex, the table from a 32-byte record ID to its record number;
 PostingIndex, the multi-map from a uint64 key to the ascending record numbers
 that have it (posting lists by subject, (subject, predicate), predicate,
-signer, votes-by-assertion); hash64, the 64-bit key of a byte string; and the
-layout of the arrays that state() returns and from_state() accepts.
+signer, votes-by-assertion); and the layout of the arrays that state() returns and from_state() accepts.
 
 Record numbers are dense uint32 in append order; NO_RECORD (0xFFFFFFFF) means
 "none" and is never a record number. Everything lives in numpy arrays, a few
@@ -14,20 +13,18 @@ runs without the GIL.
 Must never: read or write files (the engine persists state() itself,
 atomically), keep a copy of the full IDs (they stay in the engine's ID column
 and are passed in as `all_ids`), trust an 8-byte key match without comparing
-the full 32-byte ID, or change what hash64 returns for a given input (its
-values are stored on disk and exchanged).
+the full 32-byte ID, or compute keys (the keys of byte strings are
+_codec's: subject_key, pair_key, ...).
 
 Threads: any number of concurrent readers (lookups, get) is fine; a call that
 changes an index needs it to itself, and raises RuntimeError instead of
 corrupting it when it does not have it. The engine serialises its writers.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp
 
-from stemedb._hash cimport stm_blake3, stm_blake3_many
 
 import numpy as np
 
@@ -77,8 +74,6 @@ cdef enum:
     CHAINS = 16
     # How far ahead PostingIndex.add_many prefetches the table row of a key.
     AHEAD = 8
-    # Records hashed per stm_blake3_many call by hash64_many (fills its SIMD lanes).
-    HASH_WINDOW = 256
 
 # Both tables grow x2 when an insertion would pass 3/4 full. Linear probing
 # stays short at 3/4 (about 2.5 slots for a hit, 8.5 for a miss, and 8 IdIndex
@@ -1022,77 +1017,3 @@ cdef class PostingIndex(_Guarded):
         index._entries = entries
         index._last = last
         return index
-
-
-# ----------------------------------------------------------------------------
-# hash64: the key of a byte string in the posting indexes.
-
-def hash64(data):
-    """Stable 64-bit key of a byte string: the first 8 bytes, little-endian,
-    of BLAKE3-256(data).
-
-    Defined by BLAKE3 rather than a faster non-cryptographic hash because the
-    keys are persisted and exchanged: BLAKE3 is specified, the same on every
-    machine and version, and checked against the `blake3` package.
-    """
-    cdef Py_buffer view
-    cdef uint8_t digest[ID_SIZE]
-    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-    try:
-        with nogil:
-            stm_blake3(<const uint8_t *>view.buf, <size_t>view.len, digest)
-    finally:
-        PyBuffer_Release(&view)
-    return _le64(digest)
-
-
-def hash64_many(buffer, offsets):
-    """uint64 array: hash64(buffer[offsets[i]:offsets[i+1]]) for each i.
-
-    offsets are n+1 non-decreasing integers within [0, len(buffer)].
-    """
-    arr = np.asarray(offsets)
-    if arr.ndim != 1:
-        raise ValueError(f"offsets must be one-dimensional, not {arr.ndim}-dimensional")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise TypeError(f"offsets must be integers, not {arr.dtype}")
-    cdef const int64_t[::1] off = np.ascontiguousarray(arr, dtype=np.int64)
-    cdef Py_ssize_t count = off.shape[0]
-    cdef Py_ssize_t n = count - 1 if count > 0 else 0
-    out = np.empty(n, dtype=np.uint64)
-    cdef uint64_t[::1] keys = out
-    cdef Py_buffer view
-    cdef Py_ssize_t i, bad = -1
-    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
-    try:
-        for i in range(count):
-            if off[i] < 0 or off[i] > view.len or (i > 0 and off[i] < off[i - 1]):
-                bad = i
-                break
-        if bad >= 0:
-            raise ValueError(f"offsets[{bad}] = {off[bad]} is outside the buffer of "
-                             f"{view.len} bytes or below the offset before it")
-        if n:
-            with nogil:
-                _hash64_range(<const uint8_t *>view.buf, &off[0], n, &keys[0])
-    finally:
-        PyBuffer_Release(&view)
-    return out
-
-
-cdef void _hash64_range(const uint8_t *buf, const int64_t *offsets, Py_ssize_t n,
-                        uint64_t *keys) noexcept nogil:
-    cdef const uint8_t *ptrs[HASH_WINDOW]
-    cdef size_t lens[HASH_WINDOW]
-    cdef uint8_t digests[HASH_WINDOW * ID_SIZE]
-    cdef Py_ssize_t base, j, m
-    base = 0
-    while base < n:
-        m = min(<Py_ssize_t>HASH_WINDOW, n - base)
-        for j in range(m):
-            ptrs[j] = buf + offsets[base + j]
-            lens[j] = <size_t>(offsets[base + j + 1] - offsets[base + j])
-        stm_blake3_many(ptrs, lens, <size_t>m, digests)
-        for j in range(m):
-            keys[base + j] = _le64(digests + j * ID_SIZE)
-        base += HASH_WINDOW

@@ -311,21 +311,6 @@ def last_nonzero(buffer, Py_ssize_t start, Py_ssize_t end):
     return pos
 
 
-def read_id(buffer, Py_ssize_t frame_position):
-    """The 32-byte ID stored in the record frame at frame_position."""
-    cdef const uint8_t[::1] view = buffer
-    return PyBytes_FromStringAndSize(<const char*>&view[frame_position + 16], 32)
-
-
-def frame_ok(buffer, Py_ssize_t position):
-    """True when a valid record or batch frame starts at `position`."""
-    cdef const uint8_t[::1] view = buffer
-    cdef uint32_t length
-    if position < 0 or position >= view.shape[0]:
-        return False
-    return check_frame(&view[0], position, view.shape[0], &length) == 1
-
-
 def gather(list buffers, locations, lengths, rows):
     """Copy the payloads of record numbers `rows` into one blob, checking each frame.
 

@@ -101,7 +101,6 @@ class GroupCommit:
         self._queue: list[Pending] = []
         self._leader_active = False
         self.failure: DurabilityError | None = None
-        self.writers_served = 0
 
     def poison(self, error: DurabilityError) -> None:
         with self._lock:
@@ -155,12 +154,7 @@ class GroupCommit:
                 error = None  # type: ignore[assignment]
             except BaseException as exc:  # delivered to every writer of the batch
                 error = exc
-        self.writers_served += len(group)
         for pending in group:
             if error is not None and pending.error is None:
                 pending.error = error
             pending.done = True
-
-    def pending_count(self) -> int:
-        with self._lock:
-            return len(self._queue)

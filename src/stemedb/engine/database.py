@@ -349,23 +349,6 @@ class Database:
             raise InvalidRecord(f"epoch: expected a stemedb.Epoch, got {type(epoch).__name__}")
         return self.put(epoch)
 
-    def put_encoded(self, blob: bytes, offsets: np.ndarray) -> np.ndarray:
-        """Store already-encoded records (e.g. from the network); returns their IDs (n, 32).
-
-        The bytes are decoded and verified exactly as put_many would.
-        """
-        records = _codec.decode_many(blob, offsets)
-        envelopes = [r for r in records if isinstance(r, Envelope)]
-        members = [r for r in records if not isinstance(r, Envelope)]
-        out = []
-        for env in envelopes:
-            mine = [m for m in members if m.envelope == env.id]
-            out.extend(self.put_many(mine, envelope=env))
-        rest = [m for m in members if m.envelope is None or m.envelope not in {e.id for e in envelopes}]
-        if rest:
-            out.extend(self.put_many(rest))
-        return _codec.ids_of(records)
-
     def writer(self, signer: Signer) -> Writer:
         """A thread-safe writer that signs each group-commit batch with one envelope."""
         if not isinstance(signer, Signer):

@@ -27,9 +27,6 @@ class FileLayer:
             flags |= os.O_CREAT | os.O_EXCL
         return os.open(path, flags, 0o644)
 
-    def open_readonly(self, path: str) -> int:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
     def close(self, fd: int) -> None:
         os.close(fd)
 
