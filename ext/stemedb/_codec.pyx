@@ -1408,35 +1408,6 @@ def extract_columns(buffer, positions, lengths):
     return out
 
 
-def check_members(buffer, offsets, bytes envelope_id, bytes signer_key):
-    """Index of the first record in the batch that is not an envelope member of
-    `signer_key` proven by `envelope_id` (one signer, that key, envelope proof),
-    or -1 when all are. The membership of the IDs is checked by the caller.
-    """
-    cdef const uint8_t[::1] view = buffer
-    cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
-    cdef Py_ssize_t i, n = offs.shape[0] - 1, length
-    cdef uint32_t clen
-    cdef const uint8_t* p
-    cdef const uint8_t* env = <const uint8_t*>PyBytes_AS_STRING(envelope_id)
-    cdef const uint8_t* key = <const uint8_t*>PyBytes_AS_STRING(signer_key)
-    if len(envelope_id) != ID_SIZE or len(signer_key) != KEY_SIZE:
-        raise ValueError("envelope_id and signer_key must be 32 bytes")
-    for i in range(n):
-        p = &view[0] + offs[i]
-        length = offs[i + 1] - offs[i]
-        if length < HEADER_SIZE + 1 + KEY_SIZE + 1 + ID_SIZE:
-            return i
-        clen = get_u32(p + 2)
-        if clen + 1 + ID_SIZE != length or p[HEADER_SIZE] != 1:
-            return i
-        if memcmp(p + HEADER_SIZE + 1, key, KEY_SIZE) != 0:
-            return i
-        if p[clen] != PROOF_ENVELOPE or memcmp(p + clen + 1, env, ID_SIZE) != 0:
-            return i
-    return -1
-
-
 def envelope_proofs(buffer, offsets):
     """For each record: (envelope ID, its single signer key, ok flag) as arrays.
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from stemedb import _codec, _index, _segment
+from stemedb import _codec, _segment
 from stemedb.engine.commit import GroupCommit, Metrics, Pending
 from stemedb.engine.files import FileLayer
 from stemedb.engine.segments import DEFAULT_SEGMENT_SIZE, Segment, SegmentLog
@@ -46,7 +46,7 @@ from stemedb.errors import (
     StemeError,
     StorageFull,
 )
-from stemedb.records import Envelope, Epoch, Signer, Vote
+from stemedb.records import Envelope, Epoch, Signer, Vote, check_envelope_members
 
 DURABILITY_MODES = ("sync", "batch", "none")
 KIND_NAMES = {1: "assertion", 2: "vote", 3: "epoch", 4: "envelope"}
@@ -367,11 +367,8 @@ class Database:
 
     def _verify(self, records: list[Any], blob: bytes, offsets: np.ndarray, ids: np.ndarray,
                 envelopes: list[Envelope]) -> None:
-        if len(envelopes) == 1:
-            self._verify_envelope_batch(envelopes[0], blob, offsets, ids, None)
-            return
         if envelopes:
-            self._verify_envelope_batches(envelopes, blob, offsets, ids)
+            check_envelope_members(envelopes, blob, offsets, ids, verify=self._verify_envelopes)
             return
         individually: list[int] = []
         for index, record in enumerate(records):
@@ -390,65 +387,13 @@ class Database:
         for future in futures:
             future.result()
 
-    def _verify_envelope_batches(self, envelopes: list[Envelope], blob: bytes,
-                                 offsets: np.ndarray, ids: np.ndarray) -> None:
-        """Many envelopes in one batch: signatures on the pool, membership vectorised."""
-        for env in envelopes:
-            if not isinstance(env, Envelope):
-                raise SignatureError(f"envelope: expected a stemedb.Envelope, got {type(env).__name__}")
+    def _verify_envelopes(self, envelopes: Sequence[Envelope]) -> None:
+        """The envelopes' own signatures, on the verification pool when there are several."""
+        if len(envelopes) == 1:
+            envelopes[0].verify()
+            return
         for future in [self._verify_pool.submit(env.verify) for env in envelopes]:
             future.result()
-        env_ids = _codec.ids_of(envelopes)
-        claimed, signers, single = _codec.envelope_proofs(blob, offsets)
-        if not single.all():
-            first = int(np.argmin(single))
-            raise SignatureError(f"records[{first}]: not proven by an envelope of its single signer")
-        env_table = _index.IdIndex(capacity=2 * len(envelopes))
-        env_table.insert_many(env_ids, np.arange(len(envelopes), dtype=np.uint32), env_ids)
-        owner = env_table.lookup_many(claimed, env_ids)
-        if (owner < 0).any():
-            first = int(np.argmax(owner < 0))
-            raise SignatureError(
-                f"records[{first}]: not proven by any of the {len(envelopes)} envelopes given")
-        env_signers = np.frombuffer(b"".join(e.signer for e in envelopes), dtype=np.uint8).reshape(-1, 32)
-        wrong_signer = (env_signers[owner] != signers).any(axis=1)
-        if wrong_signer.any():
-            first = int(np.argmax(wrong_signer))
-            raise SignatureError(f"records[{first}]: its signer is not its envelope's signer")
-        listed = np.concatenate([e.member_array() for e in envelopes])
-        listed_by = np.repeat(np.arange(len(envelopes)), [e.member_count for e in envelopes])
-        member_table = _index.IdIndex(capacity=2 * len(listed))
-        member_table.insert_many(listed, np.arange(len(listed), dtype=np.uint32), listed)
-        row = member_table.lookup_many(ids, listed)
-        ok = (row >= 0) & (listed_by[np.maximum(row, 0)] == owner)
-        for index in np.nonzero(~ok)[0]:  # rare: absent, or listed in several envelopes
-            envelope = envelopes[int(owner[index])]
-            if bytes(ids[index]) not in set(envelope.members):
-                raise SignatureError(
-                    f"records[{index}] ({bytes(ids[index]).hex()}): not listed in its envelope")
-
-    @staticmethod
-    def _verify_envelope_batch(envelope: Envelope, blob: bytes, offsets: np.ndarray, ids: np.ndarray,
-                               positions: np.ndarray | None) -> None:
-        """One signature check, then membership of every record (vectorised)."""
-        if not isinstance(envelope, Envelope):
-            raise SignatureError(f"envelope: expected a stemedb.Envelope, got {type(envelope).__name__}")
-        envelope.verify()
-
-        def position(i: int) -> int:
-            return int(positions[i]) if positions is not None else i
-
-        bad = _codec.check_members(blob, offsets, envelope.id, envelope.signer)
-        if bad >= 0:
-            raise SignatureError(
-                f"records[{position(bad)}]: not a member of envelope {envelope.id.hex()} by its signer")
-        listed = envelope.member_array()
-        if not (listed.shape == ids.shape and np.array_equal(listed, ids)):
-            found = np.isin(_rows(ids), _rows(listed))
-            if not found.all():
-                first = int(np.argmin(found))
-                raise SignatureError(
-                    f"records[{position(first)}] ({bytes(ids[first]).hex()}): not listed in the envelope")
 
     def _verify_stored_envelope(self, index: int, record: Any, record_id: bytes) -> None:
         try:
