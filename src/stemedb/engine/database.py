@@ -86,7 +86,7 @@ class Database:
         path: str | os.PathLike[str],
         *,
         durability: str = "sync",
-        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        segment_size: int | None = None,
         batch_interval_ms: float = 10.0,
         snapshot_every: int = 1_000_000,
         files: FileLayer | None = None,
@@ -96,6 +96,8 @@ class Database:
             raise ValueError(f"durability: {durability!r}, expected one of {', '.join(DURABILITY_MODES)}")
         self.path = os.fspath(path)
         self.durability = durability
+        if segment_size is None:
+            segment_size = _default_segment_size()
         self.files = files or FileLayer()
         self.batch_interval = batch_interval_ms / 1000.0
         self.snapshot_every = snapshot_every
@@ -905,6 +907,17 @@ def _warm_query_kernels() -> None:
     from stemedb import query
 
     query.warm_up()
+
+
+def _default_segment_size() -> int:
+    """Segment size for a new store: STEMEDB_SEGMENT_SIZE (bytes) if set, else 64 MiB."""
+    text = os.environ.get("STEMEDB_SEGMENT_SIZE")
+    if not text:
+        return DEFAULT_SEGMENT_SIZE
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"STEMEDB_SEGMENT_SIZE: {text!r} is not a whole number of bytes") from None
 
 
 def open(path: str | os.PathLike[str], **options: Any) -> Database:  # noqa: A001
