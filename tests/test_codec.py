@@ -209,3 +209,16 @@ def test_limits_match_the_format_document():
         assert getattr(_codec, name) == value, name
         assert name in rows, f"{name} missing from the limits table of docs/format.md"
         assert f"{value:,}" in rows[name], f"{name}: docs/format.md disagrees with the code"
+
+
+def test_byte_order_is_written_once_in_the_shared_pxd():
+    import pathlib
+    import re
+
+    ext = pathlib.Path(__file__).parent.parent / "ext" / "stemedb"
+    helper = re.compile(r"^cdef inline \S+ (?:get|put)_[uf]\d+\(", re.M)
+    shared = helper.findall((ext / "_bytes.pxd").read_text())
+    assert len(shared) == 11  # put and get of u8 (put only), u16, u32, u64, f32, f64
+    for source in sorted(ext.glob("*.pyx")):
+        assert not helper.search(source.read_text()), f"{source.name} defines its own byte helpers"
+

@@ -16,6 +16,8 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
+from stemedb._bytes cimport (get_f32, get_f64, get_u16, get_u32, get_u64, put_f32, put_f64, put_u8,
+                             put_u16, put_u32, put_u64)
 from stemedb._hash cimport stm_blake3, stm_blake3_many
 
 import time
@@ -53,62 +55,6 @@ def register_class(int kind, cls):
     """Make `decode` build instances of `cls` for records of `kind`."""
     _classes[kind] = cls
 
-
-# ----------------------------------------------------------------------------
-# Byte order lives here and only here: every integer and float is little-endian.
-
-cdef inline uint8_t* put_u8(uint8_t* p, uint8_t v) noexcept nogil:
-    p[0] = v
-    return p + 1
-
-cdef inline uint8_t* put_u16(uint8_t* p, uint16_t v) noexcept nogil:
-    p[0] = <uint8_t>v
-    p[1] = <uint8_t>(v >> 8)
-    return p + 2
-
-cdef inline uint8_t* put_u32(uint8_t* p, uint32_t v) noexcept nogil:
-    p[0] = <uint8_t>v
-    p[1] = <uint8_t>(v >> 8)
-    p[2] = <uint8_t>(v >> 16)
-    p[3] = <uint8_t>(v >> 24)
-    return p + 4
-
-cdef inline uint8_t* put_u64(uint8_t* p, uint64_t v) noexcept nogil:
-    put_u32(p, <uint32_t>v)
-    put_u32(p + 4, <uint32_t>(v >> 32))
-    return p + 8
-
-cdef inline uint8_t* put_f32(uint8_t* p, float v) noexcept nogil:
-    cdef uint32_t bits
-    memcpy(&bits, &v, 4)
-    return put_u32(p, bits)
-
-cdef inline uint8_t* put_f64(uint8_t* p, double v) noexcept nogil:
-    cdef uint64_t bits
-    memcpy(&bits, &v, 8)
-    return put_u64(p, bits)
-
-cdef inline uint16_t get_u16(const uint8_t* p) noexcept nogil:
-    return <uint16_t>p[0] | (<uint16_t>p[1] << 8)
-
-cdef inline uint32_t get_u32(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
-            | (<uint32_t>p[3] << 24))
-
-cdef inline uint64_t get_u64(const uint8_t* p) noexcept nogil:
-    return <uint64_t>get_u32(p) | (<uint64_t>get_u32(p + 4) << 32)
-
-cdef inline float get_f32(const uint8_t* p) noexcept nogil:
-    cdef uint32_t bits = get_u32(p)
-    cdef float v
-    memcpy(&v, &bits, 4)
-    return v
-
-cdef inline double get_f64(const uint8_t* p) noexcept nogil:
-    cdef uint64_t bits = get_u64(p)
-    cdef double v
-    memcpy(&v, &bits, 8)
-    return v
 
 cdef inline uint8_t* put_blob(uint8_t* p, bytes b) noexcept:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(b)

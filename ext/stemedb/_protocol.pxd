@@ -1,7 +1,7 @@
 # Header of the wire-protocol codec (docs/protocol.md).
 #
 # Every byte the server and the clients exchange is parsed here, through the
-# bounds-checked Cursor, and written here; byte order lives in this module
+# bounds-checked Cursor, and written here; byte order lives in _bytes.pxd
 # (little-endian, like docs/format.md).
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t

@@ -17,6 +17,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
+from stemedb._bytes cimport get_u16, get_u32, put_u16, put_u32
+
 import numpy as np
 
 from stemedb.errors import ProtocolError
@@ -139,27 +141,6 @@ cdef inline bint known_request(int opcode) noexcept:
 def is_request_opcode(int opcode):
     """True for an opcode a client may send (docs/protocol.md, "Opcodes")."""
     return known_request(opcode)
-
-
-# ----------------------------------------------------------------------------
-# Byte order lives here and only here: little-endian.
-
-cdef inline void put_u16(uint8_t* p, uint16_t v) noexcept nogil:
-    p[0] = <uint8_t>v
-    p[1] = <uint8_t>(v >> 8)
-
-cdef inline void put_u32(uint8_t* p, uint32_t v) noexcept nogil:
-    p[0] = <uint8_t>v
-    p[1] = <uint8_t>(v >> 8)
-    p[2] = <uint8_t>(v >> 16)
-    p[3] = <uint8_t>(v >> 24)
-
-cdef inline uint16_t get_u16(const uint8_t* p) noexcept nogil:
-    return <uint16_t>p[0] | (<uint16_t>p[1] << 8)
-
-cdef inline uint32_t get_u32(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
-            | (<uint32_t>p[3] << 24))
 
 
 # ----------------------------------------------------------------------------

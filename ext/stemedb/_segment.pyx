@@ -27,22 +27,8 @@ CLEAN = STOP_CLEAN
 BAD = STOP_BAD
 
 
-cdef inline void put_u32(uint8_t* p, uint32_t v) noexcept nogil:
-    p[0] = <uint8_t>v
-    p[1] = <uint8_t>(v >> 8)
-    p[2] = <uint8_t>(v >> 16)
-    p[3] = <uint8_t>(v >> 24)
-
-cdef inline void put_u64(uint8_t* p, uint64_t v) noexcept nogil:
-    put_u32(p, <uint32_t>v)
-    put_u32(p + 4, <uint32_t>(v >> 32))
-
-cdef inline uint32_t get_u32(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
-            | (<uint32_t>p[3] << 24))
-
-cdef inline uint64_t get_u64(const uint8_t* p) noexcept nogil:
-    return <uint64_t>get_u32(p) | (<uint64_t>get_u32(p + 4) << 32)
+# Byte order: stemedb/_bytes.pxd, shared with the record and wire codecs.
+from stemedb._bytes cimport get_u32, get_u64, put_u32, put_u64
 
 cdef inline Py_ssize_t aligned(Py_ssize_t n) noexcept nogil:
     return (n + FRAME_ALIGN - 1) & ~(<Py_ssize_t>FRAME_ALIGN - 1)
