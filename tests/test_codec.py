@@ -222,3 +222,17 @@ def test_byte_order_is_written_once_in_the_shared_pxd():
     for source in sorted(ext.glob("*.pyx")):
         assert not helper.search(source.read_text()), f"{source.name} defines its own byte helpers"
 
+
+def test_reference_is_an_independent_reading_that_agrees_on_the_kinds():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(reference))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names}
+    modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "stemedb._codec" not in modules and "_codec" not in imported
+    assert "RecordKind" not in imported
+    assert (reference.KIND_ASSERTION, reference.KIND_VOTE, reference.KIND_EPOCH,
+            reference.KIND_ENVELOPE) == tuple(stemedb.RecordKind)
+

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from strategies import any_record
 
 import stemedb
-from stemedb import _codec
+from stemedb import RecordKind, _codec
 
 
 @given(st.lists(any_record, min_size=1, max_size=15))
@@ -16,12 +16,12 @@ def test_columns_match_record_fields(records):
     blob, offsets, _ = stemedb.encode_many(records)
     columns = _codec.extract_columns(blob, offsets[:-1], np.diff(offsets))
     for i, record in enumerate(records):
-        kind = {"Assertion": 1, "Vote": 2, "Epoch": 3, "Envelope": 4}[type(record).__name__]
+        kind = RecordKind[type(record).__name__.upper()]
         assert columns["kind"][i] == kind
         assert columns["timestamp"][i] == record.timestamp
         signer = int.from_bytes(record.signers[0][:8], "little") if record.signers else 0
         assert columns["signer"][i] == signer
-        if kind == 1:
+        if kind == RecordKind.ASSERTION:
             assert columns["subject"][i] == _codec.subject_key(record.subject)
             assert columns["predicate"][i] == _codec.predicate_key(record.predicate)
             assert columns["pair"][i] == _codec.pair_key(record.subject, record.predicate)
@@ -32,7 +32,7 @@ def test_columns_match_record_fields(records):
             assert columns["epoch"][i] == epoch
         else:
             assert columns["subject"][i] == 0 and columns["source_class"][i] == 255
-        if kind == 2:
+        if kind == RecordKind.VOTE:
             assert columns["target"][i] == _codec.id_key(record.assertion_id)
             assert columns["confidence"][i] == np.float32(record.weight)
 

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import enum
 import math
+import pathlib
+import re
 import time
 
+import numpy as np
 import pytest
 
 import stemedb
-from stemedb import Assertion, Envelope, Epoch, Lifecycle, Ref, SourceClass, Vote
+from stemedb import (
+    Assertion,
+    Envelope,
+    Epoch,
+    Lifecycle,
+    RecordKind,
+    Ref,
+    SourceClass,
+    Vote,
+    _codec,
+)
 
 
 def test_object_values_map_from_python():
@@ -161,3 +175,30 @@ def test_to_dict_is_json_ready():
 def test_negative_zero_is_normalised_so_equal_values_share_an_id():
     assert Assertion("s", "p", -0.0, timestamp=1).id == Assertion("s", "p", 0.0, timestamp=1).id
     assert Vote(bytes(32), -0.0, timestamp=1).id == Vote(bytes(32), 0.0, timestamp=1).id
+
+
+def test_record_kind_is_the_kind_byte_the_codec_writes_reads_and_extracts():
+    signer = stemedb.Signer.from_seed(bytes(32))
+    assertion = Assertion("s", "p", 1, timestamp=1)
+    records = {
+        RecordKind.ASSERTION: assertion,
+        RecordKind.VOTE: Vote(assertion, 0.5, timestamp=2),
+        RecordKind.EPOCH: Epoch("e", timestamp=3),
+        RecordKind.ENVELOPE: Envelope(signer.public_key, [assertion.id], timestamp=4).sign(signer),
+    }
+    assert stemedb.RecordKind is RecordKind and issubclass(RecordKind, enum.IntEnum)
+    for kind, record in records.items():
+        encoded = record.encode()
+        assert encoded[1] == kind
+        assert type(stemedb.decode(encoded)) is type(record)
+    blob, offsets, _ = stemedb.encode_many(list(records.values()))
+    kinds = _codec.extract_columns(blob, offsets[:-1], np.diff(offsets))["kind"]
+    assert kinds.tolist() == list(records)
+    assert (kinds == RecordKind.VOTE).tolist() == [False, True, False, False]
+
+
+def test_record_kind_matches_the_format_document():
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| 1 | u8 | `kind` |"))
+    documented = {int(code): name for code, name in re.findall(r"(\d) (\w+)", row.split("|")[4])}
+    assert documented == {kind.value: kind.name.title() for kind in RecordKind}

@@ -17,6 +17,8 @@ import blake3
 
 from stemedb.errors import InvalidRecord
 
+# Read from docs/format.md, deliberately not imported from stemedb.RecordKind or
+# the compiled codec: a cross-check that shares the code it checks checks nothing.
 VERSION = 1
 KIND_ASSERTION, KIND_VOTE, KIND_EPOCH, KIND_ENVELOPE = 1, 2, 3, 4
 TEXT, NUMBER, BOOLEAN, REFERENCE, BYTES = 1, 2, 3, 4, 5
@@ -151,7 +153,7 @@ def decode(data: bytes) -> Any:
     version, kind, size = cur.unpack("BBI", "header")
     if version != VERSION:
         raise InvalidRecord(f"version: unknown format version {version}")
-    if kind not in (1, 2, 3, 4):
+    if kind not in (KIND_ASSERTION, KIND_VOTE, KIND_EPOCH, KIND_ENVELOPE):
         raise InvalidRecord(f"kind: unknown record kind {kind}")
     if size > len(data):
         raise InvalidRecord(f"content_length: truncated: header declares {size} bytes")

@@ -42,7 +42,7 @@ from stemedb.lenses._state import QueryState, state_of
 from stemedb.lenses.base import HALF_LIVES, Candidates, Context, Filters, Outcome, conflict_score
 from stemedb.lenses.simple import Confidence, Recency
 from stemedb.lenses.weighted import Consensus
-from stemedb.records import Lifecycle, Ref, Signer
+from stemedb.records import Lifecycle, RecordKind, Ref, Signer
 
 __all__ = [
     "Resolution", "Contribution", "PairConflict", "MaterializedView",
@@ -767,8 +767,8 @@ class MaterializedView:
     def on_write(self, recnos: np.ndarray, columns: dict[str, np.ndarray], assertions: np.ndarray) -> None:
         reads = self.lens.dependencies()
         kind = columns["kind"]
-        if (("trust" in reads and assertions.any()) or ("votes" in reads and (kind == 2).any())
-                or ("epochs" in reads and (kind == 3).any())):
+        if (("trust" in reads and assertions.any()) or ("votes" in reads and (kind == RecordKind.VOTE).any())
+                or ("epochs" in reads and (kind == RecordKind.EPOCH).any())):
             self.stale = True
         if assertions.any():
             pairs = columns["pair"][assertions].tolist()

@@ -35,6 +35,7 @@ __all__ = [
     "Epoch",
     "Envelope",
     "Ref",
+    "RecordKind",
     "SourceClass",
     "Lifecycle",
     "SupersessionKind",
@@ -55,6 +56,15 @@ ObjectValue = str | int | float | bool | bytes | Ref
 def now_us() -> int:
     """The current time in microseconds since the Unix epoch."""
     return time.time_ns() // 1000
+
+
+class RecordKind(enum.IntEnum):
+    """The kind byte of every record's header (docs/format.md, "Header"); the `kind` column."""
+
+    ASSERTION = 1
+    VOTE = 2
+    EPOCH = 3
+    ENVELOPE = 4
 
 
 class SourceClass(enum.IntEnum):
@@ -315,7 +325,8 @@ class Envelope(_Signable, _codec.EnvelopeCore):
         return self.signers[0]  # type: ignore[no-any-return]
 
 
-for _kind, _cls in ((1, Assertion), (2, Vote), (3, Epoch), (4, Envelope)):
+for _kind, _cls in ((RecordKind.ASSERTION, Assertion), (RecordKind.VOTE, Vote),
+                   (RecordKind.EPOCH, Epoch), (RecordKind.ENVELOPE, Envelope)):
     _codec.register_class(_kind, _cls)
 
 

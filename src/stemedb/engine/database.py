@@ -46,10 +46,11 @@ from stemedb.errors import (
     StemeError,
     StorageFull,
 )
-from stemedb.records import Envelope, Epoch, Signer, Vote, check_envelope_members
+from stemedb.records import Envelope, Epoch, RecordKind, Signer, Vote, check_envelope_members
 
 DURABILITY_MODES = ("sync", "batch", "none")
-KIND_NAMES = {1: "assertion", 2: "vote", 3: "epoch", 4: "envelope"}
+KIND_NAMES = {RecordKind.ASSERTION: "assertion", RecordKind.VOTE: "vote", RecordKind.EPOCH: "epoch",
+              RecordKind.ENVELOPE: "envelope"}
 STORE_VERSION = 1
 
 
@@ -575,7 +576,7 @@ class Database:
                           kinds: np.ndarray) -> list[tuple[int, bytes]]:
         """(batch index, superseded epoch ID) for each Epoch record's supersedes list."""
         links: list[tuple[int, bytes]] = []
-        for index in np.nonzero(kinds == 3)[0]:
+        for index in np.nonzero(kinds == RecordKind.EPOCH)[0]:
             start = int(positions[index])
             epoch = _codec.decode(bytes(buffer[start:start + int(lengths[index])]))
             links.extend((int(index), superseded) for superseded in epoch.supersedes)

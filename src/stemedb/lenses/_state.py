@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from stemedb.lenses import _kernels
+from stemedb.records import RecordKind
 
 if TYPE_CHECKING:
     from stemedb.lenses.base import Context
@@ -188,12 +189,12 @@ class QueryState:
 
     def on_write(self, recnos: np.ndarray, columns: dict[str, np.ndarray]) -> None:
         kind = columns["kind"]
-        assertions = kind == 1
+        assertions = kind == RecordKind.ASSERTION
         if assertions.any():
             self.assertion_generation += 1
-        if (kind == 2).any():
+        if (kind == RecordKind.VOTE).any():
             self.vote_generation += 1
-        if (kind == 3).any():
+        if (kind == RecordKind.EPOCH).any():
             self.epoch_generation += 1
         for view in list(self.views.values()):
             view.on_write(recnos, columns, assertions)
@@ -232,7 +233,7 @@ class QueryState:
                 start = self._links_upto
                 if start < context.count:
                     kind = context.arrays["kind"][start:context.count]
-                    rows = np.flatnonzero(kind == 3) + start
+                    rows = np.flatnonzero(kind == RecordKind.EPOCH) + start
                     for row, epoch in zip(rows.tolist(), context.records(rows)):
                         for superseded in epoch.supersedes:
                             key = int.from_bytes(superseded[:8], "little")

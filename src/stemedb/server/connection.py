@@ -34,6 +34,7 @@ import trio
 
 from stemedb import _codec, _protocol
 from stemedb.errors import AuthError, RateLimited
+from stemedb.records import RecordKind
 from stemedb.server.auth import Authenticator, Principal, describe_peer
 from stemedb.server.service import ServiceError, error_code, parse_options
 
@@ -452,8 +453,8 @@ def _parse_audit(payload: bytes) -> int:
 HANDLERS: dict[int, tuple[str, Callable[[bytes], Any], Handler]] = {
     _protocol.PING: ("ping", _parse_ping, _ping),
     _protocol.PUT: ("put", _parse_batch, _put_handler(_protocol.PUT, None)),
-    _protocol.VOTE: ("vote", _parse_batch, _put_handler(_protocol.VOTE, 2)),
-    _protocol.EPOCH: ("epoch", _parse_batch, _put_handler(_protocol.EPOCH, 3)),
+    _protocol.VOTE: ("vote", _parse_batch, _put_handler(_protocol.VOTE, RecordKind.VOTE)),
+    _protocol.EPOCH: ("epoch", _parse_batch, _put_handler(_protocol.EPOCH, RecordKind.EPOCH)),
     _protocol.GET: ("get", _parse_get, _get),
     _protocol.QUERY: ("query", _protocol.decode_query, _query),
     _protocol.SCAN: ("scan", _protocol.decode_scan, _scan),

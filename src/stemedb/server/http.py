@@ -30,6 +30,7 @@ import trio
 
 from stemedb import _protocol
 from stemedb.errors import AuthError, NotFound, RateLimited
+from stemedb.records import RecordKind
 from stemedb.server.auth import Authenticator, Principal
 from stemedb.server.metrics import CONTENT_TYPE
 from stemedb.server.service import ServiceError, error_code, record_json
@@ -331,7 +332,7 @@ class HttpConnection:
                 raise HttpError(400, "invalid_request", f"records[{index}]: empty")
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(p) for p in parts])
-        kind = {"vote": 2, "epoch": 3}.get(operation)
+        kind = {"vote": RecordKind.VOTE, "epoch": RecordKind.EPOCH}.get(operation)
         server = self.server
         server.metrics.put_records.observe(len(parts))
         ids = await trio.to_thread.run_sync(server.service.put_encoded, b"".join(parts), offsets,

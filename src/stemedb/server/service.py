@@ -38,12 +38,13 @@ from stemedb.errors import (
     StorageFull,
     Unavailable,
 )
-from stemedb.records import Assertion, Envelope, Epoch, Vote
+from stemedb.records import Assertion, Envelope, Epoch, RecordKind, Vote
 from stemedb.server.limits import RequestLimits
 
 log = logging.getLogger("stemedb.server")
 
-KIND_CODES = {"assertion": 1, "vote": 2, "epoch": 3, "envelope": 4}
+KIND_CODES: dict[str, int] = {"assertion": RecordKind.ASSERTION, "vote": RecordKind.VOTE,
+                              "epoch": RecordKind.EPOCH, "envelope": RecordKind.ENVELOPE}
 KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 MAX_CONTRIBUTING = 1000  # contributing records sent with a query answer, at most
 
@@ -225,7 +226,8 @@ class Service:
 
 
 def _kind_of(record: Any) -> int:
-    for cls, code in ((Assertion, 1), (Vote, 2), (Epoch, 3), (Envelope, 4)):
+    for cls, code in ((Assertion, RecordKind.ASSERTION), (Vote, RecordKind.VOTE),
+                      (Epoch, RecordKind.EPOCH), (Envelope, RecordKind.ENVELOPE)):
         if isinstance(record, cls):
             return code
     return 0
