@@ -236,3 +236,27 @@ def test_reference_is_an_independent_reading_that_agrees_on_the_kinds():
     assert (reference.KIND_ASSERTION, reference.KIND_VOTE, reference.KIND_EPOCH,
             reference.KIND_ENVELOPE) == tuple(stemedb.RecordKind)
 
+
+@given(st.lists(st.one_of(any_record, unsigned_records.map(lambda r: ("member", r))), max_size=12))
+def test_envelope_proofs_read_what_decoding_reads(items):
+    records = [item for item in items if not isinstance(item, tuple)]
+    members = [item[1] for item in items if isinstance(item, tuple)]
+    if members:
+        records += SIGNERS[0].sign_batch(members)[0]
+    blob, offsets, _ = stemedb.encode_many(records)
+    envelopes, signers, ok = _codec.envelope_proofs(blob, offsets)
+    for i, record in enumerate(records):
+        proven = record.envelope is not None and len(record.signers) == 1
+        assert ok[i] == proven
+        assert bytes(envelopes[i]) == (record.envelope if proven else bytes(32))
+        assert bytes(signers[i]) == (record.signers[0] if proven else bytes(32))
+
+
+def test_content_lengths_name_the_record_and_field():
+    record = stemedb.Assertion("s", "p", 1, timestamp=1)
+    data = record.encode()
+    assert _codec.content_lengths(data + data, [0, len(data), 2 * len(data)]).tolist() == \
+        [len(record.content())] * 2
+    with pytest.raises(stemedb.InvalidRecord,
+                       match=r"^record 1: content_length: truncated: needs 4 bytes at offset 2, only 2 left$"):
+        _codec.content_lengths(data + data[:4], [0, len(data), len(data) + 4])

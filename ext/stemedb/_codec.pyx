@@ -14,10 +14,11 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.math cimport isfinite, isnan, signbit
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcpy
 
-from stemedb._bytes cimport (get_f32, get_f64, get_u16, get_u32, get_u64, put_f32, put_f64, put_u8,
-                             put_u16, put_u32, put_u64)
+from stemedb._bytes cimport (SIZE_F32, SIZE_F64, SIZE_U8, SIZE_U16, SIZE_U32, SIZE_U64, get_f32,
+                             get_f64, get_u16, get_u32, get_u64, put_f32, put_f64, put_u8, put_u16,
+                             put_u32, put_u64)
 from stemedb._hash cimport stm_blake3, stm_blake3_many
 
 import time
@@ -63,35 +64,257 @@ cdef inline uint8_t* put_blob(uint8_t* p, bytes b) noexcept:
 
 
 # ----------------------------------------------------------------------------
-# The bounds-checked reader: the only way bytes are parsed.
+# The record layout (docs/format.md, "Record encoding"), walked once per part:
+# walk_header (header and signers), walk_body (one walk per kind) and
+# walk_proof fill the structs of _codec.pxd. Decoding, column extraction, the
+# envelope-proof reader and the client's group signing all start from them.
+#
+# The walks run without the GIL and raise nothing: the bounds-checked reader
+# records the first failure (what, where) in the Reader, and from then on
+# every read fails and yields NOTHING, so a walk is straight-line code with
+# one check at its end. parse_failure turns what it recorded into the message.
 
-cdef struct Reader:
-    const uint8_t* base
-    Py_ssize_t pos
-    Py_ssize_t end
+cdef uint8_t NOTHING[SIZE_U64]  # what a failed read yields; walks load at most SIZE_U64 bytes of a read
 
-cdef const uint8_t* take(Reader* r, Py_ssize_t n, str field) except NULL:
+
+cdef void fail(Reader* r, ParseFailure failure, const char* field, Py_ssize_t value) noexcept nogil:
+    if r.failure == PARSE_OK:
+        r.failure = failure
+        r.field = field
+        r.at = r.pos
+        r.needed = value
+        r.left = r.end - r.pos
+    r.end = r.pos  # nothing after a failure can be read
+
+
+cdef inline const uint8_t* take(Reader* r, Py_ssize_t n, const char* field) noexcept nogil:
     cdef const uint8_t* p
-    if n < 0 or n > r.end - r.pos:
-        raise InvalidRecord(
-            f"{field}: truncated: needs {n} bytes at offset {r.pos}, "
-            f"only {r.end - r.pos} left"
-        )
+    if n > r.end - r.pos:
+        fail(r, PARSE_TRUNCATED, field, n)
+        return NOTHING
     p = r.base + r.pos
     r.pos += n
     return p
 
-cdef inline bytes take_bytes(Reader* r, Py_ssize_t n, str field):
-    cdef const uint8_t* p = take(r, n, field)
-    return PyBytes_FromStringAndSize(<const char*>p, n)
+cdef inline uint8_t take_u8(Reader* r, const char* field) noexcept nogil:
+    return take(r, SIZE_U8, field)[0]
 
-cdef bytes take_utf8(Reader* r, Py_ssize_t n, str field):
-    cdef bytes b = take_bytes(r, n, field)
-    try:
-        b.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRecord(f"{field}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    return b
+cdef inline uint16_t take_u16(Reader* r, const char* field) noexcept nogil:
+    return get_u16(take(r, SIZE_U16, field))
+
+cdef inline uint32_t take_u32(Reader* r, const char* field) noexcept nogil:
+    return get_u32(take(r, SIZE_U32, field))
+
+cdef inline uint64_t take_u64(Reader* r, const char* field) noexcept nogil:
+    return get_u64(take(r, SIZE_U64, field))
+
+cdef inline float take_f32(Reader* r, const char* field) noexcept nogil:
+    return get_f32(take(r, SIZE_F32, field))
+
+cdef inline Span take_span(Reader* r, Py_ssize_t n, const char* field) noexcept nogil:
+    cdef Span s
+    s.data = take(r, n, field)
+    s.size = n
+    return s
+
+cdef inline Span span_since(const Reader* r, Py_ssize_t start) noexcept nogil:
+    cdef Span s
+    s.data = r.base + start
+    s.size = r.pos - start
+    return s
+
+cdef inline const uint8_t* take_optional(Reader* r, uint8_t mask, uint8_t bit, Py_ssize_t n,
+                                         const char* field) noexcept nogil:
+    return take(r, n, field) if mask & bit else NULL
+
+
+cdef inline bint walk_header(Reader* r, RecordFields* f, const uint8_t* data,
+                             Py_ssize_t length) noexcept nogil:
+    """docs/format.md "Header" and "Signers"; leaves r at the body, bounded by the content."""
+    cdef Py_ssize_t content_length
+    r.base = data
+    r.pos = 0
+    r.end = length
+    r.length = length
+    r.failure = PARSE_OK
+    r.field = NULL
+    f.version = take_u8(r, "version")
+    if f.version != FORMAT_VERSION:
+        fail(r, PARSE_VERSION, "version", f.version)
+    f.kind = take_u8(r, "kind")
+    if f.kind < KIND_ASSERTION or f.kind > KIND_ENVELOPE:
+        fail(r, PARSE_KIND, "kind", f.kind)
+    content_length = take_u32(r, "content_length")
+    if content_length > length:
+        fail(r, PARSE_CONTENT_BEYOND, "content_length", content_length)
+    elif content_length < HEADER_SIZE + SIZE_U8:
+        fail(r, PARSE_CONTENT_SHORT, "content_length", content_length)
+    f.content.data = data
+    f.content.size = content_length
+    if r.failure == PARSE_OK:
+        r.end = content_length  # the body may not read into the proof
+    f.signers = take_span(r, <Py_ssize_t>take_u8(r, "signer_count") * KEY_SIZE, "signers")
+    f.body.data = r.base + r.pos
+    f.body.size = r.end - r.pos
+    return r.failure == PARSE_OK
+
+
+cdef inline void walk_assertion(Reader* r, AssertionFields* a) noexcept nogil:
+    """docs/format.md, "Body: Assertion (kind 1)"."""
+    cdef Py_ssize_t pair_start = r.pos, object_start
+    a.subject = take_span(r, take_u16(r, "subject length"), "subject")
+    a.predicate = take_span(r, take_u16(r, "predicate length"), "predicate")
+    a.pair = span_since(r, pair_start)
+    object_start = r.pos
+    a.object_tag = take_u8(r, "object tag")
+    if a.object_tag == OBJECT_TEXT:
+        a.value = take_span(r, take_u32(r, "object length"), "object (text)")
+    elif a.object_tag == OBJECT_NUMBER:
+        a.value = take_span(r, SIZE_F64, "object (number)")
+    elif a.object_tag == OBJECT_BOOLEAN:
+        a.value = take_span(r, SIZE_U8, "object (boolean)")
+    elif a.object_tag == OBJECT_REFERENCE:
+        a.value = take_span(r, take_u16(r, "object length"), "object (reference)")
+    elif a.object_tag == OBJECT_BYTES:
+        a.value = take_span(r, take_u32(r, "object length"), "object (bytes)")
+    else:
+        fail(r, PARSE_OBJECT_TAG, "object", a.object_tag)
+    a.object = span_since(r, object_start)
+    a.confidence = take_f32(r, "confidence")
+    a.timestamp = take_u64(r, "timestamp")
+    a.source_class = take_u8(r, "source_class")
+    a.lifecycle = take_u8(r, "lifecycle")
+    a.source_hash = take(r, SOURCE_HASH_SIZE, "source_hash")
+    a.optional_mask = take_u8(r, "optional fields mask")
+    a.parent_hash = take_optional(r, a.optional_mask, HAS_PARENT_HASH, ID_SIZE, "parent_hash")
+    a.epoch = take_optional(r, a.optional_mask, HAS_EPOCH, ID_SIZE, "epoch")
+    a.visual_hash = take_optional(r, a.optional_mask, HAS_VISUAL_HASH, VISUAL_HASH_SIZE, "visual_hash")
+    if a.optional_mask & HAS_VECTOR:
+        a.vector = take_span(r, <Py_ssize_t>take_u16(r, "vector length") * SIZE_F32, "vector")
+    else:
+        a.vector.data = NULL
+        a.vector.size = 0
+
+
+cdef inline void walk_vote(Reader* r, VoteFields* v) noexcept nogil:
+    """docs/format.md, "Body: Vote (kind 2)"."""
+    v.assertion_id = take(r, ID_SIZE, "assertion_id")
+    v.weight = take_f32(r, "weight")
+    v.timestamp = take_u64(r, "timestamp")
+
+
+cdef inline void walk_epoch(Reader* r, EpochFields* e) noexcept nogil:
+    """docs/format.md, "Body: Epoch (kind 3)"."""
+    e.name = take_span(r, take_u16(r, "name length"), "name")
+    e.description = take_span(r, take_u32(r, "description length"), "description")
+    e.timestamp = take_u64(r, "timestamp")
+    e.supersession_kind = take_u8(r, "supersession_kind")
+    e.supersedes = take_span(r, <Py_ssize_t>take_u16(r, "supersedes count") * ID_SIZE, "supersedes")
+
+
+cdef inline void walk_envelope(Reader* r, EnvelopeFields* e) noexcept nogil:
+    """docs/format.md, "Body: Envelope (kind 4)"."""
+    e.timestamp = take_u64(r, "timestamp")
+    e.members = take_span(r, <Py_ssize_t>take_u32(r, "member count") * ID_SIZE, "members")
+
+
+cdef inline bint walk_body(Reader* r, RecordFields* f) noexcept nogil:
+    """The body of f.kind, which must end exactly at content_length."""
+    if r.failure != PARSE_OK:
+        return False
+    if f.kind == KIND_ASSERTION:
+        walk_assertion(r, &f.fields.assertion)
+    elif f.kind == KIND_VOTE:
+        walk_vote(r, &f.fields.vote)
+    elif f.kind == KIND_EPOCH:
+        walk_epoch(r, &f.fields.epoch)
+    else:
+        walk_envelope(r, &f.fields.envelope)
+    if r.pos != r.end:
+        fail(r, PARSE_CONTENT_MISMATCH, "content_length", f.content.size)
+    return r.failure == PARSE_OK
+
+
+cdef inline bint walk_proof(Reader* r, RecordFields* f) noexcept nogil:
+    """docs/format.md, "Proof": from content_length on (the body need not have been walked)."""
+    cdef ProofFields* proof = &f.proof
+    if r.failure != PARSE_OK:
+        return False
+    r.pos = f.content.size
+    r.end = r.length
+    proof.kind = take_u8(r, "proof kind")
+    proof.signatures.data = NULL
+    proof.signatures.size = 0
+    proof.envelope = NULL
+    if proof.kind == PROOF_SIGNATURES:
+        proof.signatures = take_span(
+            r, <Py_ssize_t>take_u8(r, "signature count") * SIGNATURE_ENTRY_SIZE, "signatures")
+    elif proof.kind == PROOF_ENVELOPE:
+        proof.envelope = take(r, ID_SIZE, "envelope")
+    elif proof.kind != PROOF_NONE:
+        fail(r, PARSE_PROOF_KIND, "proof", proof.kind)
+    return r.failure == PARSE_OK
+
+
+cdef inline bint walk_record(Reader* r, RecordFields* f, const uint8_t* data,
+                             Py_ssize_t length) noexcept nogil:
+    """Every part of the record at data[0:length]; r.pos ends after its proof."""
+    walk_header(r, f, data, length)
+    walk_body(r, f)
+    return walk_proof(r, f)
+
+
+# The walks for other modules (_protocol cimports these through _codec.pxd);
+# this module's loops call the inline walks above directly.
+
+cdef bint parse_header(Reader* r, RecordFields* f, const uint8_t* data, Py_ssize_t length) noexcept nogil:
+    return walk_header(r, f, data, length)
+
+
+cdef bint parse_proof(Reader* r, RecordFields* f) noexcept nogil:
+    return walk_proof(r, f)
+
+
+cdef inline Py_ssize_t signature_count(const ProofFields* proof) noexcept nogil:
+    return proof.signatures.size // SIGNATURE_ENTRY_SIZE
+
+cdef inline uint8_t signature_index(const ProofFields* proof, Py_ssize_t i) noexcept nogil:
+    return proof.signatures.data[i * SIGNATURE_ENTRY_SIZE]
+
+cdef inline const uint8_t* signature_bytes(const ProofFields* proof, Py_ssize_t i) noexcept nogil:
+    return proof.signatures.data + i * SIGNATURE_ENTRY_SIZE + SIZE_U8
+
+
+cdef str parse_failure(const Reader* r):
+    """The message for the failure a walk recorded (it names the field and the rule)."""
+    cdef str field = r.field.decode("ascii") if r.field != NULL else "record"
+    if r.failure == PARSE_TRUNCATED:
+        return f"{field}: truncated: needs {r.needed} bytes at offset {r.at}, only {r.left} left"
+    if r.failure == PARSE_VERSION:
+        return f"version: unknown format version {r.needed} (this build reads {FORMAT_VERSION})"
+    if r.failure == PARSE_KIND:
+        return f"kind: unknown record kind {r.needed}"
+    if r.failure == PARSE_CONTENT_BEYOND:
+        return f"content_length: truncated: header declares {r.needed} bytes, only {r.length} present"
+    if r.failure == PARSE_CONTENT_SHORT:
+        return (f"content_length: header declares {r.needed} bytes, fewer than the header and "
+                "signer count need")
+    if r.failure == PARSE_CONTENT_MISMATCH:
+        return f"content_length: header declares {r.needed} bytes but the fields end at {r.at}"
+    if r.failure == PARSE_OBJECT_TAG:
+        return f"object: unknown object tag {r.needed}"
+    if r.failure == PARSE_PROOF_KIND:
+        return f"proof: unknown proof kind {r.needed}"
+    return "record: parsed without a failure"
+
+
+cdef uint8_t* write_header(uint8_t* out, uint8_t kind, uint32_t content_length,
+                           uint8_t signer_count) noexcept nogil:
+    """docs/format.md, "Header", then signer_count; the signer keys go after it."""
+    out = put_u8(out, FORMAT_VERSION)
+    out = put_u8(out, kind)
+    out = put_u32(out, content_length)
+    return put_u8(out, signer_count)
 
 
 # ----------------------------------------------------------------------------
@@ -238,27 +461,24 @@ cdef class Record:
         return out
 
     cdef Py_ssize_t content_size(self):
-        return HEADER_SIZE + 1 + KEY_SIZE * len(self._signers) + self.body_size()
+        return HEADER_SIZE + SIZE_U8 + KEY_SIZE * len(self._signers) + self.body_size()
 
     cdef uint8_t* write_content(self, uint8_t* out):
-        cdef uint8_t* p = out
+        cdef uint8_t* p
         cdef Py_ssize_t size = self.content_size()
         if size > 0xFFFFFFFF:
             raise InvalidRecord(f"record: content of {size} bytes exceeds 2**32-1")
-        p = put_u8(p, FORMAT_VERSION)
-        p = put_u8(p, self.kind_code())
-        p = put_u32(p, <uint32_t>size)
-        p = put_u8(p, <uint8_t>len(self._signers))
+        p = write_header(out, self.kind_code(), <uint32_t>size, <uint8_t>len(self._signers))
         for key in self._signers:
             p = put_blob(p, <bytes>key)
         return self.write_body(p)
 
     cdef Py_ssize_t proof_size(self):
         if self._envelope is not None:
-            return 1 + ID_SIZE
+            return SIZE_U8 + ID_SIZE
         if self._signatures:
-            return 2 + (1 + SIGNATURE_SIZE) * len(self._signatures)
-        return 1
+            return SIZE_U8 + SIZE_U8 + SIGNATURE_ENTRY_SIZE * len(self._signatures)
+        return SIZE_U8
 
     cdef uint8_t* write_proof(self, uint8_t* out):
         cdef uint8_t* p = out
@@ -374,6 +594,19 @@ cdef class Record:
         return (decode, (self.encode(),))
 
 
+cdef inline Py_ssize_t pair_size(bytes subject, bytes predicate):
+    return SIZE_U16 + PyBytes_GET_SIZE(subject) + SIZE_U16 + PyBytes_GET_SIZE(predicate)
+
+
+cdef uint8_t* write_pair(uint8_t* p, bytes subject, bytes predicate):
+    """subject_len:u16 subject predicate_len:u16 predicate: how an assertion's body starts,
+    and what the pair key hashes."""
+    p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(subject))
+    p = put_blob(p, subject)
+    p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(predicate))
+    return put_blob(p, predicate)
+
+
 cdef set_object(AssertionCore self, value):
     cdef double number
     if isinstance(value, bool):
@@ -437,11 +670,11 @@ cdef class AssertionCore(Record):
         self._source_class = enum_field(source_class, "source_class", SOURCE_CLASS_NAMES)
         self._lifecycle = enum_field(lifecycle, "lifecycle", LIFECYCLE_NAMES)
         if source_hash is None:
-            source_hash = bytes(32)
-        self._source_hash = hash_field(source_hash, "source_hash", 32, False)
-        self._parent_hash = hash_field(parent_hash, "parent_hash", 32, True)
-        self._epoch = hash_field(epoch, "epoch", 32, True)
-        self._visual_hash = hash_field(visual_hash, "visual_hash", 8, True)
+            source_hash = bytes(SOURCE_HASH_SIZE)
+        self._source_hash = hash_field(source_hash, "source_hash", SOURCE_HASH_SIZE, False)
+        self._parent_hash = hash_field(parent_hash, "parent_hash", ID_SIZE, True)
+        self._epoch = hash_field(epoch, "epoch", ID_SIZE, True)
+        self._visual_hash = hash_field(visual_hash, "visual_hash", VISUAL_HASH_SIZE, True)
         self._vector = vector_field(vector)
         self._signers = signers_field(signers)
 
@@ -461,32 +694,30 @@ cdef class AssertionCore(Record):
         other._vector = self._vector
 
     cdef Py_ssize_t body_size(self):
-        cdef Py_ssize_t n = (2 + PyBytes_GET_SIZE(self._subject) + 2 + PyBytes_GET_SIZE(self._predicate)
-                             + 1 + 4 + 8 + 1 + 1 + 32 + 1)
+        cdef Py_ssize_t n = (pair_size(self._subject, self._predicate) + SIZE_U8  # object_tag
+                             + SIZE_F32 + SIZE_U64 + SIZE_U8 + SIZE_U8  # confidence .. lifecycle
+                             + SOURCE_HASH_SIZE + SIZE_U8)  # source_hash, optional_mask
         if self._tag == OBJECT_TEXT or self._tag == OBJECT_BYTES:
-            n += 4 + PyBytes_GET_SIZE(self._object_bytes)
+            n += SIZE_U32 + PyBytes_GET_SIZE(self._object_bytes)
         elif self._tag == OBJECT_REFERENCE:
-            n += 2 + PyBytes_GET_SIZE(self._object_bytes)
+            n += SIZE_U16 + PyBytes_GET_SIZE(self._object_bytes)
         elif self._tag == OBJECT_NUMBER:
-            n += 8
+            n += SIZE_F64
         else:
-            n += 1
+            n += SIZE_U8
         if self._parent_hash is not None:
-            n += 32
+            n += ID_SIZE
         if self._epoch is not None:
-            n += 32
+            n += ID_SIZE
         if self._visual_hash is not None:
-            n += 8
+            n += VISUAL_HASH_SIZE
         if self._vector is not None:
-            n += 2 + PyBytes_GET_SIZE(self._vector)
+            n += SIZE_U16 + PyBytes_GET_SIZE(self._vector)
         return n
 
     cdef uint8_t* write_body(self, uint8_t* p):
         cdef uint8_t optional = 0
-        p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(self._subject))
-        p = put_blob(p, self._subject)
-        p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(self._predicate))
-        p = put_blob(p, self._predicate)
+        p = write_pair(p, self._subject, self._predicate)
         p = put_u8(p, self._tag)
         if self._tag == OBJECT_TEXT or self._tag == OBJECT_BYTES:
             p = put_u32(p, <uint32_t>PyBytes_GET_SIZE(self._object_bytes))
@@ -504,13 +735,13 @@ cdef class AssertionCore(Record):
         p = put_u8(p, self._lifecycle)
         p = put_blob(p, self._source_hash)
         if self._parent_hash is not None:
-            optional |= 1
+            optional |= HAS_PARENT_HASH
         if self._epoch is not None:
-            optional |= 2
+            optional |= HAS_EPOCH
         if self._visual_hash is not None:
-            optional |= 4
+            optional |= HAS_VISUAL_HASH
         if self._vector is not None:
-            optional |= 8
+            optional |= HAS_VECTOR
         p = put_u8(p, optional)
         if self._parent_hash is not None:
             p = put_blob(p, self._parent_hash)
@@ -519,7 +750,7 @@ cdef class AssertionCore(Record):
         if self._visual_hash is not None:
             p = put_blob(p, self._visual_hash)
         if self._vector is not None:
-            p = put_u16(p, <uint16_t>(PyBytes_GET_SIZE(self._vector) // 4))
+            p = put_u16(p, <uint16_t>(PyBytes_GET_SIZE(self._vector) // SIZE_F32))
             p = put_blob(p, self._vector)
         return p
 
@@ -605,7 +836,7 @@ cdef class VoteCore(Record):
         other._weight = self._weight
 
     cdef Py_ssize_t body_size(self):
-        return ID_SIZE + 4 + 8
+        return ID_SIZE + SIZE_F32 + SIZE_U64
 
     cdef uint8_t* write_body(self, uint8_t* p):
         p = put_blob(p, self._assertion_id)
@@ -649,8 +880,8 @@ cdef class EpochCore(Record):
         other._supersedes = self._supersedes
 
     cdef Py_ssize_t body_size(self):
-        return (2 + PyBytes_GET_SIZE(self._name) + 4 + PyBytes_GET_SIZE(self._description)
-                + 8 + 1 + 2 + ID_SIZE * len(self._supersedes))
+        return (SIZE_U16 + PyBytes_GET_SIZE(self._name) + SIZE_U32 + PyBytes_GET_SIZE(self._description)
+                + SIZE_U64 + SIZE_U8 + SIZE_U16 + ID_SIZE * len(self._supersedes))
 
     cdef uint8_t* write_body(self, uint8_t* p):
         p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(self._name))
@@ -704,7 +935,7 @@ cdef class EnvelopeCore(Record):
         other._members = self._members
 
     cdef Py_ssize_t body_size(self):
-        return 8 + 4 + PyBytes_GET_SIZE(self._members)
+        return SIZE_U64 + SIZE_U32 + PyBytes_GET_SIZE(self._members)
 
     cdef uint8_t* write_body(self, uint8_t* p):
         p = put_u64(p, self._timestamp)
@@ -727,21 +958,42 @@ cdef class EnvelopeCore(Record):
 
 
 # ----------------------------------------------------------------------------
-# Decoding: strict, canonical-only.
+# Decoding: strict, canonical-only. The walk found every field; these judge
+# them (limits, UTF-8, canonical floats, enum ranges) and build the objects.
 
-cdef float canonical_f32(const uint8_t* p, str field) except? -1:
-    cdef float v = get_f32(p)
+cdef inline bytes bytes_at(const uint8_t* p, Py_ssize_t size):
+    return PyBytes_FromStringAndSize(<const char*>p, size)
+
+
+cdef inline bytes span_bytes(Span s):
+    return bytes_at(s.data, s.size)
+
+
+cdef bytes span_utf8(Span s, str field, Py_ssize_t lo, Py_ssize_t hi):
+    """The bytes of a length-prefixed string: lo..hi of them, valid UTF-8."""
+    cdef bytes b
+    if s.size < lo or s.size > hi:
+        if lo == 0:
+            raise InvalidRecord(f"{field}: {s.size} bytes, the limit is {hi}")
+        raise InvalidRecord(f"{field}: length {s.size}, allowed {lo}..{hi}")
+    b = span_bytes(s)
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRecord(f"{field}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return b
+
+
+cdef inline bytes optional_bytes(const uint8_t* p, Py_ssize_t size):
+    return bytes_at(p, size) if p != NULL else None
+
+
+cdef float canonical_f32(float v, str field) except? -1:
     if isnan(v):
         raise InvalidRecord(f"{field}: NaN is not allowed")
     if v == 0 and signbit(v):
         raise InvalidRecord(f"{field}: negative zero is not canonical")
     return v
-
-
-cdef bytes optional_hash(Reader* r, uint8_t mask, uint8_t bit, Py_ssize_t size, str field):
-    if mask & bit:
-        return take_bytes(r, size, field)
-    return None
 
 
 cdef Record new_record(uint8_t kind):
@@ -751,184 +1003,164 @@ cdef Record new_record(uint8_t kind):
     return cls.__new__(cls)
 
 
-cdef Record decode_at(const uint8_t* data, Py_ssize_t length, Py_ssize_t* consumed):
-    """Decode one record from data[0:length]; sets consumed to the bytes used."""
-    cdef Reader r
-    cdef const uint8_t* p
-    cdef uint8_t version, kind, nsigners, proof, mask, count, index
-    cdef uint32_t content_length, n
-    cdef Py_ssize_t i, content_end
-    cdef int last_index
-    cdef Record rec
-    cdef AssertionCore a
-    cdef VoteCore v
-    cdef EpochCore e
-    cdef EnvelopeCore env
-    cdef double number
-    r.base = data
-    r.pos = 0
-    r.end = length
-    p = take(&r, HEADER_SIZE, "header")
-    version = p[0]
-    kind = p[1]
-    content_length = get_u32(p + 2)
-    if version != FORMAT_VERSION:
-        raise InvalidRecord(f"version: unknown format version {version} (this build reads {FORMAT_VERSION})")
-    if kind < KIND_ASSERTION or kind > KIND_ENVELOPE:
-        raise InvalidRecord(f"kind: unknown record kind {kind}")
-    if content_length > <uint32_t>length:
-        raise InvalidRecord(
-            f"content_length: truncated: header declares {content_length} bytes, only {length} present"
-        )
-    content_end = content_length
-    r.end = content_end  # the body may not read into the proof
-    rec = new_record(kind)
-    nsigners = take(&r, 1, "signer_count")[0]
-    if nsigners > MAX_SIGNERS:
-        raise InvalidRecord(f"signer_count: {nsigners}, the limit is {MAX_SIGNERS}")
-    keys = []
-    for i in range(nsigners):
-        key = take_bytes(&r, KEY_SIZE, "signers")
+cdef tuple decode_signers(const RecordFields* f):
+    cdef Py_ssize_t i, count = f.signers.size // KEY_SIZE
+    cdef list keys = []
+    if count > MAX_SIGNERS:
+        raise InvalidRecord(f"signer_count: {count}, the limit is {MAX_SIGNERS}")
+    for i in range(count):
+        key = bytes_at(f.signers.data + i * KEY_SIZE, KEY_SIZE)
         if key in keys:
             raise InvalidRecord(f"signers: public key {key.hex()} is listed twice")
         keys.append(key)
-    rec._signers = tuple(keys)
+    return tuple(keys)
 
-    if kind == KIND_ASSERTION:
-        a = <AssertionCore>rec
-        n = get_u16(take(&r, 2, "subject length"))
-        if n < 1 or n > MAX_SUBJECT:
-            raise InvalidRecord(f"subject: length {n}, allowed 1..{MAX_SUBJECT}")
-        a._subject = take_utf8(&r, n, "subject")
-        n = get_u16(take(&r, 2, "predicate length"))
-        if n < 1 or n > MAX_PREDICATE:
-            raise InvalidRecord(f"predicate: length {n}, allowed 1..{MAX_PREDICATE}")
-        a._predicate = take_utf8(&r, n, "predicate")
-        a._tag = take(&r, 1, "object tag")[0]
-        if a._tag == OBJECT_TEXT:
-            n = get_u32(take(&r, 4, "object length"))
-            if n > MAX_TEXT:
-                raise InvalidRecord(f"object (text): {n} bytes, the limit is {MAX_TEXT}")
-            a._object_bytes = take_utf8(&r, n, "object (text)")
-        elif a._tag == OBJECT_NUMBER:
-            number = get_f64(take(&r, 8, "object (number)"))
-            if not isfinite(number):
-                raise InvalidRecord("object (number): not finite")
-            if number == 0 and signbit(number):
-                raise InvalidRecord("object (number): negative zero is not canonical")
-            a._number = number
-        elif a._tag == OBJECT_BOOLEAN:
-            index = take(&r, 1, "object (boolean)")[0]
-            if index > 1:
-                raise InvalidRecord(f"object (boolean): byte {index}, expected 0 or 1")
-            a._number = index
-        elif a._tag == OBJECT_REFERENCE:
-            n = get_u16(take(&r, 2, "object length"))
-            if n < 1 or n > MAX_REFERENCE:
-                raise InvalidRecord(f"object (reference): length {n}, allowed 1..{MAX_REFERENCE}")
-            a._object_bytes = take_utf8(&r, n, "object (reference)")
-        elif a._tag == OBJECT_BYTES:
-            n = get_u32(take(&r, 4, "object length"))
-            if n > MAX_BYTES:
-                raise InvalidRecord(f"object (bytes): {n} bytes, the limit is {MAX_BYTES}")
-            a._object_bytes = take_bytes(&r, n, "object (bytes)")
-        else:
-            raise InvalidRecord(f"object: unknown object tag {a._tag}")
-        a._confidence = canonical_f32(take(&r, 4, "confidence"), "confidence")
-        if not (0 <= a._confidence <= 1):
-            raise InvalidRecord(f"confidence: {a._confidence!r} is outside [0, 1]")
-        a._timestamp = get_u64(take(&r, 8, "timestamp"))
-        a._source_class = take(&r, 1, "source_class")[0]
-        if a._source_class >= len(SOURCE_CLASS_NAMES):
-            raise InvalidRecord(f"source_class: unknown value {a._source_class}")
-        a._lifecycle = take(&r, 1, "lifecycle")[0]
-        if a._lifecycle >= len(LIFECYCLE_NAMES):
-            raise InvalidRecord(f"lifecycle: unknown value {a._lifecycle}")
-        a._source_hash = take_bytes(&r, 32, "source_hash")
-        mask = take(&r, 1, "optional fields mask")[0]
-        if mask & 0xF0:
-            raise InvalidRecord(f"optional fields mask: reserved bits set (0x{mask:02x})")
-        a._parent_hash = optional_hash(&r, mask, 1, 32, "parent_hash")
-        a._epoch = optional_hash(&r, mask, 2, 32, "epoch")
-        a._visual_hash = optional_hash(&r, mask, 4, 8, "visual_hash")
-        if mask & 8:
-            n = get_u16(take(&r, 2, "vector length"))
-            if n < 1 or n > MAX_VECTOR:
-                raise InvalidRecord(f"vector: {n} values, allowed 1..{MAX_VECTOR}")
-            p = take(&r, 4 * n, "vector")
-            for i in range(n):
-                canonical_f32(p + 4 * i, "vector")
-                if not isfinite(get_f32(p + 4 * i)):
-                    raise InvalidRecord("vector: every value must be finite")
-            a._vector = PyBytes_FromStringAndSize(<const char*>p, 4 * n)
-    elif kind == KIND_VOTE:
-        v = <VoteCore>rec
-        v._assertion_id = take_bytes(&r, ID_SIZE, "assertion_id")
-        v._weight = canonical_f32(take(&r, 4, "weight"), "weight")
-        if not isfinite(v._weight):
-            raise InvalidRecord("weight: not finite")
-        v._timestamp = get_u64(take(&r, 8, "timestamp"))
-    elif kind == KIND_EPOCH:
-        e = <EpochCore>rec
-        n = get_u16(take(&r, 2, "name length"))
-        if n < 1 or n > MAX_EPOCH_NAME:
-            raise InvalidRecord(f"name: length {n}, allowed 1..{MAX_EPOCH_NAME}")
-        e._name = take_utf8(&r, n, "name")
-        n = get_u32(take(&r, 4, "description length"))
-        if n > MAX_DESCRIPTION:
-            raise InvalidRecord(f"description: {n} bytes, the limit is {MAX_DESCRIPTION}")
-        e._description = take_utf8(&r, n, "description")
-        e._timestamp = get_u64(take(&r, 8, "timestamp"))
-        e._kind = take(&r, 1, "supersession_kind")[0]
-        if e._kind >= len(SUPERSESSION_NAMES):
-            raise InvalidRecord(f"supersession_kind: unknown value {e._kind}")
-        n = get_u16(take(&r, 2, "supersedes count"))
-        if n > MAX_SUPERSEDES:
-            raise InvalidRecord(f"supersedes: {n} epochs, the limit is {MAX_SUPERSEDES}")
-        ids = tuple(take_bytes(&r, ID_SIZE, "supersedes") for i in range(n))
-        if len(set(ids)) != len(ids):
-            raise InvalidRecord("supersedes: an epoch ID is listed twice")
-        e._supersedes = ids
+
+cdef int decode_object(AssertionCore a, const AssertionFields* b) except -1:
+    cdef double number
+    cdef uint8_t byte
+    if b.object_tag == OBJECT_TEXT:
+        a._object_bytes = span_utf8(b.value, "object (text)", 0, MAX_TEXT)
+    elif b.object_tag == OBJECT_NUMBER:
+        number = get_f64(b.value.data)
+        if not isfinite(number):
+            raise InvalidRecord("object (number): not finite")
+        if number == 0 and signbit(number):
+            raise InvalidRecord("object (number): negative zero is not canonical")
+        a._number = number
+    elif b.object_tag == OBJECT_BOOLEAN:
+        byte = b.value.data[0]
+        if byte > 1:
+            raise InvalidRecord(f"object (boolean): byte {byte}, expected 0 or 1")
+        a._number = byte
+    elif b.object_tag == OBJECT_REFERENCE:
+        a._object_bytes = span_utf8(b.value, "object (reference)", 1, MAX_REFERENCE)
     else:
-        env = <EnvelopeCore>rec
-        if nsigners != 1:
-            raise InvalidRecord(f"signers: an envelope has exactly one signer, found {nsigners}")
-        env._timestamp = get_u64(take(&r, 8, "timestamp"))
-        n = get_u32(take(&r, 4, "member count"))
-        if n < 1 or n > MAX_MEMBERS:
-            raise InvalidRecord(f"members: {n} record IDs, allowed 1..{MAX_MEMBERS}")
-        env._members = take_bytes(&r, <Py_ssize_t>n * ID_SIZE, "members")
+        if b.value.size > MAX_BYTES:
+            raise InvalidRecord(f"object (bytes): {b.value.size} bytes, the limit is {MAX_BYTES}")
+        a._object_bytes = span_bytes(b.value)
+    a._tag = b.object_tag
+    return 0
 
-    if r.pos != content_end:
-        raise InvalidRecord(
-            f"content_length: header declares {content_end} bytes but the fields end at {r.pos}"
-        )
-    rec._content_cache = PyBytes_FromStringAndSize(<const char*>data, content_end)
 
-    # Proof section.
-    r.end = length
-    proof = take(&r, 1, "proof kind")[0]
-    if proof == PROOF_SIGNATURES:
-        count = take(&r, 1, "signature count")[0]
-        if count < 1 or count > nsigners:
-            raise InvalidRecord(f"signatures: count {count}, allowed 1..{nsigners} (the signer count)")
-        sigs = []
-        last_index = -1
+cdef int decode_vector(AssertionCore a, Span vector) except -1:
+    cdef Py_ssize_t i, n = vector.size // SIZE_F32
+    if n < 1 or n > MAX_VECTOR:
+        raise InvalidRecord(f"vector: {n} values, allowed 1..{MAX_VECTOR}")
+    for i in range(n):
+        if not isfinite(canonical_f32(get_f32(vector.data + i * SIZE_F32), "vector")):
+            raise InvalidRecord("vector: every value must be finite")
+    a._vector = span_bytes(vector)
+    return 0
+
+
+cdef int decode_assertion(AssertionCore a, const AssertionFields* b) except -1:
+    a._subject = span_utf8(b.subject, "subject", 1, MAX_SUBJECT)
+    a._predicate = span_utf8(b.predicate, "predicate", 1, MAX_PREDICATE)
+    decode_object(a, b)
+    a._confidence = canonical_f32(b.confidence, "confidence")
+    if not (0 <= a._confidence <= 1):
+        raise InvalidRecord(f"confidence: {a._confidence!r} is outside [0, 1]")
+    a._timestamp = b.timestamp
+    if b.source_class >= len(SOURCE_CLASS_NAMES):
+        raise InvalidRecord(f"source_class: unknown value {b.source_class}")
+    a._source_class = b.source_class
+    if b.lifecycle >= len(LIFECYCLE_NAMES):
+        raise InvalidRecord(f"lifecycle: unknown value {b.lifecycle}")
+    a._lifecycle = b.lifecycle
+    a._source_hash = bytes_at(b.source_hash, SOURCE_HASH_SIZE)
+    if b.optional_mask & OPTIONAL_RESERVED:
+        raise InvalidRecord(f"optional fields mask: reserved bits set (0x{b.optional_mask:02x})")
+    a._parent_hash = optional_bytes(b.parent_hash, ID_SIZE)
+    a._epoch = optional_bytes(b.epoch, ID_SIZE)
+    a._visual_hash = optional_bytes(b.visual_hash, VISUAL_HASH_SIZE)
+    if b.vector.data != NULL:
+        decode_vector(a, b.vector)
+    return 0
+
+
+cdef int decode_vote(VoteCore v, const VoteFields* b) except -1:
+    v._assertion_id = bytes_at(b.assertion_id, ID_SIZE)
+    v._weight = canonical_f32(b.weight, "weight")
+    if not isfinite(v._weight):
+        raise InvalidRecord("weight: not finite")
+    v._timestamp = b.timestamp
+    return 0
+
+
+cdef int decode_epoch(EpochCore e, const EpochFields* b) except -1:
+    cdef Py_ssize_t i, count = b.supersedes.size // ID_SIZE
+    e._name = span_utf8(b.name, "name", 1, MAX_EPOCH_NAME)
+    e._description = span_utf8(b.description, "description", 0, MAX_DESCRIPTION)
+    e._timestamp = b.timestamp
+    if b.supersession_kind >= len(SUPERSESSION_NAMES):
+        raise InvalidRecord(f"supersession_kind: unknown value {b.supersession_kind}")
+    e._kind = b.supersession_kind
+    if count > MAX_SUPERSEDES:
+        raise InvalidRecord(f"supersedes: {count} epochs, the limit is {MAX_SUPERSEDES}")
+    ids = tuple([bytes_at(b.supersedes.data + i * ID_SIZE, ID_SIZE) for i in range(count)])
+    if len(set(ids)) != len(ids):
+        raise InvalidRecord("supersedes: an epoch ID is listed twice")
+    e._supersedes = ids
+    return 0
+
+
+cdef int decode_envelope(EnvelopeCore env, const RecordFields* f) except -1:
+    cdef const EnvelopeFields* b = &f.fields.envelope
+    cdef Py_ssize_t count = b.members.size // ID_SIZE
+    if len(env._signers) != 1:
+        raise InvalidRecord(f"signers: an envelope has exactly one signer, found {len(env._signers)}")
+    env._timestamp = b.timestamp
+    if count < 1 or count > MAX_MEMBERS:
+        raise InvalidRecord(f"members: {count} record IDs, allowed 1..{MAX_MEMBERS}")
+    env._members = span_bytes(b.members)
+    return 0
+
+
+cdef int decode_proof(Record rec, const RecordFields* f) except -1:
+    cdef const ProofFields* proof = &f.proof
+    cdef Py_ssize_t i, count, signers = len(rec._signers)
+    cdef int index, last_index = -1
+    cdef list entries = []
+    if proof.kind == PROOF_SIGNATURES:
+        count = signature_count(proof)
+        if count < 1 or count > signers:
+            raise InvalidRecord(f"signatures: count {count}, allowed 1..{signers} (the signer count)")
         for i in range(count):
-            index = take(&r, 1, "signature signer index")[0]
-            if index <= last_index or index >= nsigners:
+            index = signature_index(proof, i)
+            if index <= last_index or index >= signers:
                 raise InvalidRecord(
-                    f"signatures: signer index {index} out of order or not below the signer count {nsigners}"
+                    f"signatures: signer index {index} out of order or not below the signer count {signers}"
                 )
             last_index = index
-            sigs.append((index, take_bytes(&r, SIGNATURE_SIZE, "signature")))
-        rec._signatures = tuple(sigs)
-    elif proof == PROOF_ENVELOPE:
-        if kind == KIND_ENVELOPE:
+            entries.append((index, bytes_at(signature_bytes(proof, i), SIGNATURE_SIZE)))
+        rec._signatures = tuple(entries)
+    elif proof.kind == PROOF_ENVELOPE:
+        if f.kind == KIND_ENVELOPE:
             raise InvalidRecord("proof: an envelope cannot be proven by another envelope")
-        rec._envelope = take_bytes(&r, ID_SIZE, "envelope")
-    elif proof != PROOF_NONE:
-        raise InvalidRecord(f"proof: unknown proof kind {proof}")
+        rec._envelope = bytes_at(proof.envelope, ID_SIZE)
+    return 0
+
+
+cdef Record decode_at(const uint8_t* data, Py_ssize_t length, Py_ssize_t* consumed):
+    """Decode one record from data[0:length]; sets consumed to the bytes used."""
+    cdef Reader r
+    cdef RecordFields f
+    cdef Record rec
+    if not walk_record(&r, &f, data, length):
+        raise InvalidRecord(parse_failure(&r))
+    rec = new_record(f.kind)
+    rec._signers = decode_signers(&f)
+    if f.kind == KIND_ASSERTION:
+        decode_assertion(<AssertionCore>rec, &f.fields.assertion)
+    elif f.kind == KIND_VOTE:
+        decode_vote(<VoteCore>rec, &f.fields.vote)
+    elif f.kind == KIND_EPOCH:
+        decode_epoch(<EpochCore>rec, &f.fields.epoch)
+    else:
+        decode_envelope(<EnvelopeCore>rec, &f)
+    rec._content_cache = span_bytes(f.content)
+    decode_proof(rec, &f)
     consumed[0] = r.pos
     return rec
 
@@ -1059,7 +1291,7 @@ def encode_many(records, bint remember=False):
             for i in range(n):
                 rec = <Record>items[i]
                 if rec._content_cache is None:
-                    csize = get_u32(base + offs[i] + 2)
+                    csize = offs[i + 1] - offs[i] - rec.proof_size()
                     rec._content_cache = PyBytes_FromStringAndSize(<const char*>(base + offs[i]), csize)
                 if rec._id_cache is None:
                     rec._id_cache = PyBytes_FromStringAndSize(<const char*>&idv[i, 0], ID_SIZE)
@@ -1083,14 +1315,12 @@ def content_lengths(buffer, offsets):
     cdef Py_ssize_t i, n = offs.shape[0] - 1
     out = np.empty(n, dtype=np.int64)
     cdef int64_t[::1] o = out
-    cdef uint32_t c
+    cdef Reader r
+    cdef RecordFields f
     for i in range(n):
-        if offs[i + 1] - offs[i] < HEADER_SIZE:
-            raise InvalidRecord(f"record {i}: truncated header")
-        c = get_u32(&view[offs[i]] + 2)
-        if c < HEADER_SIZE or c > offs[i + 1] - offs[i]:
-            raise InvalidRecord(f"record {i}: content_length {c} does not fit its {offs[i + 1] - offs[i]} bytes")
-        o[i] = c
+        if not walk_header(&r, &f, &view[0] + offs[i], offs[i + 1] - offs[i]):
+            raise InvalidRecord(f"record {i}: {parse_failure(&r)}")
+        o[i] = f.content.size
     return out
 
 
@@ -1126,7 +1356,7 @@ def hash_encoded(buffer, offsets):
 # of a BLAKE3 hash: stable across versions and machines, so they can persist.
 
 cdef inline uint64_t key64(const uint8_t* data, Py_ssize_t n) noexcept nogil:
-    cdef uint8_t digest[32]
+    cdef uint8_t digest[ID_SIZE]
     stm_blake3(data, n, digest)
     return get_u64(digest)
 
@@ -1146,14 +1376,15 @@ def predicate_key(str predicate):
 def pair_key(str subject, str predicate):
     """Posting-list key of a (subject, predicate) pair.
 
-    The key of the bytes exactly as they sit in an encoded assertion:
-    u16 len(subject), subject, u16 len(predicate), predicate.
+    The key of the bytes exactly as they sit in an encoded assertion
+    (write_pair): u16 len(subject), subject, u16 len(predicate), predicate.
     """
     cdef bytes s = subject.encode("utf-8")
     cdef bytes p = predicate.encode("utf-8")
-    cdef bytes joined = (bytes([len(s) & 0xFF, len(s) >> 8]) + s
-                         + bytes([len(p) & 0xFF, len(p) >> 8]) + p)
-    return key64(<const uint8_t*>PyBytes_AS_STRING(joined), PyBytes_GET_SIZE(joined))
+    cdef Py_ssize_t size = pair_size(s, p)
+    cdef bytes joined = PyBytes_FromStringAndSize(NULL, size)
+    write_pair(<uint8_t*>PyBytes_AS_STRING(joined), s, p)
+    return key64(<const uint8_t*>PyBytes_AS_STRING(joined), size)
 
 
 def id_key(bytes record_id):
@@ -1181,15 +1412,27 @@ COLUMNS = {
 
 
 cdef enum:
-    KEYS_PER_RECORD = 4         # subject, predicate, pair, object: hashed together in SIMD lanes
+    KEY_SUBJECT = 0             # an assertion's four keys, hashed together in SIMD lanes
+    KEY_PREDICATE = 1
+    KEY_PAIR = 2
+    KEY_OBJECT = 3
+    KEYS_PER_RECORD = 4
+    NOT_AN_ASSERTION = 255      # source_class and lifecycle of the other kinds ("Columns")
+
+
+cdef inline void add_key_input(const uint8_t** ptrs, size_t* sizes, Py_ssize_t at, Span s) noexcept nogil:
+    ptrs[at] = s.data
+    sizes[at] = s.size
 
 
 def extract_columns(buffer, positions, lengths):
     """Parse the column fields of the records at buffer[positions[i]:+lengths[i]].
 
     The records were validated when written and their frames passed their
-    checksums; parsing still goes through bounds checks. The four keys of each
-    assertion are hashed in one stm_blake3_many call, eight inputs per lane group.
+    checksums; they are still walked with the bounds-checked reader
+    (walk_record), and one that breaks the layout raises InvalidRecord naming
+    the record and the field. The four keys of each assertion are hashed in
+    one stm_blake3_many call, eight inputs per lane group.
     """
     cdef const uint8_t[::1] view = buffer
     cdef const int64_t[::1] pos = np.ascontiguousarray(positions, dtype=np.int64)
@@ -1209,9 +1452,9 @@ def extract_columns(buffer, positions, lengths):
     cdef uint64_t[::1] epoch = out["epoch"]
     cdef uint64_t[::1] target = out["target"]
     cdef uint8_t[::1] proof = out["proof"]
-    cdef const uint8_t* p
-    cdef Py_ssize_t length, clen, at, slen, plen, vlen, value_start
-    cdef uint8_t nsig, tag, mask
+    cdef Reader r
+    cdef RecordFields f
+    cdef const AssertionFields* a
     cdef Py_ssize_t bad = -1
     cdef Py_ssize_t capacity = max(n, 1) * KEYS_PER_RECORD
     cdef const uint8_t** ptrs = <const uint8_t**>malloc(capacity * sizeof(uint8_t*))
@@ -1227,112 +1470,41 @@ def extract_columns(buffer, positions, lengths):
         with nogil:
             for i in range(n):
                 owner[i] = -1
-                p = &view[0] + pos[i]
-                length = lens[i]
-                if length < HEADER_SIZE + 1:
+                if not walk_record(&r, &f, &view[0] + pos[i], lens[i]):
                     bad = i
                     break
-                clen = get_u32(p + 2)
-                if clen > length:
-                    bad = i
-                    break
-                kind[i] = p[1]
-                proof[i] = p[clen] if clen < length else 0
-                source_class[i] = 255
-                lifecycle[i] = 255
-                nsig = p[HEADER_SIZE]
-                at = HEADER_SIZE + 1
-                if nsig:
-                    signer[i] = get_u64(p + at)
-                at += KEY_SIZE * nsig
-                if p[1] == KIND_ASSERTION:
-                    if at + 2 > clen:
-                        bad = i
-                        break
-                    slen = get_u16(p + at)
-                    if at + 4 + slen > clen:
-                        bad = i
-                        break
-                    plen = get_u16(p + at + 2 + slen)
-                    if at + 4 + slen + plen + 1 > clen:
-                        bad = i
-                        break
+                kind[i] = f.kind
+                proof[i] = f.proof.kind
+                source_class[i] = NOT_AN_ASSERTION
+                lifecycle[i] = NOT_AN_ASSERTION
+                if f.signers.size:
+                    signer[i] = get_u64(f.signers.data)
+                if f.kind == KIND_ASSERTION:
+                    a = &f.fields.assertion
                     owner[i] = inputs
-                    ptrs[inputs] = p + at + 2
-                    sizes[inputs] = slen
-                    ptrs[inputs + 1] = p + at + 4 + slen
-                    sizes[inputs + 1] = plen
-                    ptrs[inputs + 2] = p + at
-                    sizes[inputs + 2] = 4 + slen + plen
-                    at += 4 + slen + plen
-                    tag = p[at]
-                    value_start = at
-                    if tag == OBJECT_TEXT or tag == OBJECT_BYTES:
-                        if at + 5 > clen:
-                            bad = i
-                            break
-                        vlen = 1 + 4 + get_u32(p + at + 1)
-                    elif tag == OBJECT_REFERENCE:
-                        if at + 3 > clen:
-                            bad = i
-                            break
-                        vlen = 1 + 2 + get_u16(p + at + 1)
-                    elif tag == OBJECT_NUMBER:
-                        vlen = 1 + 8
-                    else:
-                        vlen = 1 + 1
-                    if value_start + vlen + 47 > clen:
-                        bad = i
-                        break
-                    ptrs[inputs + 3] = p + value_start
-                    sizes[inputs + 3] = vlen
+                    add_key_input(ptrs, sizes, inputs + KEY_SUBJECT, a.subject)
+                    add_key_input(ptrs, sizes, inputs + KEY_PREDICATE, a.predicate)
+                    add_key_input(ptrs, sizes, inputs + KEY_PAIR, a.pair)
+                    add_key_input(ptrs, sizes, inputs + KEY_OBJECT, a.object)
                     inputs += KEYS_PER_RECORD
-                    at = value_start + vlen
-                    confidence[i] = get_f32(p + at)
-                    timestamp[i] = get_u64(p + at + 4)
-                    source_class[i] = p[at + 12]
-                    lifecycle[i] = p[at + 13]
-                    at += 14 + 32
-                    mask = p[at]
-                    at += 1
-                    if mask & 1:
-                        if at + 32 > clen:
-                            bad = i
-                            break
-                        target[i] = get_u64(p + at)
-                        at += 32
-                    if mask & 2:
-                        if at + 32 > clen:
-                            bad = i
-                            break
-                        epoch[i] = get_u64(p + at)
-                elif p[1] == KIND_VOTE:
-                    if at + 44 > clen:
-                        bad = i
-                        break
-                    target[i] = get_u64(p + at)
-                    confidence[i] = get_f32(p + at + 32)
-                    timestamp[i] = get_u64(p + at + 36)
-                elif p[1] == KIND_EPOCH:
-                    if at + 2 > clen:
-                        bad = i
-                        break
-                    slen = get_u16(p + at)
-                    if at + 6 + slen > clen:
-                        bad = i
-                        break
-                    vlen = get_u32(p + at + 2 + slen)
-                    if at + 2 + slen + 4 + vlen + 8 > clen:
-                        bad = i
-                        break
-                    timestamp[i] = get_u64(p + at + 6 + slen + vlen)
-                elif p[1] == KIND_ENVELOPE:
-                    if at + 8 > clen:
-                        bad = i
-                        break
-                    timestamp[i] = get_u64(p + at)
+                    confidence[i] = a.confidence
+                    timestamp[i] = a.timestamp
+                    source_class[i] = a.source_class
+                    lifecycle[i] = a.lifecycle
+                    if a.parent_hash != NULL:
+                        target[i] = get_u64(a.parent_hash)
+                    if a.epoch != NULL:
+                        epoch[i] = get_u64(a.epoch)
+                elif f.kind == KIND_VOTE:
+                    target[i] = get_u64(f.fields.vote.assertion_id)
+                    confidence[i] = f.fields.vote.weight
+                    timestamp[i] = f.fields.vote.timestamp
+                elif f.kind == KIND_EPOCH:
+                    timestamp[i] = f.fields.epoch.timestamp
+                else:
+                    timestamp[i] = f.fields.envelope.timestamp
         if bad >= 0:
-            raise InvalidRecord(f"record {bad}: fields do not fit its {lens[bad]} bytes")
+            raise InvalidRecord(f"record {bad}: {parse_failure(&r)}")
         if inputs:
             digests = <uint8_t*>malloc(inputs * ID_SIZE)
             if digests == NULL:
@@ -1342,10 +1514,10 @@ def extract_columns(buffer, positions, lengths):
                 for i in range(n):
                     j = owner[i]
                     if j >= 0:
-                        subject[i] = get_u64(digests + j * ID_SIZE)
-                        predicate[i] = get_u64(digests + (j + 1) * ID_SIZE)
-                        pair[i] = get_u64(digests + (j + 2) * ID_SIZE)
-                        obj[i] = get_u64(digests + (j + 3) * ID_SIZE)
+                        subject[i] = get_u64(digests + (j + KEY_SUBJECT) * ID_SIZE)
+                        predicate[i] = get_u64(digests + (j + KEY_PREDICATE) * ID_SIZE)
+                        pair[i] = get_u64(digests + (j + KEY_PAIR) * ID_SIZE)
+                        obj[i] = get_u64(digests + (j + KEY_OBJECT) * ID_SIZE)
     finally:
         free(ptrs)
         free(sizes)
@@ -1357,14 +1529,15 @@ def extract_columns(buffer, positions, lengths):
 def envelope_proofs(buffer, offsets):
     """For each record: (envelope ID, its single signer key, ok flag) as arrays.
 
-    ok is False unless the record has exactly one signer and an envelope proof;
-    the IDs and keys of such records are zero.
+    ok is False unless the record has exactly one signer and an envelope proof
+    that ends the record; the IDs and keys of other records are zero. Only the
+    header and the proof are walked: content_length says where the proof is.
     """
     cdef const uint8_t[::1] view = buffer
     cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
     cdef Py_ssize_t i, n = offs.shape[0] - 1, length
-    cdef uint32_t clen
-    cdef const uint8_t* p
+    cdef Reader r
+    cdef RecordFields f
     envelopes = np.zeros((n, ID_SIZE), dtype=np.uint8)
     signers = np.zeros((n, KEY_SIZE), dtype=np.uint8)
     ok = np.zeros(n, dtype=np.bool_)
@@ -1373,15 +1546,13 @@ def envelope_proofs(buffer, offsets):
     cdef uint8_t[::1] okv = ok.view(np.uint8)
     with nogil:
         for i in range(n):
-            p = &view[0] + offs[i]
             length = offs[i + 1] - offs[i]
-            if length < HEADER_SIZE + 1 + KEY_SIZE + 1 + ID_SIZE:
+            walk_header(&r, &f, &view[0] + offs[i], length)
+            if (not walk_proof(&r, &f) or r.pos != length or f.signers.size != KEY_SIZE
+                    or f.proof.kind != PROOF_ENVELOPE):
                 continue
-            clen = get_u32(p + 2)
-            if clen + 1 + ID_SIZE != length or p[HEADER_SIZE] != 1 or p[clen] != PROOF_ENVELOPE:
-                continue
-            memcpy(&sv[i, 0], p + HEADER_SIZE + 1, KEY_SIZE)
-            memcpy(&ev[i, 0], p + clen + 1, ID_SIZE)
+            memcpy(&sv[i, 0], f.signers.data, KEY_SIZE)
+            memcpy(&ev[i, 0], f.proof.envelope, ID_SIZE)
             okv[i] = 1
     return envelopes, signers, ok
 

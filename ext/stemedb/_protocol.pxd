@@ -6,12 +6,13 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
+from stemedb._codec cimport ID_SIZE  # record IDs travel in GET, PUT replies and envelope proofs
+
 
 cdef enum:
     HEADER_SIZE = 12            # magic:2 opcode:u8 flags:u8 request_id:u32 length:u32
     MAGIC_0 = 0x53              # 'S'
     MAGIC_1 = 0x44              # 'D'
-    ID_SIZE = 32                # record ID (BLAKE3-256)
 
 
 cdef enum FrameFlag:

@@ -9,15 +9,19 @@ ProtocolError) carrying the error code to answer with.
 
 Must never: touch sockets, the clock or the database, or decode record
 contents (records travel as opaque, length-delimited byte strings here;
-stemedb._codec decodes them). Constants cite docs/protocol.md, and
-tests/test_protocol.py checks them against the document.
+stemedb._codec decodes them). The one exception, group signing on the
+client, walks records with _codec's parse_header and parse_proof. Constants
+cite docs/protocol.md, and tests/test_protocol.py checks them against the
+document.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-from stemedb._bytes cimport get_u16, get_u32, put_u16, put_u32
+from stemedb._bytes cimport SIZE_U8, get_u16, get_u32, put_u8, put_u16, put_u32
+from stemedb._codec cimport (KEY_SIZE, KIND_ENVELOPE, PROOF_ENVELOPE, PROOF_NONE, Reader,
+                             RecordFields, parse_failure, parse_header, parse_proof, write_header)
 
 import numpy as np
 
@@ -668,7 +672,7 @@ def decode_scan(payload):
     kind = take_u8(&c, "kind")
     limit = take_u32(&c, "limit")
     finish(&c, "SCAN")
-    if kind > 4:
+    if kind > KIND_ENVELOPE:
         raise FrameError(f"SCAN: unknown record kind {kind}")
     return subject, predicate, kind, limit
 
@@ -738,17 +742,13 @@ def decode_error(payload):
 
 # ----------------------------------------------------------------------------
 # Group signing on the client, byte for byte (docs/format.md, "Record
-# encoding"): the one place this module touches the layout of a record. It
-# rewrites already-encoded unsigned records into members of an envelope —
-# signer key inserted in the content, proof = envelope reference — without
-# building a Python object per record. tests/test_protocol.py checks the bytes
-# against Signer.sign_batch.
-
-cdef enum:
-    RECORD_HEADER = 6            # version:u8 kind:u8 content_length:u32
-    KEY_SIZE = 32                # Ed25519 public key
-    ENVELOPE_PROOF = 2           # proof_kind "envelope", followed by its 32-byte ID
-
+# encoding"): the one place this module touches records. It rewrites
+# already-encoded unsigned records into members of an envelope — signer key
+# inserted in the content, proof = envelope reference — without building a
+# Python object per record. The records are walked with the codec's own
+# parse_header / parse_proof (stemedb._codec.pxd), so the layout is not
+# described here again. tests/test_protocol.py checks the bytes against
+# Signer.sign_batch.
 
 def envelope_members(blob, offsets, bytes signer_key):
     """(members blob, offsets): the records as members of an envelope by `signer_key`.
@@ -760,68 +760,71 @@ def envelope_members(blob, offsets, bytes signer_key):
     """
     cdef const uint8_t[::1] view = blob
     cdef const int64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.int64)
-    cdef Py_ssize_t n = offs.shape[0] - 1, i, start, length, size = 0
-    cdef uint32_t clen
-    cdef const uint8_t* p
+    cdef Py_ssize_t n = offs.shape[0] - 1, i, length, size = 0
+    cdef Reader r
+    cdef RecordFields f
     cdef const uint8_t* key
     cdef uint8_t* q
+    cdef uint8_t* p
     if len(signer_key) != KEY_SIZE:
         raise ValueError("signer_key: expected 32 bytes")
     key = <const uint8_t*>PyBytes_AS_STRING(signer_key)
     if n < 0 or (n > 0 and (offs[0] < 0 or offs[n] > view.shape[0])):
         raise ValueError("offsets: outside the blob")
     for i in range(n):
-        start = offs[i]
-        length = offs[i + 1] - start
-        if length < RECORD_HEADER + 2:
-            raise ValueError(f"records[{i}]: truncated")
-        p = &view[start]
-        clen = get_u32(p + 2)
-        if clen + 1 != length or p[clen] != 0:
-            raise ValueError(f"records[{i}]: not an unsigned record")
-        if p[RECORD_HEADER] == 0:
-            size += length + KEY_SIZE + KEY_SIZE
-        elif (p[RECORD_HEADER] == 1 and length >= RECORD_HEADER + 1 + KEY_SIZE
-              and memcmp(p + RECORD_HEADER + 1, key, KEY_SIZE) == 0):
-            size += length + KEY_SIZE
-        else:
+        length = offs[i + 1] - offs[i]
+        if length < 0:
+            raise ValueError(f"offsets[{i + 1}]: decreasing")
+        parse_header(&r, &f, &view[0] + offs[i], length)
+        if not parse_proof(&r, &f):
+            raise ValueError(f"records[{i}]: {parse_failure(&r)}")
+        if f.proof.kind != PROOF_NONE or r.pos != length:
+            raise ValueError(f"records[{i}]: not an unsigned record (proof kind {f.proof.kind}, "
+                             f"{length - r.pos} bytes after the proof)")
+        if f.signers.size == 0:
+            size += KEY_SIZE  # the signer key goes into the content
+        elif f.signers.size != KEY_SIZE or memcmp(f.signers.data, key, KEY_SIZE) != 0:
             raise ValueError(f"records[{i}]: declares other signers than the envelope's")
+        size += length + ID_SIZE  # the proof gains the envelope ID
     out = bytearray(size)
     result = np.empty(n + 1, dtype=np.int64)
     cdef int64_t[::1] out_offs = result
     q = <uint8_t*>(<char*>out) if size else NULL
-    cdef Py_ssize_t at = 0
+    p = q
     out_offs[0] = 0
     for i in range(n):
-        start = offs[i]
-        p = &view[start]
-        clen = get_u32(p + 2)
-        if p[RECORD_HEADER] == 0:
-            memcpy(q + at, p, RECORD_HEADER)
-            put_u32(q + at + 2, clen + KEY_SIZE)
-            q[at + RECORD_HEADER] = 1
-            memcpy(q + at + RECORD_HEADER + 1, key, KEY_SIZE)
-            memcpy(q + at + RECORD_HEADER + 1 + KEY_SIZE, p + RECORD_HEADER + 1, clen - RECORD_HEADER - 1)
-            at += clen + KEY_SIZE
+        parse_header(&r, &f, &view[0] + offs[i], offs[i + 1] - offs[i])  # checked above
+        parse_proof(&r, &f)
+        if f.signers.size == 0:
+            p = write_header(p, f.kind, <uint32_t>(f.content.size + KEY_SIZE), 1)
+            memcpy(p, key, KEY_SIZE)
+            memcpy(p + KEY_SIZE, f.body.data, f.body.size)
+            p += KEY_SIZE + f.body.size
         else:
-            memcpy(q + at, p, clen)
-            at += clen
-        q[at] = ENVELOPE_PROOF
-        memset(q + at + 1, 0, KEY_SIZE)
-        at += 1 + KEY_SIZE
-        out_offs[i + 1] = at
+            memcpy(p, f.content.data, f.content.size)
+            p += f.content.size
+        p = put_u8(p, PROOF_ENVELOPE)
+        memset(p, 0, ID_SIZE)  # the envelope ID, known once the members are hashed
+        p += ID_SIZE
+        out_offs[i + 1] = p - q
     return out, result
 
 
 def set_envelope_id(bytearray blob, offsets, bytes envelope_id):
-    """Write `envelope_id` into the proof (the last 32 bytes) of every record of `blob`."""
+    """Write `envelope_id` into the proof of every record of `blob` (envelope members)."""
     cdef const int64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.int64)
-    cdef Py_ssize_t i, n = offs.shape[0] - 1, end
+    cdef Py_ssize_t i, n = offs.shape[0] - 1, start, length
     cdef uint8_t* q = <uint8_t*>(<char*>blob)
-    if len(envelope_id) != KEY_SIZE:
+    cdef Reader r
+    cdef RecordFields f
+    if len(envelope_id) != ID_SIZE:
         raise ValueError("envelope_id: expected 32 bytes")
     for i in range(n):
-        end = offs[i + 1]
-        if end - offs[i] < KEY_SIZE + 1 or end > len(blob) or q[end - KEY_SIZE - 1] != ENVELOPE_PROOF:
+        start = offs[i]
+        length = offs[i + 1] - start
+        if start < 0 or length < 0 or offs[i + 1] > len(blob):
+            raise ValueError(f"records[{i}]: offsets outside the blob")
+        parse_header(&r, &f, q + start, length)
+        if not parse_proof(&r, &f) or r.pos != length or f.proof.kind != PROOF_ENVELOPE:
             raise ValueError(f"records[{i}]: not an envelope member")
-        memcpy(q + end - KEY_SIZE, PyBytes_AS_STRING(envelope_id), KEY_SIZE)
+        memcpy(<uint8_t*>f.proof.envelope, PyBytes_AS_STRING(envelope_id), ID_SIZE)
