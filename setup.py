@@ -23,6 +23,7 @@ MODULES = {
     "_index": ["ext/stemedb/_index.pyx"],
     "_segment": ["ext/stemedb/_segment.pyx", "ext/stemedb/blake3_impl.c"],
     "_protocol": ["ext/stemedb/_protocol.pyx"],
+    "_reconcile": ["ext/stemedb/_reconcile.pyx", "ext/stemedb/blake3_impl.c"],
 }
 
 extensions = [
