@@ -113,9 +113,10 @@ def parse_fields(vector: dict) -> dict:
         return {"role": P.decode_role(payload)} if response else {"token": P.decode_auth(payload)}
     if opcode == P.PING:
         return {"data": payload.hex()}
-    if opcode in (P.PUT, P.GET) and (response == (opcode == P.PUT)):
+    writes = (P.PUT, P.VOTE, P.EPOCH)
+    if opcode in (*writes, P.GET) and (response == (opcode in writes)):
         return {"ids": [bytes(row).hex() for row in P.decode_ids(payload)]}
-    if opcode in (P.PUT, P.GET, P.SCAN) and (opcode != P.SCAN or response):
+    if opcode in (*writes, P.GET, P.SCAN) and (opcode != P.SCAN or response):
         blob, offsets = P.decode_record_batch(payload, opcode == P.GET)
         return {"records": [bytes(blob[offsets[i]:offsets[i + 1]]).hex() for i in range(len(offsets) - 1)]}
     if opcode == P.QUERY:
@@ -132,7 +133,7 @@ def parse_fields(vector: dict) -> dict:
         P.decode_empty(payload, "STATS")
         return {}
     if opcode == P.AUDIT:
-        return {"limit": P.decode_u32(payload, "limit")}
+        return {"text": P.decode_text(payload)} if response else {"limit": P.decode_u32(payload, "limit")}
     raise AssertionError(vector["name"])
 
 
@@ -172,7 +173,7 @@ def build_payload(vector: dict) -> bytes:
     if opcode == P.STATS:
         return P.encode_text(f["text"]) if response else b""
     if opcode == P.AUDIT:
-        return P.encode_u32(f["limit"])
+        return P.encode_text(f["text"]) if response else P.encode_u32(f["limit"])
     raise AssertionError(vector["name"])
 
 

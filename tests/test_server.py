@@ -339,3 +339,36 @@ async def test_query_through_the_resolution_engine(db):
         entries = json.loads(_protocol.decode_text(
             (await client.call(_protocol.AUDIT, _protocol.encode_u32(10))).payload))
         assert len(entries) == 1 and entries[0]["agent"] == server.auth.anonymous(LOOPBACK).name
+
+
+@pytest.mark.trio
+async def test_a_live_server_answers_the_wire_vectors(db):
+    """The request frames of tests/vectors/protocol.json, byte for byte, get the vectors' answers."""
+    import pathlib
+
+    document = json.loads((pathlib.Path(__file__).parent / "vectors" / "protocol.json").read_text())
+    vectors = {v["name"]: v for v in document["vectors"]}
+    server = Server(db, config())
+    async with served(server) as client:
+        await client.hello()
+        for name in ("put-request", "get-request", "vote-request", "epoch-request", "ping-request"):
+            await client.send_raw(bytes.fromhex(vectors[name]["hex"]))
+            answer = await client.frame()
+            assert answer is not None
+            expected = vectors[name.replace("-request", "-response")]
+            raw = _protocol.encode_frame(answer.opcode, answer.flags, answer.request_id, answer.payload)
+            assert raw.hex() == expected["hex"], name
+        put = vectors["put-request"]["fields"]["records"][0]
+        claim = stemedb.decode(bytes.fromhex(put))
+        await client.call(_protocol.QUERY, _protocol.encode_query(
+            claim.subject, claim.predicate, "recency", json.dumps({"audit": True})))
+        await client.send_raw(bytes.fromhex(vectors["audit-request"]["hex"]))
+        answer = await client.frame()
+    assert answer is not None and (answer.opcode, answer.flags, answer.request_id) == (
+        _protocol.AUDIT, _protocol.RESPONSE, vectors["audit-response"]["request_id"])
+    (entry,) = json.loads(_protocol.decode_text(answer.payload))
+    (example,) = json.loads(vectors["audit-response"]["fields"]["text"])
+    assert entry.keys() == example.keys() and entry["filters"].keys() == example["filters"].keys()
+    assert entry["results"]["treats"].keys() == example["results"]["treats"].keys()
+    assert (entry["subject"], entry["lens"], entry["results"]["treats"]["winner"]) == (
+        example["subject"], example["lens"], example["results"]["treats"]["winner"])
