@@ -75,7 +75,7 @@ def vectors() -> list[dict]:
     vote = Vote(claim.id, 1.0, timestamp=T).sign(SIGNER)
     epoch = Epoch("guidelines-2024", "first edition", timestamp=T).sign(SIGNER)
     audit = json.dumps([{
-        "v": 1, "at": T, "agent": "local:127.0.0.1", "subject": "aspirin", "predicate": "treats",
+        "v": 1, "at": T, "agent": "local:127.0.0.1:40000", "subject": "aspirin", "predicate": "treats",
         "lens": "recency",
         "filters": {"lifecycle": "any", "as_of": None, "epoch": None, "decay": False, "now": None},
         "results": {"treats": {"winner": claim.id.hex(), "value": {"ref": "headache"}, "confidence": 1.0,
