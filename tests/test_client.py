@@ -10,12 +10,14 @@ from typing import Any
 import anyio
 import pytest
 import trio
+import trio.testing
 import trustme
 from test_server_support import OTHER, SIGNER, BackgroundServer, background_server, claims
 
 import stemedb
 from stemedb import _protocol
 from stemedb.client import ConnectionLost, RequestTimeout, Unsupported, connect, connect_async
+from stemedb.client._wire import InvalidRequest
 from stemedb.errors import AuthError, InvalidRecord, NotFound, RateLimited, SignatureError
 from stemedb.server import RateSpec, ServerConfig, Token, hash_token
 
@@ -47,6 +49,11 @@ def test_blocking_client_operations(running):
         answer = client.query("s0", "p", lens="recency", lifecycle="any")
         assert answer["winner"]["id"] == records[0].id.hex()
         assert answer["records"][0] == records[0]
+        assert client.audit() == []  # nothing audited yet
+        client.query("s1", "p", lens="consensus", audit=True)
+        (entry,) = client.audit(5)
+        assert (entry["subject"], entry["predicate"], entry["agent"][:16]) == ("s1", "p", "local:127.0.0.1:")
+        assert entry["lens"].startswith("consensus") and entry["results"]["p"]["winner"] == records[1].id.hex()
         tampered = records[0]._with_proof(records[0].signers, ((0, bytes(64)),), None)
         with pytest.raises(SignatureError):
             client.put(tampered)
@@ -56,7 +63,11 @@ def test_blocking_client_operations(running):
     assert len(running.db) == 18
 
 
-def test_writer_groups_many_threads_into_few_signed_batches(running):
+def stored_envelopes(db: stemedb.Database) -> list[Any]:
+    return list(db.scan(kind="envelope"))
+
+
+def test_writer_signs_each_batch_with_one_envelope(running):
     with connect(running.url) as client, client.writer(SIGNER, linger=0.005) as writer:
         results: dict[int, bytes] = {}
 
@@ -70,17 +81,66 @@ def test_writer_groups_many_threads_into_few_signed_batches(running):
             thread.start()
         for thread in threads:
             thread.join()
+        threaded_batches = writer.batches_sent
         tickets = writer.submit_many([stemedb.Assertion("bulk", "n", i) for i in range(3000)])
         bulk = [ticket.result(30) for ticket in tickets]
         with pytest.raises(SignatureError):
             writer.submit(stemedb.Assertion("x", "y", 1, signers=[OTHER.public_key]))
         with pytest.raises(InvalidRecord):
             writer.submit(b"not a record")
-    assert len(results) == 400 and len(set(bulk)) == 3000
+    assert len(set(results.values())) == 400 and len(set(bulk)) == 3000
+    # Nothing was waiting when the bulk submit came: its 3,000 records are one batch.
+    assert writer.batches_sent == threaded_batches + 1
     stored = running.db.get_many(list(results.values()) + bulk)
     assert all(r is not None and r.signers == (SIGNER.public_key,) and r.envelope for r in stored)
-    assert writer.batches_sent < 400 + 3000 // 100  # grouped, not one envelope per record
+    envelopes = stored_envelopes(running.db)
+    assert len(envelopes) == writer.batches_sent  # one envelope, one signature, per batch
+    assert sorted(len(e.members) for e in envelopes)[-1] == 3000
+    assert sum(len(e.members) for e in envelopes) == 3400
+    for envelope in envelopes:
+        stemedb.verify_batch(envelope, running.db.get_many(list(envelope.members)))
     print(f"\nwriter: 3,400 records from 16 threads + one bulk submit in {writer.batches_sent} signed batches")
+
+
+def test_writer_groups_records_that_arrive_while_a_batch_is_in_flight(running):
+    """16 puts, 15 of them while the first batch is held on the server: at most 3 batches."""
+    entered, release = threading.Event(), threading.Event()
+    real_put = running.server.service.put_encoded
+
+    def held_put(*args: Any) -> Any:
+        if not entered.is_set():
+            entered.set()
+            release.wait(30)
+        return real_put(*args)
+
+    running.server.service.put_encoded = held_put
+    ids: list[bytes] = []
+    lock = threading.Lock()
+    with connect(running.url) as client, client.writer(SIGNER, linger=0, max_batches_in_flight=1) as writer:
+
+        def put(i: int) -> None:
+            record_id = writer.put(stemedb.Assertion("held", "n", i))
+            with lock:
+                ids.append(record_id)
+
+        first = threading.Thread(target=put, args=(0,))
+        first.start()
+        assert entered.wait(30)
+        others = [threading.Thread(target=put, args=(i,)) for i in range(1, 16)]
+        for thread in others:
+            thread.start()
+        deadline = time.monotonic() + 30  # a hang guard, not a measurement
+        while sum(len(batch.records) for batch in writer._unanswered) < 16:
+            assert time.monotonic() < deadline, "the writers never queued"
+            time.sleep(0.001)
+        release.set()
+        for thread in [first, *others]:
+            thread.join()
+    # The first batch, then what the flusher took before its slot was free, then the rest.
+    assert 2 <= writer.batches_sent <= 3 and len(set(ids)) == 16
+    envelopes = stored_envelopes(running.db)
+    assert len(envelopes) == writer.batches_sent
+    assert sorted(m for e in envelopes for m in e.members) == sorted(ids)
 
 
 def test_timeouts_and_reconnect(running):
@@ -109,17 +169,19 @@ def test_timeouts_and_reconnect(running):
             first = writer.put(stemedb.Assertion("w", "p", 1))
             client._conn.transport.sock.shutdown(2)
             second = writer.put(stemedb.Assertion("w", "p", 2))
-        assert running.db.get_many([first, second]) != [None, None]
+        stored = running.db.get_many([first, second])
+        assert [r.object if r is not None else None for r in stored] == [1, 2]  # both acknowledged: both kept
     with pytest.raises(ConnectionLost):
         connect("stemedb://127.0.0.1:1", retries=1, connect_timeout=0.5)
 
 
 def test_tokens_and_rate_limits_through_the_client(tmp_path):
+    """The server runs on a mock clock that stands still: the limit is exact, whatever the load."""
     settings = ServerConfig(listen="127.0.0.1:0", http=None)
     settings.tokens = [Token("reader", _protocol.ROLE_READ, hash_token("read-token-0123456789")),
                        Token("writer", _protocol.ROLE_WRITE, hash_token("write-token-0123456789"))]
     settings.operation_rates = {"ping": RateSpec(1.0, 1.0)}
-    with background_server(tmp_path / "data", settings) as server:
+    with background_server(tmp_path / "data", settings, clock=trio.testing.MockClock()) as server:
         with pytest.raises(AuthError, match="requires a token"):
             connect(server.url)
         with pytest.raises(AuthError, match="unknown token"):
@@ -130,7 +192,13 @@ def test_tokens_and_rate_limits_through_the_client(tmp_path):
             reader.ping()
             with pytest.raises(RateLimited) as limited:
                 reader.ping()
-            assert 0 < limited.value.retry_after <= 1.01
+            assert limited.value.retry_after == pytest.approx(1.0, abs=1e-3)  # 1/s, no time passed
+            server.advance(limited.value.retry_after * 0.5)
+            with pytest.raises(RateLimited) as still:
+                reader.ping()
+            assert still.value.retry_after == pytest.approx(0.5, abs=1e-3)
+            server.advance(still.value.retry_after)
+            assert reader.ping() > 0
         with connect(server.url, token="write-token-0123456789") as writer:
             assert writer.put(claims(1)[0])
         assert len(server.db) == 1
@@ -186,11 +254,17 @@ async def exercise_async_client(url: str) -> None:
         assert await client.vote(vote) == vote.id
         assert len(await client.scan(subject="async0")) == 1
         assert (await client.stats())["records"] >= 5
-        try:
-            answer = await client.query("async0", "p", lens="recency")
-            assert answer["winner"]["subject"] == "async0" and answer["records"][0] == records[0]
-        except Unsupported:  # a build without the resolution engine
-            pass
+        epoch = stemedb.Epoch(f"{records[0].subject}-epoch").sign(SIGNER)
+        assert await client.epoch(epoch) == epoch.id
+        assert await client.get(epoch.id) == epoch
+        with pytest.raises(InvalidRequest, match="expected a epoch"):
+            await client.epoch(records[1])
+        answer = await client.query("async0", "p", lens="recency", audit=True)
+        assert answer["winner"]["subject"] == "async0" and answer["records"][0] == records[0]
+        entries = await client.audit(10)
+        assert [(e["subject"], e["lens"]) for e in entries[:1]] == [("async0", "recency")]
+        with pytest.raises(Unsupported):
+            await client._request(0x40, b"", None)  # replication: not offered yet
         writer = client.writer(SIGNER)
         ids: list[bytes] = []
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
+from faults import FaultyFiles
 
 import stemedb
 from stemedb import Assertion, Epoch, Vote
@@ -159,48 +161,144 @@ def test_reopen_without_close_replays_the_log(tmp_path):
         assert again.get_many([r.id for r in records]) == records
 
 
-def test_writer_signs_each_batch_with_one_envelope(db):
-    writer = db.writer(SIGNER)
-    results: list[bytes] = []
-    lock = threading.Lock()
+def test_writer_signs_each_batch_with_one_envelope(tmp_path):
+    # The default segments of a test store (4 MiB): no batch is split by a roll, so batches == envelopes.
+    with stemedb.open(tmp_path / "db") as db:
+        writer = db.writer(SIGNER)
+        results: list[bytes] = []
+        lock = threading.Lock()
 
-    def work(t: int) -> None:
-        for i in range(50):
-            record_id = writer.put(Assertion("w", "p", t * 1000 + i, timestamp=i))
+        def work(t: int) -> None:
+            for i in range(50):
+                record_id = writer.put(Assertion("w", "p", t * 1000 + i, timestamp=i))
+                with lock:
+                    results.append(record_id)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(set(results)) == 400
+        stats = db.stats()
+        assert stats["by_kind"]["assertion"] == 400
+        envelopes = list(db.scan(kind="envelope"))
+        assert len(envelopes) == stats["writes"]["batches"]  # exactly one envelope per batch
+        members_of: dict[bytes, list[bytes]] = {}
+        for record in db.get_many(results):
+            assert record.signers == (SIGNER.public_key,) and record.envelope is not None
+            members_of.setdefault(record.envelope, []).append(record.id)
+        assert sum(len(e.members) for e in envelopes) == 400
+        for envelope in envelopes:
+            assert sorted(envelope.members) == sorted(members_of[envelope.id])
+            stemedb.verify_batch(envelope, db.get_many(list(envelope.members)))
+        with pytest.raises(stemedb.SignatureError, match="other signers"):
+            writer.put(Assertion("w", "p", 1).sign(OTHER))
+
+
+def hold_next_sync(db: stemedb.Database, files: FaultyFiles, waiting: int) -> threading.Event:
+    """Hold the next fdatasync until `waiting` more writers have queued behind its batch.
+
+    Returns an event set once the sync was let go. The writers that queued
+    meanwhile must all be served by the next batch, with one fsync: that is
+    group commit.
+    """
+    released = threading.Event()
+    armed = [True]
+
+    def hook(_files: FaultyFiles, method: str, _number: int, phase: str) -> None:
+        if method != "fdatasync" or phase != "before" or not armed[0]:
+            return
+        armed[0] = False
+        deadline = time.monotonic() + 60  # a hang guard, not a measurement
+        while len(db._commit._queue) < waiting:
+            assert time.monotonic() < deadline, "the other writers never queued"
+            time.sleep(0.001)
+        released.set()
+
+    files.hooks.append(hook)
+    return released
+
+
+def leading(db: stemedb.Database) -> None:
+    """Wait until a writer leads a batch (it took the queue, its sync is pending)."""
+    deadline = time.monotonic() + 60
+    while db._commit._queue or not db._commit._leader_active:
+        assert time.monotonic() < deadline, "no writer became the leader"
+        time.sleep(0.001)
+
+
+def test_group_commit_serves_every_queued_writer_with_one_fsync(tmp_path):
+    """While one batch syncs, 7 writers queue; the next batch takes all 7 with one fsync."""
+    files = FaultyFiles(tmp_path, sync_for_real=False)
+    with stemedb.open(tmp_path / "db", files=files) as db:
+        records = [claim(i) for i in range(8)]
+        before = db.stats()["writes"]
+        released = hold_next_sync(db, files, waiting=7)
+        first = threading.Thread(target=db.put, args=(records[0],))
+        first.start()
+        leading(db)
+        others = [threading.Thread(target=db.put, args=(r,)) for r in records[1:]]
+        for thread in others:
+            thread.start()
+        for thread in [first, *others]:
+            thread.join()
+        assert released.is_set()
+        after = db.stats()["writes"]
+        assert after["fsyncs"] - before["fsyncs"] == 2
+        assert after["batches"] - before["batches"] == 2
+        assert after["max_writers_per_batch"] == 7
+        assert after["records_written"] - before["records_written"] == 8
+        assert db.get_many([r.id for r in records]) == records
+
+
+def test_writer_signs_the_queued_writers_with_one_envelope(tmp_path):
+    files = FaultyFiles(tmp_path, sync_for_real=False)
+    with stemedb.open(tmp_path / "db", files=files) as db:
+        writer = db.writer(SIGNER)
+        released = hold_next_sync(db, files, waiting=5)
+        ids: list[bytes] = []
+        lock = threading.Lock()
+
+        def put(i: int) -> None:
+            record_id = writer.put(Assertion("g", "p", i, timestamp=i))
             with lock:
-                results.append(record_id)
+                ids.append(record_id)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == 400
-    stats = db.stats()
-    assert stats["by_kind"]["assertion"] == 400
-    assert 1 <= stats["by_kind"]["envelope"] <= 400
-    stored = db.get(results[0])
-    assert stored.signers == (SIGNER.public_key,) and stored.envelope is not None
-    envelope = db.get(stored.envelope)
-    stemedb.verify_batch(envelope, [stored])
-    with pytest.raises(stemedb.SignatureError, match="other signers"):
-        writer.put(Assertion("w", "p", 1).sign(OTHER))
+        first = threading.Thread(target=put, args=(0,))
+        first.start()
+        leading(db)
+        others = [threading.Thread(target=put, args=(i,)) for i in range(1, 6)]
+        for thread in others:
+            thread.start()
+        for thread in [first, *others]:
+            thread.join()
+        assert released.is_set()
+        envelopes = list(db.scan(kind="envelope"))
+        assert sorted(len(e.members) for e in envelopes) == [1, 5]
+        assert sorted(m for e in envelopes for m in e.members) == sorted(ids)
 
 
-def test_concurrent_put_from_threads(db):
+def test_concurrent_put_from_threads(tmp_path):
     records = [claim(i) for i in range(400)]
+    with stemedb.open(tmp_path / "db") as db:  # 4 MiB segments: no roll adds a sync of its own
 
-    def work(chunk):
-        for record in chunk:
-            db.put(record)
+        def work(chunk):
+            for record in chunk:
+                db.put(record)
 
-    threads = [threading.Thread(target=work, args=(records[t::4],)) for t in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert db.stats()["records"] == 400
-    assert db.stats()["writes"]["fsyncs"] <= 400
+        threads = [threading.Thread(target=work, args=(records[t::4],)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stats = db.stats()
+        assert stats["records"] == 400 and db.get_many([r.id for r in records]) == records
+        writes = stats["writes"]
+        # One fsync per batch, never one per record; how many batches the threads form
+        # depends on scheduling (test_group_commit_serves_every_queued_writer_... pins that down).
+        assert writes["fsyncs"] == writes["batches"]
+        assert writes["records_written"] == 400
 
 
 def test_durability_modes(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -709,10 +710,21 @@ def test_queries_run_while_writers_append(db, monkeypatch):
     assert q.query(db, "aspirin", "p0", lens="consensus").winner == fresh.winner
 
 
-def test_warm_up_is_idempotent():
+def test_warm_up_is_idempotent(monkeypatch):
+    from stemedb.lenses import _kernels
+
+    q.warm_up()
+    assert q._warm_done.is_set()
+    # Every kernel the warm-up touches is compiled for the types queries pass.
+    assert _kernels.select_pair.signatures and _kernels.resolve_pair.signatures
+    compiles: list[str] = []
+    monkeypatch.setattr(_kernels, "warm_up", lambda: compiles.append("again"))
+    threads_before = {t.name for t in threading.enumerate()}
     q.warm_up()
     q.warm_up(background=True)
     q.warm_up()
+    assert compiles == []  # once per process: later calls neither compile nor start a thread
+    assert "stemedb-jit-warm-up" not in {t.name for t in threading.enumerate()} - threads_before
 
 
 def test_the_custom_lens_example_of_the_docs(db):

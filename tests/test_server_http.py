@@ -5,10 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import time
 from typing import Any
 
 import pytest
+import trio.testing
 from test_server_support import SIGNER, background_server, claims
 
 import stemedb
@@ -125,8 +125,9 @@ def tokens_config(**changes: Any) -> ServerConfig:
 
 
 def test_bearer_tokens_roles_and_rate_limits(tmp_path):
+    """The server's mock clock stands still, so the rate limit's answers are exact under any load."""
     settings = tokens_config(operation_rates={"get": RateSpec(1.0, 2.0)})
-    with background_server(tmp_path / "data", settings) as running:
+    with background_server(tmp_path / "data", settings, clock=trio.testing.MockClock()) as running:
         record = claims(1)[0]
         body = {"records": [record.encode().hex()]}
         status, headers, answer = request(running.http, "POST", "/v1/assert", body)
@@ -142,36 +143,41 @@ def test_bearer_tokens_roles_and_rate_limits(tmp_path):
         assert request(running.http, "GET", "/health")[0] == 200
         path = f"/v1/records/{record.id.hex()}"
         statuses = [request(running.http, "GET", path, token="read-token-0123456789") for _ in range(4)]
-        assert [s for s, _, _ in statuses][:2] == [200, 200]
-        limited = [(h, a) for s, h, a in statuses if s == 429]
-        assert limited and limited[0][1]["error"] == "rate_limited" and int(limited[0][0]["retry-after"]) >= 1
-        time.sleep(limited[0][1]["retry_after"])
+        assert [s for s, _, _ in statuses] == [200, 200, 429, 429]  # a burst of 2, then 1/s
+        _, headers, answer = statuses[2]
+        assert answer["error"] == "rate_limited" and headers["retry-after"] == "1"
+        assert answer["retry_after"] == pytest.approx(1.0, abs=1e-3)
+        running.advance(answer["retry_after"] * 0.5)
+        status, _, early = request(running.http, "GET", path, token="read-token-0123456789")
+        assert status == 429 and early["retry_after"] == pytest.approx(0.5, abs=1e-3)
+        running.advance(early["retry_after"])
         assert request(running.http, "GET", path, token="read-token-0123456789")[0] == 200
 
 
 def test_query_and_skeptic_carry_lens_and_filters(protected):
-    from test_server import QueryingDatabase
+    from test_server import QueryingDatabase, filtered_claims
 
-    records = [stemedb.Assertion("aspirin", "treats", stemedb.Ref("headache"), timestamp=t).sign(SIGNER)
-               for t in (1, 2)]
-    protected.db.put_many(records)
+    records, excluded = filtered_claims()
+    protected.db.put_many(records + excluded)
     querying = QueryingDatabase(protected.db)
     protected.server.service.db = querying
     status, _, body = request(protected.http, "GET",
                               "/v1/query?subject=aspirin&predicate=treats&lens=recency&lifecycle=approved"
                               "&as_of=5&decay=true")
     assert status == 200 and body["result"]["winner"]["id"] == records[1].id.hex()
+    assert body["result"]["candidates_count"] == 2
+    assert [r["id"] for r in body["records"]][0] == records[1].id.hex()
     assert {r["id"] for r in body["records"]} == {r.id.hex() for r in records}
     assert querying.calls[-1] == ("aspirin", "treats", "recency",
                                   {"lifecycle": "approved", "as_of": 5, "decay": True})
     status, _, body = request(protected.http, "GET", "/v1/skeptic?subject=aspirin&predicate=treats")
     assert status == 200 and querying.calls[-1][2] == "skeptic"
+    assert body["result"]["lens"].startswith("skeptic") and body["result"]["candidates_count"] == 4
     status, _, body = request(protected.http, "GET", "/v1/query?subject=aspirin&lens=nope")
     assert status == 400 and body["error"] == "invalid_request"
 
 
 def test_query_through_the_resolution_engine_over_http(protected):
-    pytest.importorskip("stemedb.query")
     other = stemedb.Signer.from_seed(b"\x03" * 32)
     records = [stemedb.Assertion("aspirin", "treats", stemedb.Ref("headache"), timestamp=1).sign(SIGNER),
                stemedb.Assertion("aspirin", "treats", stemedb.Ref("fever"), timestamp=2).sign(other)]

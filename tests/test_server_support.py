@@ -8,7 +8,10 @@
 - `served(server, peer)`: an in-process connection to `Server.handle_stream`
   over a trio memory stream pair.
 - `BackgroundServer`: a real server on 127.0.0.1 port 0 in a thread with its
-  own trio run, for the blocking client and the HTTP tests.
+  own trio run, for the blocking client and the HTTP tests. Given a
+  `trio.testing.MockClock` (rate 0: time stands still) its rate limits and
+  timeouts move only when the test calls `advance(seconds)`, so they do not
+  depend on how busy the machine is.
 """
 
 from __future__ import annotations
@@ -147,8 +150,10 @@ async def served(server: Server, peer: Any = LOOPBACK, *, trickle: bool = False,
 class BackgroundServer:
     """A real server on loopback, run by trio in a thread; `stop()` shuts it down gracefully."""
 
-    def __init__(self, path: Any, settings: ServerConfig | None = None, **db_options: Any) -> None:
-        self.db = stemedb.open(path, **db_options)
+    def __init__(self, path: Any, settings: ServerConfig | None = None, *,
+                 clock: trio.testing.MockClock | None = None, db: Any = None, **db_options: Any) -> None:
+        self.db = db if db is not None else stemedb.open(path, **db_options)
+        self.clock = clock
         settings = settings or ServerConfig(listen="127.0.0.1:0", http="127.0.0.1:0")
         self.server = Server(self.db, settings)
         self._token: trio.lowlevel.TrioToken | None = None
@@ -169,7 +174,7 @@ class BackgroundServer:
                 self._started.set()
 
         try:
-            trio.run(main)
+            trio.run(main, clock=self.clock)
         except BaseException as exc:  # surfaced by __init__ or stop()
             self._error = exc
             self._started.set()
@@ -186,6 +191,11 @@ class BackgroundServer:
         """Run a sync function on the server's event loop."""
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
+    def advance(self, seconds: float) -> None:
+        """Move the server's mock clock forward (on its own event loop)."""
+        assert self.clock is not None, "advance() needs a server started with a MockClock"
+        self.call(self.clock.jump, seconds)
+
     def stop(self) -> None:
         if self._thread.is_alive():
             try:
@@ -199,8 +209,10 @@ class BackgroundServer:
 
 
 @contextlib.contextmanager
-def background_server(path: Any, settings: ServerConfig | None = None, **db_options: Any) -> Iterator[BackgroundServer]:
-    running = BackgroundServer(path, settings, **db_options)
+def background_server(path: Any, settings: ServerConfig | None = None, *,
+                      clock: trio.testing.MockClock | None = None, db: Any = None,
+                      **db_options: Any) -> Iterator[BackgroundServer]:
+    running = BackgroundServer(path, settings, clock=clock, db=db, **db_options)
     try:
         yield running
     finally:

@@ -148,3 +148,19 @@ def test_generated_signers_differ_and_seed_round_trips():
     assert Signer.from_seed(one.seed).public_key == one.public_key
     with pytest.raises(ValueError, match="seed"):
         Signer.from_seed(b"short")
+
+
+def test_verify_many_names_the_first_bad_record():
+    records = [Assertion("s", "p", i, timestamp=i).sign(SIGNERS[i % 2]) for i in range(6)]
+    stemedb.verify_many(records)
+    stemedb.verify_many([])
+    forged = records[3]._with_proof(records[3].signers, ((0, bytes(64)),), None)
+    unsigned = Assertion("s", "p", 99, timestamp=99)
+    with pytest.raises(stemedb.SignatureError, match=r"^records\[3\]: "):
+        stemedb.verify_many([*records[:3], forged, *records[4:], unsigned])
+    with pytest.raises(stemedb.SignatureError, match=r"^records\[6\]: "):
+        stemedb.verify_many([*records, unsigned])
+    # A record signed by one key but declaring another does not pass either.
+    swapped = records[0]._with_proof((SIGNERS[1].public_key,), records[0].signatures, None)
+    with pytest.raises(stemedb.SignatureError, match=r"^records\[1\]: "):
+        stemedb.verify_many([records[1], swapped])

@@ -17,7 +17,7 @@ import pathlib
 import struct
 
 import stemedb
-from stemedb import Assertion, Ref
+from stemedb import Assertion, Epoch, Ref, Vote
 
 SEED = bytes(range(32))
 SIGNER = stemedb.Signer.from_seed(SEED)
@@ -72,6 +72,16 @@ def vectors() -> list[dict]:
     token = "example-token-0123456789"
     result = json.dumps({"winner": claim.id.hex(), "candidates": 1, "confidence": 1.0, "conflict": 0.0})
     stats = json.dumps({"records": 1})
+    vote = Vote(claim.id, 1.0, timestamp=T).sign(SIGNER)
+    epoch = Epoch("guidelines-2024", "first edition", timestamp=T).sign(SIGNER)
+    audit = json.dumps([{
+        "v": 1, "at": T, "agent": "local:127.0.0.1:40000", "subject": "aspirin", "predicate": "treats",
+        "lens": "recency",
+        "filters": {"lifecycle": "any", "as_of": None, "epoch": None, "decay": False, "now": None},
+        "results": {"treats": {"winner": claim.id.hex(), "value": {"ref": "headache"}, "confidence": 1.0,
+                               "conflict_score": 0.0, "candidates_count": 1,
+                               "contributions": [[claim.id.hex(), 0.75, "approved", "00" * 32]]}},
+    }])
     out = [
         dict(name="hello-request", direction="request", opcode="hello", flags=0, request_id=1,
              fields={"min_version": 1, "max_version": 1, "client_name": "stemedb-python", "token": ""},
@@ -131,6 +141,16 @@ def vectors() -> list[dict]:
              fields={"text": stats}, payload=s32(stats)),
         dict(name="audit-request", direction="request", opcode="audit", flags=0, request_id=10,
              fields={"limit": 50}, payload=struct.pack("<I", 50)),
+        dict(name="audit-response", direction="response", opcode="audit", flags=RESPONSE, request_id=10,
+             fields={"text": audit}, payload=s32(audit)),
+        dict(name="vote-request", direction="request", opcode="vote", flags=0, request_id=12,
+             fields={"records": [vote.encode().hex()]}, payload=batch([vote.encode()])),
+        dict(name="vote-response", direction="response", opcode="vote", flags=RESPONSE, request_id=12,
+             fields={"ids": [vote.id.hex()]}, payload=ids([vote.id])),
+        dict(name="epoch-request", direction="request", opcode="epoch", flags=0, request_id=13,
+             fields={"records": [epoch.encode().hex()]}, payload=batch([epoch.encode()])),
+        dict(name="epoch-response", direction="response", opcode="epoch", flags=RESPONSE, request_id=13,
+             fields={"ids": [epoch.id.hex()]}, payload=ids([epoch.id])),
         dict(name="error-rate-limited", direction="response", opcode="error", flags=RESPONSE,
              request_id=11, fields={"code": 7, "retry_after_ms": 250, "message": "rate limit exceeded"},
              payload=error(7, 250, "rate limit exceeded")),
