@@ -1,4 +1,4 @@
-"""Resource-exhaustion attacks on a real server process (issue 8, items 7 and 9).
+"""Resource-exhaustion and HTTP attacks on a real server process (issue 8, items 6-9).
 
 Every test here runs `python -m stemedb.server` on loopback (one process for the
 module, with a 64 MiB buffer budget: 32 MiB for requests, 32 MiB for answers),
@@ -19,6 +19,7 @@ Figures are printed (`pytest -s`); docs/reliability.md quotes them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -237,6 +238,111 @@ async def read_answer(driver: Driver, request_id: int, frames: int | None = None
     return out
 
 
+# ----------------------------------------------------------------- item 6
+
+
+def http_head(path: str, length: int, token: str | None = None, extra: str = "") -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: stemedb\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()
+
+
+async def receive_until_closed(stream: trio.SocketStream, limit: int = 1 << 20) -> bytes:
+    chunks, total = [], 0
+    try:
+        while total < limit:
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            chunks.append(data)
+            total += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    return b"".join(chunks)
+
+
+def test_http_refuses_an_unauthenticated_body_from_its_headers(server):
+    """Item 6: the token is checked on the request head; an unauthenticated body is never read."""
+    answers: list[tuple[bytes, float]] = []
+
+    async def one() -> None:
+        stream = await trio.open_tcp_stream(*server.http)
+        started = time.perf_counter()
+        await stream.send_all(http_head("/v1/assert", 15 * MIB))
+
+        async def body() -> None:  # the attacker keeps sending its body, as fast as it is taken
+            piece = b"x" * MIB
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                for _ in range(14):
+                    await stream.send_all(piece)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(body)
+            with trio.fail_after(8):  # before the fix: no answer until the 10 s handshake timeout
+                answer = await receive_until_closed(stream)
+            answers.append((answer, time.perf_counter() - started))
+            nursery.cancel_scope.cancel()
+        await stream.aclose()
+
+    async def attack() -> int:
+        rounds = 0
+        started = time.perf_counter()
+        while rounds < 3 or time.perf_counter() - started < 2.0:  # long enough to measure pings
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(one)
+            rounds += 1
+        return rounds
+
+    figures, rounds = under_attack(server, attack)
+    print("\n" + figures.line(f"http-unauthenticated-bodies ({rounds} rounds of 20 x 15 MiB declared)"))
+    assert len(answers) == 20 * rounds
+    for answer, _ in answers:
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        assert b"connection: close" in head and b"www-authenticate: bearer" in head
+    assert figures.growth < 8 * MIB, figures.line("growth")
+    assert figures.p99_attack < P99_BOUND, figures.line("p99")
+
+
+def test_http_bodies_in_flight_share_the_request_budget(server):
+    """Item 6: authenticated bodies in flight are held within the request share of the budget."""
+    seen: dict[str, Any] = {}
+
+    async def attack() -> None:
+        streams = [await trio.open_tcp_stream(*server.http) for _ in range(20)]
+        sent = [0] * len(streams)
+
+        async def send_body(index: int) -> None:
+            stream = streams[index]
+            await stream.send_all(http_head("/v1/assert", 15 * MIB, TOKEN))
+            piece = b"[" * MIB
+            with trio.move_on_after(4):  # an unfinished body: 14 of 15 MiB, then nothing
+                for _ in range(14):
+                    await stream.send_all(piece)
+                    sent[index] += len(piece)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(len(streams)):
+                nursery.start_soon(send_body, index)
+        await trio.sleep(0.5)
+        seen["buffers"] = await trio.to_thread.run_sync(server.buffers)
+        seen["sent"] = sum(sent)
+        for stream in streams:
+            await stream.aclose()
+
+    figures, _ = under_attack(server, attack)
+    requests = seen["buffers"]["requests"]
+    print("\n" + figures.line(f"http-bodies-in-flight (20 x 14 MiB sent, {seen['sent'] / MIB:.0f} MiB "
+                              f"taken by the kernel or the server; server held {requests['used'] / MIB:.1f} "
+                              f"MiB, {requests['waiting']} readers waiting)"))
+    assert requests["capacity"] == REQUEST_SHARE
+    assert requests["used"] <= REQUEST_SHARE and requests["waiting"] > 0  # backpressure engaged
+    assert figures.growth < REQUEST_SHARE + SLACK, figures.line("growth")
+    assert figures.p99_attack < P99_BOUND, figures.line("p99")
+    wait_for(lambda: server.buffers()["requests"]["used"] == 0, 10, "the bodies' budget to come back")
+
+
 # ----------------------------------------------------------------- item 7
 
 
@@ -358,6 +464,60 @@ def test_unfinished_large_frames_share_the_request_budget(server):
     assert figures.growth < REQUEST_SHARE + SLACK, figures.line("growth")
     assert figures.p99_attack < P99_BOUND, figures.line("p99")
     wait_for(lambda: server.buffers()["requests"]["used"] == 0, 10, "the frames' budget to come back")
+
+
+# ----------------------------------------------------------------- item 8
+
+
+def http_exchange(running: Running, data: bytes) -> bytes:
+    async def run() -> bytes:
+        stream = await trio.open_tcp_stream(*running.http)
+        chunks: list[bytes] = []
+        with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(data)  # a connection left open shows as what arrived in 5 s
+            while piece := await stream.receive_some(65536):
+                chunks.append(piece)
+        await stream.aclose()
+        return b"".join(chunks)
+
+    return trio.run(run)
+
+
+def test_http_request_smuggling_is_refused_and_closed(server):
+    """Item 8: Content-Length with Transfer-Encoding is refused with 400 and the connection closed."""
+    hidden = f"GET /v1/stats HTTP/1.1\r\nHost: stemedb\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+    smuggler = http_head("/v1/assert", 5, extra="Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n" + hidden
+    answer = http_exchange(server, smuggler)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # the hidden request is never served
+    assert b"transfer-encoding" in answer.lower()
+
+
+@pytest.mark.parametrize("size", [20_000, 40_000, 60_000])
+def test_http_heads_above_16_kib_are_refused(server, size):
+    """Item 8: the request head (request line and headers) is limited to 16 KiB."""
+    head = f"GET /health HTTP/1.1\r\nHost: stemedb\r\nX-Padding: {'p' * size}\r\n\r\n".encode()
+    answer = http_exchange(server, head)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"16384" in answer
+
+
+def test_http_head_just_under_the_limit_is_served(server):
+    head = (f"GET /health HTTP/1.1\r\nHost: stemedb\r\nX-Padding: {'p' * 15_000}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    assert http_exchange(server, head).startswith(b"HTTP/1.1 200")
+
+
+def test_deeply_nested_json_is_a_400_not_a_traceback(server):
+    """Item 8: a JSON body nested 100,000 deep is answered 400 naming the problem."""
+    body = b"[" * 100_000 + b"]" * 100_000
+    before = server.log.read_text()
+    answer = http_exchange(server, http_head("/v1/assert", len(body), TOKEN, "Connection: close\r\n") + body)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert document["error"] == "invalid_request" and "nested" in document["message"]
+    logged = server.log.read_text()[len(before):]
+    assert "Traceback" not in logged and "RecursionError" not in logged, logged
 
 
 # ----------------------------------------------------------------- item 9

@@ -2,13 +2,16 @@
 
 Unit tests of the pools and accounts, then the server with memory streams: a
 client that stops reading is held to its output limit and disconnected after
-the send timeout (MockClock, no wall-clock waits), and a GET whose records
-grew after it was planned still answers within the frame limit.
+the send timeout (MockClock, no wall-clock waits), a GET whose records grew
+after it was planned still answers within the frame limit, and the HTTP door
+keeps a connection after refusing a request it did not have to read a body of.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -18,11 +21,11 @@ import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
-from test_server_support import LOOPBACK, SIGNER, Driver, claims, config, served
+from test_server_support import LOOPBACK, SIGNER, Driver, background_server, claims, config, served
 
 import stemedb
 from stemedb import _protocol as P
-from stemedb.server import ConfigError, Limits, Server, ServerConfig
+from stemedb.server import ConfigError, Limits, Server, ServerConfig, Token, hash_token
 from stemedb.server.buffers import BytePool, InputAccount, OutputQueue
 from stemedb.server.connection import PendingFrame
 
@@ -272,10 +275,43 @@ async def test_get_of_records_stored_after_its_plan_still_fits_the_frame_limit(d
     assert server.budget.answers.used == 0
 
 
+# ------------------------------------------------------------------- HTTP
+
+
+def test_http_keeps_the_connection_after_refusing_a_request_without_a_body(tmp_path):
+    settings = ServerConfig(listen=None, http="127.0.0.1:0")
+    settings.tokens = [Token("writer", P.ROLE_WRITE, hash_token("write-token-0123456789"))]
+    with background_server(tmp_path / "data", settings) as running:
+        connection = http.client.HTTPConnection(running.server.http_address, timeout=10)
+        connection.request("GET", "/v1/stats")
+        refused = connection.getresponse()
+        assert refused.status == 401 and refused.getheader("connection") is None
+        refused.read()
+        connection.request("GET", "/health")  # the same connection goes on
+        assert connection.getresponse().status == 200
+        connection.close()
+        # A chunked body is reserved at the body limit and read like any other.
+        record = claims(1)[0]
+        body = json.dumps({"records": [record.encode().hex()]}).encode()
+        connection = http.client.HTTPConnection(running.server.http_address, timeout=10)
+        connection.request("POST", "/v1/assert", body=iter([body[:10], body[10:]]),
+                           headers={"Authorization": "Bearer write-token-0123456789"},
+                           encode_chunked=True)
+        answer = connection.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["ids"] == [record.id.hex()]
+        connection.request("GET", "/metrics")
+        metrics = connection.getresponse().read().decode()
+        connection.close()
+        assert len(running.db) == 1
+        assert 'stemedb_buffer_bytes{pool="requests"} 0.0' in metrics
+        assert 'stemedb_buffer_waiting{pool="answers"} 0.0' in metrics
+        assert running.server.budget.requests.used == 0
+
+
 def test_protocol_doc_states_the_memory_limits_the_code_uses():
     import pathlib
 
-    from stemedb.server import buffers, connection
+    from stemedb.server import buffers, connection, http
 
     doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
     rows = {}
@@ -288,6 +324,7 @@ def test_protocol_doc_states_the_memory_limits_the_code_uses():
     assert int(rows["output buffer"]) == defaults.output_buffer
     assert float(rows["send timeout"].removesuffix(" s")) == defaults.send_timeout
     assert int(rows["ANSWER_FRAME"]) == connection.ANSWER_FRAME
+    assert int(rows["max HTTP head"]) == http.MAX_HEAD
     text = " ".join(doc.split())
     assert buffers.FREE_INPUT == 64 * 1024 and "64 KiB of request bytes (`FREE_INPUT`)" in text
     assert buffers.FREE_OUTPUT == 64 * 1024 and "64 KiB of answers (`FREE_OUTPUT`)" in text
