@@ -1,6 +1,7 @@
 """Writes tests/vectors/protocol.json, the wire vectors of docs/protocol.md.
 
-Run only when the protocol deliberately changes (then bump PROTOCOL_VERSION):
+Run when vectors are added, or when the protocol deliberately changes (then
+bump PROTOCOL_VERSION); existing vectors must come out unchanged otherwise:
     PYTHONPATH=src python tests/vectors/generate_protocol.py
 
 The frames are built here with `struct`, independently of the compiled codec
@@ -121,6 +122,16 @@ def vectors() -> list[dict]:
         dict(name="get-response", direction="response", opcode="get", flags=RESPONSE, request_id=6,
              fields={"records": [encoded.hex(), ""]},
              payload=struct.pack("<III", 2, len(encoded), 0) + encoded),
+        # A GET answer streamed in two frames (servers cut answers into frames of about 1 MiB;
+        # here the cut is shown on small records): MORE on the first, none on the last.
+        dict(name="get-streamed-request", direction="request", opcode="get", flags=0, request_id=12,
+             fields={"ids": [claim.id.hex(), absent.hex(), claim.id.hex()]},
+             payload=ids([claim.id, absent, claim.id])),
+        dict(name="get-streamed-response-part", direction="response", opcode="get",
+             flags=RESPONSE | MORE, request_id=12, fields={"records": [encoded.hex(), ""]},
+             payload=struct.pack("<III", 2, len(encoded), 0) + encoded),
+        dict(name="get-streamed-response-end", direction="response", opcode="get", flags=RESPONSE,
+             request_id=12, fields={"records": [encoded.hex()]}, payload=batch([encoded])),
         dict(name="query-request", direction="request", opcode="query", flags=0, request_id=7,
              fields={"subject": "aspirin", "predicate": "treats", "lens": "recency",
                      "options": '{"lifecycle": "approved"}'},

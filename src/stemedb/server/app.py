@@ -2,7 +2,8 @@
 
 Owns: the binary-protocol and HTTP listeners, the set of open connections
 and its cap, the worker-thread limiters every database call goes through, the
-shared Authenticator / RequestLimits / Service / ServerMetrics, and the
+shared Authenticator / RequestLimits / Service / ServerMetrics / BufferBudget
+(the memory all connections may hold, stemedb.server.buffers), and the
 shutdown sequence (stop accepting → stop reading → answer what is in flight
 → close). `serve()` adds the process around it: opening and closing the
 store, signals, and the one-line announcement of the bound addresses on
@@ -36,6 +37,7 @@ import trio
 import stemedb
 from stemedb import _protocol
 from stemedb.server.auth import Authenticator, describe_peer
+from stemedb.server.buffers import BufferBudget
 from stemedb.server.config import ConfigError, ServerConfig, parse_address
 from stemedb.server.connection import Connection
 from stemedb.server.http import HttpConnection
@@ -55,10 +57,13 @@ class Server:
     def __init__(self, db: Any, config: ServerConfig | None = None) -> None:
         self.db = db
         self.config = config or ServerConfig()
+        self.config.limits.check_budget()
         self.auth = Authenticator(self.config.tokens)
         self.limits = RequestLimits(self.config)
         self.service = Service(db, self.limits)
+        self.budget = BufferBudget(self.config.limits.buffer_budget)
         self.metrics = ServerMetrics(db.stats)
+        self.metrics.track_buffers(self.budget)
         self.ssl_context = _ssl_context(self.config) if self.config.tls else None
         self.connections: set[Connection] = set()
         self.http_connections: set[HttpConnection] = set()
@@ -104,6 +109,7 @@ class Server:
             "http_connections": len(self.http_connections),
             "uptime_seconds": time.time() - self.started_at,
             "draining": self.draining,
+            "buffers": self.budget.describe(),
         }
 
     # -------------------------------------------------------------- running

@@ -105,7 +105,10 @@ class Authenticator:
         """The principal of a client that presented no token, or None if it must authenticate.
 
         In protected mode a loopback client is an admin (as with a local
-        embedded store); any other peer is refused with AuthError.
+        embedded store); any other peer is refused with AuthError. The
+        principal is named after the peer's address, not its port: rate
+        limits count per client, and a client is an address here, however
+        many connections it opens.
         """
         if not self.protected_mode:
             return None
@@ -113,7 +116,8 @@ class Authenticator:
             raise AuthError(
                 f"protected mode: no tokens are configured, so only loopback clients are served "
                 f"({describe_peer(peer)} is not); configure [[tokens]] to serve the network")
-        return Principal(f"local:{describe_peer(peer)}", _protocol.ROLE_ADMIN)
+        host = peer[0] if isinstance(peer, tuple) else peer
+        return Principal(f"local:{host}", _protocol.ROLE_ADMIN)
 
     @staticmethod
     def authorize(principal: Principal, opcode: int) -> None:

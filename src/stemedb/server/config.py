@@ -54,7 +54,7 @@ class Token:
 
 @dataclass
 class Limits:
-    """Connection and frame limits (docs/protocol.md, "Limits")."""
+    """Connection, frame and memory limits (docs/protocol.md, "Limits")."""
 
     max_frame: int = _protocol.DEFAULT_MAX_FRAME
     preauth_frame: int = _protocol.DEFAULT_PREAUTH_FRAME
@@ -64,6 +64,18 @@ class Limits:
     max_inflight: int = 128
     shutdown_grace: float = 30.0
     max_http_body: int = _protocol.DEFAULT_MAX_FRAME
+    buffer_budget: int = 256 << 20   # bytes held for clients, all connections: half requests, half answers
+    output_buffer: int = 4 << 20     # answer bytes queued for one connection before its producers wait
+    send_timeout: float = 30.0       # seconds a client may take no answer bytes while some wait
+
+    def check_budget(self) -> None:
+        """ConfigError unless each half of the buffer budget holds the largest request or answer."""
+        largest = max(self.max_frame, self.max_http_body)
+        needed = 2 * (largest + (1 << 20))
+        if self.buffer_budget < needed:
+            raise ConfigError(f"limits.buffer_budget: {self.buffer_budget} bytes cannot hold a "
+                              f"{largest}-byte frame or body in each half (requests, answers); give at "
+                              f"least {needed}, or lower limits.max_frame / limits.max_http_body")
 
 
 @dataclass
@@ -189,8 +201,9 @@ def _positive_number(table: Mapping[str, Any], key: str, default: float) -> floa
 
 def _limits(table: Mapping[str, Any]) -> Limits:
     limits = Limits()
-    ints = ("max_frame", "preauth_frame", "max_connections", "max_inflight", "max_http_body")
-    floats = ("handshake_timeout", "idle_timeout", "shutdown_grace")
+    ints = ("max_frame", "preauth_frame", "max_connections", "max_inflight", "max_http_body",
+            "buffer_budget", "output_buffer")
+    floats = ("handshake_timeout", "idle_timeout", "shutdown_grace", "send_timeout")
     _known(table, "limits.", set(ints) | set(floats))
     for name in ints:
         setattr(limits, name, _positive_int(table, f"limits.{name}", getattr(limits, name)))
@@ -202,6 +215,7 @@ def _limits(table: Mapping[str, Any]) -> Limits:
         raise ConfigError("limits.preauth_frame: must not exceed limits.max_frame")
     if limits.preauth_frame < 1100:
         raise ConfigError("limits.preauth_frame: must be at least 1100 bytes (a HELLO with a token)")
+    limits.check_budget()
     return limits
 
 

@@ -4,21 +4,27 @@ Owns: the per-connection state machine of docs/protocol.md (HELLO, then
 authentication, then requests), the reader loop that cuts frames out of the
 receive buffer with the compiled FrameReader, one task per request (many in
 flight, answered by request id, possibly out of order), the sender task that
-coalesces queued responses into few `send_all` calls, and the handshake and
-idle timeouts. Must never: run a database call on the event loop (they go
-through the Service in worker threads), read more frames while `max_inflight`
-requests are unanswered (that is the backpressure), or keep serving a client
-after it broke the protocol.
+writes queued answers (small ones coalesced into one `send_all`, large ones in
+slices), GET answers streamed frame by frame from the store, and the
+handshake, idle and send timeouts. Must never: run a database call on the
+event loop (they go through the Service in worker threads), read more frames
+while `max_inflight` requests are unanswered or while its request bytes
+cannot be reserved from the server's budget, build an answer frame before
+its bytes are reserved (GET) or queue one without reserving them (the rest),
+or keep serving a client after it broke the protocol.
 
 Resource handling: `run()` owns the stream until it returns; the caller
 closes it (Server.handle_stream does, with a lingering close so the final
 error frame reaches the client). Request tasks live in a nursery inside
-`run()`, so no task outlives the connection.
+`run()`, so no task outlives the connection; on return every byte the
+connection held of the buffer budget is given back (stemedb.server.buffers).
 Error handling: a protocol violation (FrameError, a frame out of order, a
 failed authentication, a timeout) sends one error frame with request id 0 (or
 the offending frame's) and ends the connection; any error of one request is
 answered with an error frame for that request and the connection goes on.
-`BrokenResourceError` (the peer went away) ends the connection quietly.
+`BrokenResourceError` (the peer went away) ends the connection quietly; a
+client whose socket takes nothing for `send_timeout` while answers wait is
+disconnected (it cannot read an error frame either).
 """
 
 from __future__ import annotations
@@ -36,15 +42,17 @@ from stemedb import _codec, _protocol
 from stemedb.errors import AuthError, RateLimited
 from stemedb.records import RecordKind
 from stemedb.server.auth import Authenticator, Principal, describe_peer
-from stemedb.server.service import ServiceError, error_code, parse_options
+from stemedb.server.buffers import COALESCE_BYTES, SEND_SLICE, InputAccount, OutputQueue
+from stemedb.server.service import ServiceError, error_code, frame_spans, parse_options
 
 if TYPE_CHECKING:
     from stemedb.server.app import Server
 
 log = logging.getLogger("stemedb.server")
 
-RECEIVE_BYTES = 256 * 1024      # one receive_some; frames larger than this arrive in pieces
-COALESCE_FRAMES = 256           # responses joined into one send_all at most
+RECEIVE_BYTES = 256 * 1024      # one receive_some at most; frames larger than this arrive in pieces
+MIN_RECEIVE = 16 * 1024         # less room than this in the request allowance: reserve more first
+ANSWER_FRAME = 1 << 20          # GET and SCAN answers are streamed in frames of about this size
 CLOSE_GRACE = 5.0               # seconds to flush the last responses of a closing connection
 DEFAULT_SCAN_LIMIT = 10_000
 # Batches at least this large are decoded and verified by at most `bulk_threads` threads:
@@ -54,6 +62,41 @@ DEFAULT_SCAN_LIMIT = 10_000
 BULK_RECORDS = 256
 
 Handler = Callable[["Connection", int, Any], Awaitable[None]]
+
+
+class PendingFrame:
+    """The declared size of the frame being received, noted as soon as its header is in.
+
+    The compiled FrameReader validates headers and cuts frames; it does not
+    say how long the frame it is waiting for will be. The connection needs
+    that to reserve the whole frame from the budget before reading more of
+    it, so this keeps the few bytes needed to read the length field itself.
+    `update` is called once per received chunk, after every complete frame
+    has been taken out: the pending frame then starts `buffered` bytes before
+    the end of what was received, inside `carry` + the chunk.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0               # header + payload of the pending frame; 0 until its header is in
+        self._of_frame = -1         # frames_read when it was noted (it is pending until that changes)
+        self._carry = b""           # the start of a pending frame whose header is incomplete
+
+    def update(self, chunk: bytes, buffered: int, frames_read: int) -> None:
+        window = self._carry + chunk if self._carry else chunk
+        if buffered < _protocol.FRAME_HEADER:
+            self._carry = bytes(window[len(window) - buffered:]) if buffered else b""
+            self.size = 0
+            return
+        self._carry = b""
+        if self._of_frame != frames_read:
+            start = len(window) - buffered
+            header = window[start:start + _protocol.FRAME_HEADER]
+            self.size = _protocol.FRAME_HEADER + int.from_bytes(header[8:12], "little")
+            self._of_frame = frames_read
+
+    def remaining(self, buffered: int) -> int:
+        """Bytes of the pending frame still to come (0 if its size is not known)."""
+        return max(0, self.size - buffered)
 
 
 class Connection:
@@ -69,11 +112,14 @@ class Connection:
         self.hello_done = False
         self.inflight = 0
         self.slots = trio.Semaphore(limits.max_inflight)
-        self.outbox_send, self.outbox_receive = trio.open_memory_channel[bytes](limits.max_inflight)
+        self.input = InputAccount(server.budget.requests)
+        self.output = OutputQueue(server.budget.answers, limits.output_buffer)
         self.fatal: str | None = None
         self.requests_served = 0
         self._receive_scope: trio.CancelScope | None = None
         self._requests: trio.Nursery | None = None
+        self._handed_off = False  # the frame just dispatched now belongs to a request task
+        self._pending = PendingFrame()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -83,38 +129,49 @@ class Connection:
             self._receive_scope.cancel()
 
     async def run(self) -> None:
-        async with trio.open_nursery() as outer:
-            outer.start_soon(self._send_loop, outer.cancel_scope)
-            try:
-                async with trio.open_nursery() as requests:
-                    self._requests = requests
-                    await self._read_loop()
-                    if self.fatal is not None:  # drop the work of a client that broke the protocol
-                        requests.cancel_scope.cancel()
-            finally:
-                self.outbox_send.close()
-                outer.cancel_scope.deadline = min(outer.cancel_scope.deadline,
-                                                  trio.current_time() + CLOSE_GRACE)
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._send_loop, outer.cancel_scope)
+                try:
+                    async with trio.open_nursery() as requests:
+                        self._requests = requests
+                        await self._read_loop()
+                        if self.fatal is not None:  # drop the work of a client that broke the protocol
+                            requests.cancel_scope.cancel()
+                finally:
+                    self.output.close()
+                    outer.cancel_scope.deadline = min(outer.cancel_scope.deadline,
+                                                      trio.current_time() + CLOSE_GRACE)
+        finally:
+            self.output.discard()
+            self.input.close()
 
     async def _send_loop(self, scope: trio.CancelScope) -> None:
-        async with self.outbox_receive:
-            async for first in self.outbox_receive:
-                parts = [first]
-                while len(parts) < COALESCE_FRAMES:
-                    try:
-                        parts.append(self.outbox_receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                with trio.move_on_after(self.server.config.limits.idle_timeout) as timer:
-                    try:
-                        await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        scope.cancel()  # the peer is gone: nobody will read the answers
-                        return
-                if timer.cancelled_caught:  # the client stopped reading its answers
-                    self.server.metrics.rejected.labels("slow_reader").inc()
-                    scope.cancel()
-                    return
+        timeout = self.server.config.limits.send_timeout
+        while batch := await self.output.next_batch():
+            try:
+                parts = [part for frame, _ticket in batch for part in frame]
+                if len(parts) > 1 and sum(len(part) for part in parts) <= COALESCE_BYTES:
+                    parts = [b"".join(parts)]
+                for part in parts:
+                    view = memoryview(part)
+                    for start in range(0, len(view), SEND_SLICE):
+                        with trio.move_on_after(timeout) as timer:
+                            try:
+                                await self.stream.send_all(view[start:start + SEND_SLICE])
+                            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                scope.cancel()  # the peer is gone: nobody will read the answers
+                                return
+                        if timer.cancelled_caught:  # the client stopped reading its answers
+                            self.server.metrics.rejected.labels("slow_reader").inc()
+                            log.info("closing connection from %s: it took no answer bytes for %g s "
+                                     "(%d bytes queued)", describe_peer(self.peer), timeout,
+                                     self.output.queued)
+                            scope.cancel()
+                            return
+            finally:  # written, or never to be: either way these bytes are no longer held
+                for _frame, ticket in batch:
+                    self.output.written(ticket)
 
     async def _read_loop(self) -> None:
         limits = self.server.config.limits
@@ -129,6 +186,7 @@ class Connection:
             if trio.current_time() >= deadline:
                 self.server.metrics.rejected.labels("handshake_timeout").inc()
                 return
+        chunk = b""  # the last bytes received, until the pending frame's size is noted from them
         while not self.server.draining:
             try:
                 frame = self.reader.next()
@@ -136,17 +194,34 @@ class Connection:
                 self._fail(int(exc.code), str(exc), int(exc.request_id))
                 return
             if frame is not None:
-                if not await self._dispatch(frame):
+                size = len(frame.payload)
+                self.input.start_serving(size)  # held by the request from now on, not the buffer
+                self.input.set_buffered(self.reader.buffered)
+                self._handed_off = False
+                try:
+                    keep_going = await self._dispatch(frame)
+                finally:
+                    if not self._handed_off:
+                        self.input.done_serving(size)
+                if not keep_going:
                     return
                 if self.principal is not None:  # a complete frame, once authenticated, is activity
                     deadline = trio.current_time() + limits.idle_timeout
                 continue
+            self._pending.update(chunk, self.reader.buffered, self.reader.frames_read)
+            chunk = b""
+            self.input.expect(self._pending.size)
             with trio.CancelScope(deadline=deadline) as scope:
                 self._receive_scope = scope
                 if self.server.draining:
                     scope.cancel()
+                # Backpressure: beyond its free allowance, a connection reads only what it has
+                # reserved from the server's request budget, a whole frame at a time; waiting
+                # here leaves the client's bytes in the socket.
+                wanted = max(MIN_RECEIVE, self._pending.remaining(self.reader.buffered))
+                room = await self.input.make_room(wanted)
                 try:
-                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                    data = await self.stream.receive_some(min(RECEIVE_BYTES, room))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
             self._receive_scope = None
@@ -166,6 +241,8 @@ class Connection:
             if not data:
                 return
             self.reader.feed(data)
+            self.input.set_buffered(self.reader.buffered)
+            chunk = data
 
     # --------------------------------------------------------------- replies
 
@@ -179,15 +256,13 @@ class Connection:
         log.info("closing connection from %s: %s", describe_peer(self.peer), message)
         payload = _protocol.encode_error(code, 0, message)
         frame = _protocol.frame_header(_protocol.ERROR, _protocol.RESPONSE, request_id, len(payload))
-        try:
-            self.outbox_send.send_nowait(frame + payload)
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            pass  # a client that does not read its answers does not get this one either
+        self.output.queue_now(frame + payload)
 
     async def reply(self, opcode: int, request_id: int, payload: bytes, *, more: bool = False) -> None:
-        flags = _protocol.RESPONSE | (_protocol.MORE if more else 0)
-        header = _protocol.frame_header(opcode, flags, request_id, len(payload))
-        await self.outbox_send.send(header + payload)
+        """Queue one answer frame, waiting for room in this connection's queue and the budget."""
+        header = _response_header(opcode, request_id, len(payload), more)
+        ticket = await self.output.reserve(len(header) + len(payload))
+        self.output.queue(ticket, header, payload)
 
     async def reply_error(self, request_id: int, code: int, message: str, retry_after: float = 0.0) -> None:
         retry_ms = min(int(retry_after * 1000) + (1 if retry_after > 0 else 0), 0xFFFFFFFF)
@@ -245,10 +320,12 @@ class Connection:
             return False
         self.inflight += 1
         assert self._requests is not None
-        self._requests.start_soon(self._serve, operation, handler, frame.request_id, args)
+        self._requests.start_soon(self._serve, operation, handler, frame.request_id, args, len(frame.payload))
+        self._handed_off = True
         return True
 
-    async def _serve(self, operation: str, handler: Handler, request_id: int, args: Any) -> None:
+    async def _serve(self, operation: str, handler: Handler, request_id: int, args: Any,
+                     size: int) -> None:
         started = time.perf_counter()
         metrics = self.server.metrics
         try:
@@ -263,6 +340,7 @@ class Connection:
             self.inflight -= 1
             self.requests_served += 1
             self.slots.release()
+            self.input.done_serving(size)
             metrics.requests.labels(operation, "binary").inc()
             metrics.request_seconds.labels(operation).observe(time.perf_counter() - started)
 
@@ -307,10 +385,7 @@ class Connection:
         payload = _protocol.encode_hello_ok(version, principal.role if principal else 0, flags,
                                             limits.max_frame, limits.max_inflight, self.server.config.name)
         header = _protocol.frame_header(_protocol.HELLO, _protocol.RESPONSE, frame.request_id, len(payload))
-        try:
-            self.outbox_send.send_nowait(header + payload)
-        except trio.WouldBlock:  # cannot happen: nothing else is queued before HELLO
-            return False
+        self.output.queue_now(header + payload)
         return True
 
     async def _auth(self, frame: _protocol.Frame) -> bool:
@@ -376,19 +451,51 @@ def _parse_get(payload: bytes) -> np.ndarray:
 
 
 async def _get(conn: Connection, request_id: int, ids: np.ndarray) -> None:
+    """Stream the answer: plan frames from the stored lengths, then read each only once it has room.
+
+    At most one frame of this answer is built and not yet queued at any time,
+    so a GET naming 65,536 large records costs the server one frame, not the
+    whole answer; a client that stops reading stops the reading from the store.
+    """
     server = conn.server
-    blob, offsets = await trio.to_thread.run_sync(server.service.get_encoded, ids,
-                                                  limiter=server.read_limiter)
-    await send_record_batches(conn, _protocol.GET, request_id, blob, offsets, final=True)
+    max_frame = server.config.limits.max_frame
+    spans = await trio.to_thread.run_sync(server.service.plan_get, ids, answer_frame(conn), max_frame,
+                                          limiter=server.read_limiter)
+    for index, (first, end, size) in enumerate(spans):
+        more = index < len(spans) - 1
+        ticket = await conn.output.reserve(_protocol.FRAME_HEADER + size)
+        try:
+            blob, offsets = await trio.to_thread.run_sync(server.service.get_encoded, ids[first:end],
+                                                          limiter=server.read_limiter)
+        except BaseException:
+            conn.output.cancel(ticket)
+            raise
+        payload = _protocol.encode_record_batch(blob, offsets)
+        if len(payload) <= max_frame:  # larger only if records were stored since the plan
+            conn.output.queue(ticket, _response_header(_protocol.GET, request_id, len(payload), more),
+                              payload)
+            continue
+        conn.output.cancel(ticket)
+        await send_record_batches(conn, _protocol.GET, request_id, blob, offsets, final=not more)
+
+
+def answer_frame(conn: Connection) -> int:
+    """The payload size GET and SCAN answers are cut to (a larger record gets a frame of its own)."""
+    return min(ANSWER_FRAME, conn.server.config.limits.max_frame)
+
+
+def _response_header(opcode: int, request_id: int, length: int, more: bool) -> bytes:
+    flags = _protocol.RESPONSE | (_protocol.MORE if more else 0)
+    return bytes(_protocol.frame_header(opcode, flags, request_id, length))
 
 
 async def send_record_batches(conn: Connection, opcode: int, request_id: int, blob: Any,
                               offsets: np.ndarray, *, final: bool) -> None:
-    """Answer with record batches of at most max_frame bytes; MORE on all but a final last one."""
-    chunks = _protocol.split_record_batch(blob, offsets, conn.server.config.limits.max_frame)
-    for index, (first, end) in enumerate(chunks):
+    """Answer with record batches of about ANSWER_FRAME bytes; MORE on all but a final last one."""
+    spans = frame_spans(np.diff(offsets), answer_frame(conn), conn.server.config.limits.max_frame)
+    for index, (first, end, _size) in enumerate(spans):
         payload = _protocol.encode_record_batch(blob, offsets[first:end + 1])
-        last = final and index == len(chunks) - 1
+        last = final and index == len(spans) - 1
         await conn.reply(opcode, request_id, payload, more=not last)
 
 

@@ -12,6 +12,7 @@ calls it from a worker thread.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -129,8 +130,20 @@ class ServerMetrics:
         self.protocol_errors = Counter("stemedb_protocol_errors",
                                        "Connections closed for a protocol violation", ["error"],
                                        registry=registry)
+        self.buffer_bytes = Gauge("stemedb_buffer_bytes",
+                                  "Bytes of the buffer budget held, by pool (requests, answers)",
+                                  ["pool"], registry=registry)
+        self.buffer_waiting = Gauge("stemedb_buffer_waiting",
+                                    "Readers or answers waiting for the buffer budget, by pool",
+                                    ["pool"], registry=registry)
         if stats is not None:
             registry.register(DatabaseCollector(stats))  # type: ignore[arg-type]
+
+    def track_buffers(self, budget: Any) -> None:
+        """Read the buffer budget's pools (stemedb.server.buffers.BufferBudget) at every scrape."""
+        for pool in (budget.requests, budget.answers):
+            self.buffer_bytes.labels(pool.name).set_function(partial(getattr, pool, "used"))
+            self.buffer_waiting.labels(pool.name).set_function(partial(getattr, pool, "waiting"))
 
     def render(self) -> bytes:
         """The Prometheus text format (blocking: call from a worker thread)."""

@@ -155,6 +155,25 @@ class Service:
         blob, offsets, _rows = self.db.get_encoded_many(ids)
         return blob, offsets
 
+    def encoded_lengths(self, ids: np.ndarray) -> np.ndarray:
+        """Bytes of the stored record for each of `ids` (0 where absent), without reading any.
+
+        The lengths come from the store's in-memory columns, under the lock
+        its own reads take; the engine offers no public call for them yet.
+        """
+        array = np.ascontiguousarray(ids, dtype=np.uint8).reshape(-1, 32)
+        db = self.db
+        with db._state_lock:
+            state = db.state
+            rows = np.asarray(state.lookup_many(array), dtype=np.int64)
+            lengths = state.columns.arrays["length"][np.maximum(rows, 0)].astype(np.int64)
+        lengths[rows < 0] = 0
+        return lengths
+
+    def plan_get(self, ids: np.ndarray, target: int, max_frame: int) -> list[tuple[int, int, int]]:
+        """The frames of a GET answer: (first, end, payload bytes) spans of `ids`, see frame_spans."""
+        return frame_spans(self.encoded_lengths(ids), target, max_frame)
+
     def get_record(self, record_id: bytes) -> Any:
         return self.db.get(record_id)
 
@@ -223,6 +242,33 @@ class Service:
         if audit is None:
             raise ServiceError(_protocol.E_UNSUPPORTED, "this store keeps no audit log")
         return jsonable(audit(limit=limit))
+
+
+def frame_spans(lengths: np.ndarray, target: int, max_frame: int) -> list[tuple[int, int, int]]:
+    """Cut records of these lengths into record batches: (first, end, payload bytes) each.
+
+    Records first..end-1 go in one batch of about `target` payload bytes at
+    most; a record too large for that gets a batch of its own. There is at
+    least one span, even for no records. A record that cannot fit a
+    `max_frame` payload is refused (invalid_request) before anything is read.
+    """
+    total = 4 + 4 * len(lengths) + int(lengths.sum())
+    if total <= target:
+        return [(0, len(lengths), total)]
+    spans: list[tuple[int, int, int]] = []
+    first, size = 0, 4
+    for index, length in enumerate(lengths.tolist()):
+        entry = 4 + length
+        if 4 + entry > max_frame:
+            raise ServiceError(_protocol.E_INVALID_REQUEST,
+                               f"ids[{index}]: the record is {length} bytes, more than a "
+                               f"{max_frame}-byte frame holds")
+        if size + entry > target and index > first:
+            spans.append((first, index, size))
+            first, size = index, 4
+        size += entry
+    spans.append((first, len(lengths), size))
+    return spans
 
 
 def _kind_of(record: Any) -> int:
