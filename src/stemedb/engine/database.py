@@ -46,7 +46,14 @@ from stemedb.errors import (
     StemeError,
     StorageFull,
 )
-from stemedb.records import Envelope, Epoch, Signer, Vote, check_envelope_members
+from stemedb.records import (
+    Envelope,
+    Epoch,
+    Signer,
+    Vote,
+    check_envelope_members,
+    check_stored_member,
+)
 
 DURABILITY_MODES = ("sync", "batch", "none")
 KIND_NAMES = {1: "assertion", 2: "vote", 3: "epoch", 4: "envelope"}
@@ -404,8 +411,7 @@ class Database:
             raise SignatureError(
                 f"records[{index}]: its envelope {record.envelope.hex()} is not stored; "
                 "write members with put_many(members, envelope=envelope)") from None
-        if record.signers != (envelope.signer,) or record_id not in set(envelope.members):
-            raise SignatureError(f"records[{index}]: not a member of envelope {record.envelope.hex()}")
+        check_stored_member(envelope, record, record_id, f"records[{index}] ({record_id.hex()})")
 
     def _write_group(self, group: list[Pending]) -> None:
         """The leader's work for one group commit (runs in one writer's thread)."""
