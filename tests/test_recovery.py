@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 import pytest
-from faults import NoSyncFiles
+from faults import FaultyFiles, NoSyncFiles
 
 import stemedb
 
@@ -71,6 +71,24 @@ def mentions(lines: list[str], *parts: str) -> bool:
 
 
 # ---------------------------------------------------------------- item 4
+
+
+def test_checkpoint_on_a_full_disk_is_storage_full_and_leaves_no_temp(tmp_path):
+    root = tmp_path / "db"
+    files = FaultyFiles(root, sync_for_real=False)
+    with stemedb.open(root, segment_size=SMALL, files=files) as db:
+        db.put_many([claim("c", i) for i in range(50)])
+        db.checkpoint()
+        db.put_many([claim("d", i) for i in range(50)])
+        for at in (1, 6):   # the first file of the snapshot, and one in the middle
+            files.fail("write_file", at_call=files.calls["write_file"] + at, errno=errno.ENOSPC,
+                       times=None)
+            with pytest.raises(stemedb.StorageFull, match="free disk space"):
+                db.checkpoint()
+            assert [n for n in os.listdir(root / "index")] == ["snapshot-000000000050"]
+            files.clear()
+        db.checkpoint()
+        assert os.listdir(root / "index") == ["snapshot-000000000100"]
 
 
 def test_a_member_whose_envelope_proof_names_an_assertion_is_a_signature_error(tmp_path):
