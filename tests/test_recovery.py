@@ -523,3 +523,125 @@ def test_a_member_whose_envelope_proof_names_an_assertion_is_a_signature_error(t
 # ---------------------------------------------------------------- item 5
 
 
+def test_a_bad_record_is_refused_to_its_own_writer_only(tmp_path):
+    """Writers queued behind a busy leader share its next batch; one of them sends bad input."""
+    root = tmp_path / "db"
+    with stemedb.open(root, segment_size=SMALL, files=NoSyncFiles()) as db:
+        huge = stemedb.Assertion("huge", "p", b"x" * SMALL)
+        bad_inputs: list[tuple[str, Callable[[], Any]]] = [
+            ("too large", lambda: db.put(huge.sign(SIGNERS[3]))),
+            ("too large, group-signed", lambda: db.writer(SIGNERS[1]).put(huge)),
+            ("no records, group-signed", lambda: db.writer(SIGNERS[4]).put_many([])),
+            ("an envelope too large for a segment",
+             lambda: db.writer(SIGNERS[5]).put_many([unsigned("many", j) for j in range(3000)])),
+        ]
+        failures: list[str] = []
+        for number, (what, bad) in enumerate(bad_inputs):
+            innocent = [lambda n=number: [db.put(claim(f"one-{n}", 0))],
+                        lambda n=number: db.put_many([claim(f"many-{n}", j) for j in range(5)]),
+                        lambda n=number: [db.writer(SIGNERS[1]).put(unsigned(f"w-{n}", 0))]]
+            outcomes = _shared_batch(db, [bad, *innocent])
+            failures += [f"{what}: innocent writer {i} got {type(o).__name__}: {o}"
+                         for i, o in enumerate(outcomes[1:]) if isinstance(o, BaseException)]
+            refused = isinstance(outcomes[0], stemedb.InvalidRecord)
+            if refused != what.startswith("too large"):
+                failures.append(f"{what}: the writer itself got {outcomes[0]!r}")
+        assert not failures, "\n".join(failures)
+        stored = list(db.scan(subject="many"))
+        assert len(stored) == 3000   # split over several envelopes
+        envelopes = {record.envelope for record in stored}
+        assert len(envelopes) > 1
+        for record in stored[::500]:
+            stemedb.verify_batch(db.get(record.envelope), [record])
+
+
+def _shared_batch(db: Any, works: list[Callable[[], Any]]) -> list[Any]:
+    """Run `works` while the leader is held, so that all that reach the queue share a batch."""
+    gate, held = threading.Event(), threading.Event()
+    original = db._commit._write_group
+
+    def write_group(group: list[Any]) -> None:
+        if not gate.is_set():
+            held.set()
+            gate.wait(10)
+        original(group)
+
+    db._commit._write_group = write_group
+    outcomes: list[Any] = [None] * len(works)
+
+    def run(index: int) -> None:
+        try:
+            outcomes[index] = works[index]()
+        except BaseException as exc:
+            outcomes[index] = exc
+
+    leader = threading.Thread(target=lambda: db.put(claim(f"leader-{time.monotonic_ns()}", 0)))
+    leader.start()
+    held.wait(10)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(works))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 2
+    while len(db._commit._queue) < len(works) and time.monotonic() < deadline:
+        if all(not t.is_alive() for t in threads[:1]) and len(db._commit._queue) >= len(works) - 1:
+            break   # the bad writer was refused in its own thread, as it should be
+        time.sleep(0.001)
+    gate.set()
+    for thread in [leader, *threads]:
+        thread.join()
+    db._commit._write_group = original
+    return outcomes
+
+
+def test_many_writer_threads_and_one_sending_bad_records(tmp_path):
+    """The issue's run: a segment below 1.1 MiB, records too large for it from one thread."""
+    root = tmp_path / "db"
+    stop = threading.Event()
+    innocent_failures: list[str] = []
+    bad_refused = [0]
+    acked: list[bytes] = []
+    lock = threading.Lock()
+    with stemedb.open(root, segment_size=1 << 20, files=NoSyncFiles()) as db:
+        huge = stemedb.Assertion("huge", "p", b"y" * (1 << 20))
+
+        def bad() -> None:
+            writer = db.writer(SIGNERS[6])
+            for _ in range(150):
+                for attempt in (lambda: db.put(huge.sign(SIGNERS[6])), lambda: writer.put(huge)):
+                    try:
+                        attempt()
+                    except stemedb.InvalidRecord:
+                        bad_refused[0] += 1
+            stop.set()
+
+        def good(number: int) -> None:
+            writer = db.writer(SIGNERS[number % 2])
+            i = 0
+            while not stop.is_set():
+                try:
+                    if i % 3 == 0:
+                        ids = [db.put(claim(f"g{number}", i, SIGNERS[2]))]
+                    elif i % 3 == 1:
+                        ids = db.put_many([claim(f"g{number}-{i}", j, SIGNERS[2]) for j in range(4)])
+                    else:
+                        ids = [writer.put(unsigned(f"g{number}", i))]
+                except Exception as exc:
+                    with lock:
+                        innocent_failures.append(f"{type(exc).__name__}: {exc}")
+                else:
+                    with lock:
+                        acked.extend(ids)
+                i += 1
+
+        threads = [threading.Thread(target=good, args=(n,)) for n in range(6)]
+        threads.append(threading.Thread(target=bad))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not not_served(db, acked[:: 7])
+    figure = (f"bad writer among 6: bad records refused {bad_refused[0]}, innocent writes "
+              f"acked {len(acked)}, innocent writes failed {len(innocent_failures)}")
+    print(figure)
+    assert bad_refused[0] == 300 and not innocent_failures, figure + "\n" + "\n".join(
+        innocent_failures[:5])

@@ -1,13 +1,14 @@
 """The embedded database: open, put, get, scan, stats, verify, close.
 
 Owns: one data directory (LOCK, MANIFEST, segments/, index/), the write path
-(verify → encode → group commit → frame → append → fdatasync → index), the
-read path (index → location → checksum → decode from the mapping), recovery
-on open (engine/recovery.py walks the segments; this module decides what is
-indexed, set aside, held back or reported), snapshots, and scrubbing. Must
-never: acknowledge a write before it is durable (in "sync" mode), serve bytes
-whose checksum or ID does not match, or change anything when a write is
-refused.
+(verify → encode → size check, all in the writer's thread → group commit →
+frame → append → fdatasync → index), the read path (index → location →
+checksum → decode from the mapping), recovery on open (engine/recovery.py
+walks the segments; this module decides what is indexed, set aside, held
+back or reported), snapshots, and scrubbing. Must never: acknowledge a write
+before it is durable (in "sync" mode), serve bytes whose checksum or ID does
+not match, change anything when a write is refused, or let one writer's bad
+input fail the batch it would have shared with others.
 
 Resource handling: a Database owns its lock file, segment descriptors and
 mappings; `close()` (or the context manager) writes a snapshot and releases
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import threading
 import time
@@ -577,6 +579,7 @@ class Database:
         if envelopes:
             env_blob, env_offsets, env_ids = _codec.encode_many(envelopes)
             blob, offsets, ids = _concat([env_blob, blob], [env_offsets, offsets], [env_ids, ids])
+        self._check_fits(np.diff(offsets), ids)
         self._commit.submit(Pending(blob=blob, offsets=offsets, ids=ids))
         return _id_list(ids[len(envelopes):])
 
@@ -599,14 +602,46 @@ class Database:
         return Writer(self, signer)
 
     def _put_unsigned(self, records: list[Any], signer: Signer) -> list[bytes]:
+        """A group-signing writer's records: everything that can refuse them is checked here.
+
+        The checks run in the writer's own thread, before its records join the
+        commit queue, so that a bad record is refused to its own writer and
+        never fails the batch it would have shared with others.
+        """
         self._check_open()
+        if not records:
+            return []
+        key = signer.public_key
         for index, record in enumerate(records):
             if not hasattr(record, "_with_proof") or isinstance(record, Envelope):
                 raise InvalidRecord(f"records[{index}]: expected an Assertion, Vote or Epoch")
-            if record.signers not in ((), (signer.public_key,)):
+            if record.signers not in ((), (key,)):
                 raise SignatureError(f"records[{index}]: declares other signers than the writer's")
-        result = self._commit.submit(Pending(records=records, signer=signer))
-        return list(result)
+        members = [record._with_proof((key,), (), None) for record in records]
+        # remember=True: the leader re-proves them with the envelope without re-encoding
+        _, offsets, ids = _codec.encode_many(members, remember=True)
+        self._check_fits(np.diff(offsets) + 32, ids)   # + the envelope ID of their proof
+        self._commit.submit(Pending(records=members, ids=ids, signer=signer))
+        return _id_list(ids)
+
+    def _check_fits(self, sizes: np.ndarray, ids: np.ndarray) -> None:
+        """Refuse, in the caller's thread, a record whose frame cannot fit any segment."""
+        frame_sizes = (_segment.FRAME_HEADER + sizes + 7) // 8 * 8
+        too_big = np.nonzero(frame_sizes > self._frame_capacity())[0]
+        if len(too_big):
+            first = int(too_big[0])
+            raise InvalidRecord(
+                f"record {bytes(ids[first]).hex()}: {int(sizes[first])} bytes do not fit a "
+                f"{self.log.segment_size}-byte segment; open the store with a larger segment_size")
+
+    def _frame_capacity(self) -> int:
+        """The largest frame a fresh segment holds after its header, footer and a batch frame."""
+        return self.log.segment_size - _segment.HEADER_SIZE - _segment.FOOTER_SIZE - BATCH_FRAME
+
+    def _members_per_envelope(self) -> int:
+        """Members one envelope may list: its frame must fit a segment, and MAX_MEMBERS holds."""
+        room = self._frame_capacity() - _segment.FRAME_HEADER - _envelope_overhead()
+        return max(1, min(_codec.MAX_MEMBERS, room // 32))
 
     def _verify(self, records: list[Any], blob: bytes, offsets: np.ndarray, ids: np.ndarray,
                 envelopes: list[Envelope]) -> None:
@@ -648,7 +683,12 @@ class Database:
         check_stored_member(envelope, record, record_id, f"records[{index}] ({record_id.hex()})")
 
     def _write_group(self, group: list[Pending]) -> None:
-        """The leader's work for one group commit (runs in one writer's thread)."""
+        """The leader's work for one group commit (runs in one writer's thread).
+
+        Nothing here may fail because of one writer's input: every record was
+        checked in its writer's thread. What can still fail (a full disk, an
+        I/O error) fails the whole batch, for every writer in it.
+        """
         self._finish_set_aside()
         blobs, offsets_list, ids_list = [], [], []
         by_signer: dict[bytes, list[Pending]] = {}
@@ -661,18 +701,10 @@ class Database:
                 offsets_list.append(pending.offsets)
                 ids_list.append(pending.ids)
         for writers in by_signer.values():
-            # One envelope, hence one signature, for every writer of this signer in the batch.
-            records = [record for pending in writers for record in pending.records or ()]
-            members, envelope = writers[0].signer.sign_batch(records)
-            blob, offsets, ids = _codec.encode_many([envelope, *members])
-            start = 1
-            for pending in writers:
-                count = len(pending.records or ())
-                pending.result = _id_list(ids[start:start + count])
-                start += count
-            blobs.append(blob)
-            offsets_list.append(offsets)
-            ids_list.append(ids)
+            for blob, offsets, ids in self._envelope_batches(writers):
+                blobs.append(blob)
+                offsets_list.append(offsets)
+                ids_list.append(ids)
         if not blobs:
             return
         blob, offsets, ids = _concat(blobs, offsets_list, ids_list)
@@ -687,6 +719,23 @@ class Database:
         self.metrics.batch_records_max = max(self.metrics.batch_records_max, len(ids))
         self._append_durably(blob, offsets, ids)
 
+    def _envelope_batches(self, writers: list[Pending]) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:
+        """Encoded (envelope, members...) runs for the writers of one signer in this batch.
+
+        One envelope, hence one signature, for all of them, unless the envelope
+        would not fit a segment (or exceed MAX_MEMBERS): then one per chunk.
+        """
+        signer = writers[0].signer
+        key = signer.public_key
+        members = [record for pending in writers for record in pending.records or ()]
+        ids = np.concatenate([pending.ids for pending in writers if pending.ids is not None])
+        step = self._members_per_envelope()
+        for start in range(0, len(members), step):
+            chunk_ids = ids[start:start + step]
+            envelope = Envelope(key, chunk_ids).sign(signer)
+            proven = [m._with_proof((key,), (), envelope.id) for m in members[start:start + step]]
+            yield _codec.encode_many([envelope, *proven])
+
     def _fresh_mask(self, ids: np.ndarray) -> np.ndarray:
         """True for IDs neither stored nor repeated earlier in the same batch."""
         with self._state_lock:
@@ -696,12 +745,8 @@ class Database:
         sizes = np.diff(offsets)
         frame_sizes = (_segment.FRAME_HEADER + sizes + 7) // 8 * 8
         fresh_room = self.log.segment_size - _segment.HEADER_SIZE - _segment.FOOTER_SIZE
-        too_big = np.nonzero(frame_sizes > fresh_room - BATCH_FRAME)[0]
-        if len(too_big):
-            first = int(too_big[0])
-            raise InvalidRecord(
-                f"record {bytes(ids[first]).hex()}: {int(sizes[first])} bytes do not fit a "
-                f"{self.log.segment_size}-byte segment; open the store with a larger segment_size")
+        # Every frame was checked to fit (_check_fits) before its writer queued it.
+        assert int(frame_sizes.max(initial=0)) <= self._frame_capacity()
         # Plan the split over segments first and create every segment it needs, so
         # that StorageFull refuses the whole batch before any of it is written.
         plan: list[tuple[int, int] | None] = []
@@ -1262,6 +1307,14 @@ def _default_segment_size() -> int:
 def open(path: str | os.PathLike[str], **options: Any) -> Database:  # noqa: A001
     """Open (creating if needed) the store at `path`. See Database for options."""
     return Database(path, **options)
+
+
+@functools.cache
+def _envelope_overhead() -> int:
+    """Bytes of a signed envelope's encoding besides its member IDs."""
+    probe = Signer.from_seed(bytes(32))
+    envelope = Envelope(probe.public_key, [bytes(32)], timestamp=0).sign(probe)
+    return len(envelope.encode()) - 32
 
 
 def _verify_at(records: list[Any], index: int) -> None:
