@@ -215,6 +215,23 @@ def test_a_missing_middle_segment_is_reported_and_the_rest_served(tmp_path):
         assert mentions(db.verify().problems, str(middle), "missing")
 
 
+def test_a_lost_spare_is_reported_and_the_next_seal_names_the_segment_after_it(tmp_path):
+    path = tmp_path / "db"
+    with stemedb.open(path, segment_size=SMALL, files=NoSnapshotFiles()) as db:
+        ids = db.put_many([claim("spare", j) for j in range(20)])
+        db.log.prepare(1)   # a spare, as a commit about to roll makes one
+    spare = segment_files(path)[-1]
+    os.remove(spare)
+    with stemedb.open(path, files=NoSnapshotFiles()) as db:
+        assert mentions(db.recovery.problems, str(spare), "missing")
+        for start in range(0, 600, 20):   # rolls past the gap
+            ids += db.put_many([claim(f"after-{start}", j) for j in range(20)])
+    with stemedb.open(path, files=NoSnapshotFiles()) as db:
+        kinds = [d.kind for d in db.recovery.damage]
+        assert kinds == ["missing"], db.recovery.problems
+        assert not not_served(db, ids)
+
+
 def test_the_manifest_names_the_newest_segment(tmp_path):
     path = tmp_path / "db"
     several_segments(path, 200)
@@ -500,6 +517,7 @@ def test_open_with_a_torn_tail_on_a_full_disk_serves_reads_and_refuses_writes(tm
         files.clear()   # space freed
         fresh = db.put(claim("full", 1))
         assert db.get(fresh).id == fresh
+        assert [d["kind"] for d in db.stats()["recovery"]["set_aside"]] == ["set aside"]
     finally:
         files.clear()
         db.close()

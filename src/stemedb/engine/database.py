@@ -170,6 +170,8 @@ class Database:
             self._ensure_directories()
             self._recover()
         except BaseException:
+            if hasattr(self, "log"):
+                self.log.close()
             self._release_lock()
             self._verify_pool.shutdown()
             raise
@@ -418,6 +420,19 @@ class Database:
                     "free disk space, then write again (reads keep working)") from exc
             self._pending_set_aside.pop(0)
             self.recovery.torn_bytes_dropped += end - start
+            self._now_set_aside(segment.path, start)
+
+    def _now_set_aside(self, path: str, offset: int) -> None:
+        """Report as set aside what the open reported as not yet set aside."""
+        report = self.recovery
+        place = (path, offset)
+        gone = {d.text() for d in report.damage
+                if d.kind == _recovery.NOT_SET_ASIDE and (d.path, d.offset) == place}
+        report.damage = [d for d in report.damage if d.text() not in gone]
+        report.problems = [p for p in report.problems if p not in gone]
+        for damage in self._quarantine_damage():
+            if (damage.path, damage.offset) == place:
+                report.add(damage)
 
     def _quarantine_damage(self) -> list[Damage]:
         """One entry per set-aside file in segments/ (this open's and earlier ones)."""

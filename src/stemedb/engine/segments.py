@@ -185,7 +185,9 @@ class SegmentLog:
         if footer is None:
             return
         end = footer["end"]
-        if footer["number"] != segment.number or footer["successor"] != segment.number + 1:
+        # The successor is the next segment file that existed at sealing: number + 1, or
+        # later if files in between were already missing (they are reported as such).
+        if footer["number"] != segment.number or footer["successor"] <= segment.number:
             segment.footer_problem = (
                 f"{segment.path} at offset {place}: segment footer names segment "
                 f"{footer['number']} followed by {footer['successor']}")
