@@ -11,7 +11,7 @@ layer), and never trust a length before checking that it fits.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 from stemedb._hash cimport stm_blake3, stm_crc32c
 
@@ -475,25 +475,40 @@ def read_ids(buffer, positions):
     return out
 
 
-def payload_tails(buffer, positions, lengths):
-    """The last 32 bytes of the payloads of the record frames at `positions`, as (n, 32) uint8.
+def tail_runs(buffer, positions, lengths):
+    """Runs of equal last-32-byte payload tails among the record frames at `positions`.
 
-    For envelope members that is the envelope ID their proof names.
+    For envelope members the tail is the envelope ID their proof names, and
+    the members of one envelope sit together: returns (starts, tails) — the
+    index where each run begins, and that run's tail as a (runs, 32) array.
     """
     cdef const uint8_t[::1] view = buffer
     cdef const int64_t[::1] pos = np.ascontiguousarray(positions, dtype=np.int64)
     cdef const uint32_t[::1] lens = np.ascontiguousarray(lengths, dtype=np.uint32)
-    cdef Py_ssize_t i, n = pos.shape[0], end
+    cdef Py_ssize_t i, n = pos.shape[0], end, previous = -1
     if lens.shape[0] != n:
         raise ValueError(f"lengths: {lens.shape[0]} for {n} positions")
-    out = np.empty((n, 32), dtype=np.uint8)
-    cdef uint8_t[:, ::1] o = out
     for i in range(n):
-        end = pos[i] + FRAME_HEADER_SIZE + lens[i]
-        if pos[i] < 0 or lens[i] < 32 or end > view.shape[0]:
+        if pos[i] < 0 or lens[i] < 32 or pos[i] + FRAME_HEADER_SIZE + lens[i] > view.shape[0]:
             raise ValueError(f"positions[{i}] = {pos[i]} (length {lens[i]}) is outside the buffer")
-        memcpy(&o[i, 0], &view[end - 32], 32)
-    return out
+    starts = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] sv = starts
+    cdef Py_ssize_t runs = 0
+    with nogil:
+        for i in range(n):
+            end = pos[i] + FRAME_HEADER_SIZE + lens[i]
+            if previous < 0 or memcmp(&view[end - 32], &view[previous - 32], 32) != 0:
+                sv[runs] = i
+                runs += 1
+            previous = end
+    starts = starts[:runs].copy()
+    tails = np.empty((runs, 32), dtype=np.uint8)
+    cdef uint8_t[:, ::1] tv = tails
+    cdef const int64_t[::1] first = starts
+    for i in range(runs):
+        end = pos[first[i]] + FRAME_HEADER_SIZE + lens[first[i]]
+        memcpy(&tv[i, 0], &view[end - 32], 32)
+    return starts, tails
 
 
 def frame_payload(buffer, Py_ssize_t position, uint32_t length):
