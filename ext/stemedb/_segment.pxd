@@ -8,6 +8,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 cdef enum:
     SEGMENT_HEADER_SIZE = 64        # magic, version, number, size, created, crc
+    SEGMENT_FOOTER_SIZE = 128       # version 2: the seal, in the file's last 128 bytes
     FRAME_HEADER_SIZE = 48          # magic, type, reserved, length, crc, id
     FRAME_ALIGN = 8                 # frames start at multiples of 8
     BATCH_PAYLOAD_SIZE = 24         # batch_seq:u64 record_count:u32 reserved:u32 batch_bytes:u64

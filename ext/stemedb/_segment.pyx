@@ -1,8 +1,9 @@
 """Segment frames: building them for a batch, scanning and checking them.
 
 Owns: the frame layout of docs/format.md ("Segment files"): the segment
-header, record frames and batch frames, their CRC-32C checksums, and the
-scans that recovery and `verify` run over a mapped segment. Must never: open,
+header, the seal footer of a sealed segment (format version 2), record frames
+and batch frames, their CRC-32C checksums, and the scans that recovery and
+`verify` run over a mapped segment. Must never: open,
 write or sync files (stemedb.engine does the I/O through its injectable file
 layer), and never trust a length before checking that it fits.
 """
@@ -10,15 +11,19 @@ layer), and never trust a length before checking that it fits.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 from stemedb._hash cimport stm_blake3, stm_crc32c
 
 import numpy as np
 
 SEGMENT_MAGIC = b"STEMESEG"
-SEGMENT_VERSION = 1
+SEGMENT_VERSION = 2           # 2: a sealed segment ends with a footer; 1 (no footer) is still read
+SEGMENT_VERSIONS = (1, 2)
+FOOTER_MAGIC = b"STEMEEND"
+FOOTER_VERSION = 1
 HEADER_SIZE = SEGMENT_HEADER_SIZE
+FOOTER_SIZE = SEGMENT_FOOTER_SIZE
 FRAME_HEADER = FRAME_HEADER_SIZE
 ALIGN = FRAME_ALIGN
 RECORD = FRAME_RECORD
@@ -59,13 +64,16 @@ def frame_size(Py_ssize_t payload_length):
     return aligned(FRAME_HEADER_SIZE + payload_length)
 
 
-def segment_header(uint64_t number, uint64_t size, uint64_t created_us):
-    """The 64-byte header that starts every segment file."""
+def segment_header(uint64_t number, uint64_t size, uint64_t created_us,
+                   uint32_t version=SEGMENT_VERSION):
+    """The 64-byte header that starts every segment file (version 1 only for tests)."""
+    if version not in SEGMENT_VERSIONS:
+        raise ValueError(f"segment version {version}: expected one of {SEGMENT_VERSIONS}")
     cdef bytes out = PyBytes_FromStringAndSize(NULL, SEGMENT_HEADER_SIZE)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
     memset(p, 0, SEGMENT_HEADER_SIZE)
     memcpy(p, <const char*>SEGMENT_MAGIC, 8)
-    put_u32(p + 8, SEGMENT_VERSION)
+    put_u32(p + 8, version)
     put_u64(p + 16, number)
     put_u64(p + 24, size)
     put_u64(p + 32, created_us)
@@ -74,7 +82,7 @@ def segment_header(uint64_t number, uint64_t size, uint64_t created_us):
 
 
 def parse_segment_header(data):
-    """(number, size, created_us) from a segment header; ValueError saying what is wrong."""
+    """(number, size, created_us, version) from a segment header; ValueError saying what is wrong."""
     cdef const uint8_t[::1] view = data
     if view.shape[0] < SEGMENT_HEADER_SIZE:
         raise ValueError(f"segment header truncated: {view.shape[0]} bytes")
@@ -83,9 +91,62 @@ def parse_segment_header(data):
         raise ValueError("segment header: bad magic (not a StemeDB segment)")
     if get_u32(p + 60) != stm_crc32c(0, p, 60):
         raise ValueError("segment header: checksum mismatch")
-    if get_u32(p + 8) != SEGMENT_VERSION:
+    if get_u32(p + 8) not in SEGMENT_VERSIONS:
         raise ValueError(f"segment header: unknown version {get_u32(p + 8)}")
-    return get_u64(p + 16), get_u64(p + 24), get_u64(p + 32)
+    return get_u64(p + 16), get_u64(p + 24), get_u64(p + 32), get_u32(p + 8)
+
+
+def segment_footer(uint64_t number, uint64_t end, uint64_t records, uint64_t batches,
+                   uint64_t first_batch, uint64_t last_batch, uint64_t successor, uint32_t digest):
+    """The 128-byte seal written over the last bytes of a segment when it is sealed.
+
+    `end` is the offset just past the last frame, `digest` the CRC-32C of
+    bytes [HEADER_SIZE, end); see docs/format.md, "Segment footer".
+    """
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, SEGMENT_FOOTER_SIZE)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    memset(p, 0, SEGMENT_FOOTER_SIZE)
+    memcpy(p, <const char*>FOOTER_MAGIC, 8)
+    put_u32(p + 8, FOOTER_VERSION)
+    put_u64(p + 16, number)
+    put_u64(p + 24, end)
+    put_u64(p + 32, records)
+    put_u64(p + 40, batches)
+    put_u64(p + 48, first_batch)
+    put_u64(p + 56, last_batch)
+    put_u64(p + 64, successor)
+    put_u32(p + 72, digest)
+    put_u32(p + SEGMENT_FOOTER_SIZE - 4, stm_crc32c(0, p, SEGMENT_FOOTER_SIZE - 4))
+    return out
+
+
+def parse_segment_footer(data):
+    """The fields of a segment footer as a dict, or None if these bytes are all zero (unsealed).
+
+    Raises ValueError saying what is wrong with a footer that is present but
+    damaged (bad magic, checksum, version).
+    """
+    cdef const uint8_t[::1] view = data
+    if view.shape[0] != SEGMENT_FOOTER_SIZE:
+        raise ValueError(f"segment footer: {view.shape[0]} bytes, expected {SEGMENT_FOOTER_SIZE}")
+    cdef const uint8_t* p = &view[0]
+    cdef Py_ssize_t i
+    for i in range(SEGMENT_FOOTER_SIZE):
+        if p[i]:
+            break
+    else:
+        return None
+    if bytes(data[:8]) != FOOTER_MAGIC:
+        raise ValueError("segment footer: bad magic")
+    if get_u32(p + SEGMENT_FOOTER_SIZE - 4) != stm_crc32c(0, p, SEGMENT_FOOTER_SIZE - 4):
+        raise ValueError("segment footer: checksum mismatch")
+    if get_u32(p + 8) != FOOTER_VERSION:
+        raise ValueError(f"segment footer: unknown version {get_u32(p + 8)}")
+    return {
+        "number": get_u64(p + 16), "end": get_u64(p + 24), "records": get_u64(p + 32),
+        "batches": get_u64(p + 40), "first_batch": get_u64(p + 48),
+        "last_batch": get_u64(p + 56), "successor": get_u64(p + 64), "digest": get_u32(p + 72),
+    }
 
 
 def build_batch(blob, offsets, ids, uint64_t batch_seq):
@@ -274,6 +335,24 @@ def find_frame(buffer, Py_ssize_t start, Py_ssize_t end, int frame_type=0):
     return found
 
 
+def count_record_headers(buffer, Py_ssize_t start, Py_ssize_t end):
+    """8-aligned offsets in buffer[start:end] that begin with a record frame's magic and type.
+
+    How many records a damaged region held, as far as their headers survive:
+    used to report what was set aside, never to decide what is served.
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef Py_ssize_t pos = aligned(start), count = 0
+    if end > view.shape[0]:
+        raise ValueError(f"end {end} beyond buffer of {view.shape[0]} bytes")
+    with nogil:
+        while pos + 5 <= end:
+            if get_u32(&view[pos]) == FRAME_MAGIC and view[pos + 4] == FRAME_RECORD:
+                count += 1
+            pos += FRAME_ALIGN
+    return count
+
+
 def last_nonzero(buffer, Py_ssize_t start, Py_ssize_t end):
     """Offset just past the last non-zero byte in buffer[start:end], or start if all zero."""
     cdef const uint8_t[::1] view = buffer
@@ -380,6 +459,42 @@ def read_ids(buffer, positions):
             raise ValueError(f"positions[{i}] = {pos[i]} is outside the buffer")
         memcpy(&o[i, 0], &view[pos[i] + 16], 32)
     return out
+
+
+def tail_runs(buffer, positions, lengths):
+    """Runs of equal last-32-byte payload tails among the record frames at `positions`.
+
+    For envelope members the tail is the envelope ID their proof names, and
+    the members of one envelope sit together: returns (starts, tails) — the
+    index where each run begins, and that run's tail as a (runs, 32) array.
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] pos = np.ascontiguousarray(positions, dtype=np.int64)
+    cdef const uint32_t[::1] lens = np.ascontiguousarray(lengths, dtype=np.uint32)
+    cdef Py_ssize_t i, n = pos.shape[0], end, previous = -1
+    if lens.shape[0] != n:
+        raise ValueError(f"lengths: {lens.shape[0]} for {n} positions")
+    for i in range(n):
+        if pos[i] < 0 or lens[i] < 32 or pos[i] + FRAME_HEADER_SIZE + lens[i] > view.shape[0]:
+            raise ValueError(f"positions[{i}] = {pos[i]} (length {lens[i]}) is outside the buffer")
+    starts = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] sv = starts
+    cdef Py_ssize_t runs = 0
+    with nogil:
+        for i in range(n):
+            end = pos[i] + FRAME_HEADER_SIZE + lens[i]
+            if previous < 0 or memcmp(&view[end - 32], &view[previous - 32], 32) != 0:
+                sv[runs] = i
+                runs += 1
+            previous = end
+    starts = starts[:runs].copy()
+    tails = np.empty((runs, 32), dtype=np.uint8)
+    cdef uint8_t[:, ::1] tv = tails
+    cdef const int64_t[::1] first = starts
+    for i in range(runs):
+        end = pos[first[i]] + FRAME_HEADER_SIZE + lens[first[i]]
+        memcpy(&tv[i, 0], &view[end - 32], 32)
+    return starts, tails
 
 
 def frame_payload(buffer, Py_ssize_t position, uint32_t length):

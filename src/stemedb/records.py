@@ -46,6 +46,7 @@ __all__ = [
     "ids_of",
     "verify_batch",
     "check_envelope_members",
+    "check_stored_member",
     "verify_many",
     "now_us",
 ]
@@ -454,6 +455,22 @@ def check_envelope_members(envelopes: Sequence[Any], blob: bytes, offsets: Any, 
         if bytes(ids[index]) not in set(envelopes[int(owner[index])].members):
             raise SignatureError(
                 f"{label}[{index}] ({bytes(ids[index]).hex()}): not listed in its envelope")
+
+
+def check_stored_member(envelope: Any, member: Any, member_id: bytes, label: str) -> None:
+    """`envelope`, a stored record, proves `member` (whose ID is member_id); else SignatureError.
+
+    The envelope's own signature was checked when it was stored. `label`
+    names the member in the message.
+    """
+    named = member.envelope.hex() if member.envelope is not None else "none"
+    if not isinstance(envelope, Envelope):
+        raise SignatureError(f"{label}: its envelope proof names {named}, a stored "
+                             f"{type(envelope).__name__.lower()}, not an envelope")
+    if member.signers != (envelope.signer,):
+        raise SignatureError(f"{label}: its signer is not the signer of envelope {named}")
+    if member_id not in set(envelope.members):
+        raise SignatureError(f"{label}: not a member of envelope {named}")
 
 
 def _differing_row(rows: np.ndarray, expected: np.ndarray) -> int:

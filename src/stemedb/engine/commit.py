@@ -9,8 +9,10 @@ failed fsync (after "fsyncgate" a failed fsync means the page cache may
 already have dropped the data).
 
 Error handling: the leader's exception is delivered to every writer of its
-batch. A failed write or sync poisons the committer: every later submit raises
-DurabilityError until the store is closed and reopened.
+batch, so a writer must have its own input checked before it submits (the
+database does: nothing that depends on one writer's records may fail in the
+leader). A failed write or sync poisons the committer: every later submit
+raises DurabilityError until the store is closed and reopened.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class Pending:
         self.blob = blob
         self.offsets = offsets
         self.ids = ids
-        self.records = records          # unsigned records for a group-signing writer
-        self.signer = signer            # that writer's Signer
+        self.records = records          # a group-signing writer's members, checked and encoded
+        self.signer = signer            # that writer's Signer (ids: the members' IDs)
         self.done = False
         self.error: BaseException | None = None
         self.result: Any = None

@@ -1,11 +1,14 @@
 """The embedded database: open, put, get, scan, stats, verify, close.
 
 Owns: one data directory (LOCK, MANIFEST, segments/, index/), the write path
-(verify → encode → group commit → frame → append → fdatasync → index), the
-read path (index → location → checksum → decode from the mapping), recovery
-on open, snapshots, and scrubbing. Must never: acknowledge a write before it
-is durable (in "sync" mode), serve bytes whose checksum or ID does not match,
-or change anything when a write is refused.
+(verify → encode → size check, all in the writer's thread → group commit →
+frame → append → fdatasync → index), the read path (index → location →
+checksum → decode from the mapping), recovery on open (engine/recovery.py
+walks the segments; this module decides what is indexed, set aside, held
+back or reported), snapshots, and scrubbing. Must never: acknowledge a write
+before it is durable (in "sync" mode), serve bytes whose checksum or ID does
+not match, change anything when a write is refused, or let one writer's bad
+input fail the batch it would have shared with others.
 
 Resource handling: a Database owns its lock file, segment descriptors and
 mappings; `close()` (or the context manager) writes a snapshot and releases
@@ -14,14 +17,16 @@ across processes.
 Error handling: see stemedb.errors — InvalidRecord / SignatureError refuse a
 write and change nothing; StorageFull refuses it and keeps reads working;
 DurabilityError poisons the store until it is reopened; CorruptionError names
-the file and offset of a damaged record.
+the file and offset of a damaged record (or the damaged MANIFEST). Damage
+found at open never stops it (except a damaged segment header or MANIFEST):
+it is reported in `recovery`, `stats()` and `verify()`.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import json
+import functools
 import os
 import threading
 import time
@@ -32,10 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from stemedb import _codec, _segment
+from stemedb import _codec, _hash, _segment
+from stemedb.engine import recovery as _recovery
 from stemedb.engine.commit import GroupCommit, Metrics, Pending
 from stemedb.engine.files import FileLayer
-from stemedb.engine.segments import DEFAULT_SEGMENT_SIZE, Segment, SegmentLog
+from stemedb.engine.manifest import (
+    STORE_VERSION,
+    Manifest,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from stemedb.engine.recovery import Damage
+from stemedb.engine.segments import DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE, Segment, SegmentLog
 from stemedb.engine.state import State, load_snapshot, write_snapshot
 from stemedb.errors import (
     CorruptionError,
@@ -46,12 +60,21 @@ from stemedb.errors import (
     StemeError,
     StorageFull,
 )
-from stemedb.records import Envelope, Epoch, RecordKind, Signer, Vote, check_envelope_members
+from stemedb.records import (
+    Envelope,
+    Epoch,
+    RecordKind,
+    Signer,
+    Vote,
+    check_envelope_members,
+    check_stored_member,
+)
 
 DURABILITY_MODES = ("sync", "batch", "none")
 KIND_NAMES = {RecordKind.ASSERTION: "assertion", RecordKind.VOTE: "vote", RecordKind.EPOCH: "epoch",
               RecordKind.ENVELOPE: "envelope"}
-STORE_VERSION = 1
+PROOF_ENVELOPE = 2
+BATCH_FRAME = _segment.frame_size(24)
 
 
 @dataclass
@@ -60,23 +83,44 @@ class RecoveryReport:
 
     segments_scanned: int = 0
     records_replayed: int = 0
-    torn_bytes_dropped: int = 0
+    torn_bytes_dropped: int = 0     # bytes this open set aside (copied to a quarantine file, zeroed)
     snapshot_records: int = 0
     snapshot_problem: str | None = None
     problems: list[str] = field(default_factory=list)
+    damage: list[Damage] = field(default_factory=list)
     seconds: float = 0.0
+
+    def add(self, damage: Damage) -> None:
+        self.damage.append(damage)
+        self.problems.append(damage.text())
+
+    def plain_problems(self) -> list[str]:
+        """The problems that are not damage entries (a snapshot ignored or failed)."""
+        texts = {d.text() for d in self.damage}
+        return [p for p in self.problems if p not in texts]
 
 
 @dataclass
 class VerifyReport:
-    """Result of `Database.verify()`: a scrub of every checksum and ID."""
+    """Result of `Database.verify()`: a scrub of every checksum, ID, footer and file."""
 
     ok: bool
     records_checked: int
     problems: list[str]
+    damage: list[Damage] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.ok
+
+
+@dataclass
+class HeldBack:
+    """An intact member record not served because its envelope is not stored."""
+
+    segment: int
+    position: int
+    length: int
+    envelope: bytes
 
 
 class Database:
@@ -117,12 +161,19 @@ class Database:
                                                thread_name_prefix="stemedb-verify")
         self.files.makedirs(self.path)
         self._lock_fd = self._take_lock()
+        # Set aside at open but not yet copied (the disk was full): writes wait for it.
+        self._pending_set_aside: list[tuple[Segment, int, int, int]] = []
+        self._held_back: list[HeldBack] = []
+        self._unverified: list[Damage] = []
         try:
-            segment_size = self._read_or_write_manifest(segment_size)
-            self.log = SegmentLog(os.path.join(self.path, "segments"), self.files, segment_size)
+            manifest = self._open_manifest(segment_size)
+            self.log = SegmentLog(os.path.join(self.path, "segments"), self.files,
+                                  manifest.segment_size, manifest)
             self._ensure_directories()
             self._recover()
         except BaseException:
+            if hasattr(self, "log"):
+                self.log.close()
             self._release_lock()
             self._verify_pool.shutdown()
             raise
@@ -164,69 +215,93 @@ class Database:
             self.files.makedirs(path)
             self.files.fsync_dir(self.path)
 
-    def _read_or_write_manifest(self, segment_size: int) -> int:
-        path = os.path.join(self.path, "MANIFEST")
-        if self.files.exists(path):
-            try:
-                manifest = json.loads(self.files.read_file(path))
-            except ValueError as exc:
-                raise CorruptionError(f"{path}: unreadable ({exc})", path=path, offset=0) from None
-            if manifest.get("version") != STORE_VERSION:
-                raise StemeError(f"{path}: unknown store version {manifest.get('version')}")
-            return int(manifest["segment_size"])
-        manifest = {"version": STORE_VERSION, "segment_size": segment_size,
-                    "created_us": time.time_ns() // 1000}
+    def _open_manifest(self, segment_size: int) -> Manifest:
+        """The store's MANIFEST; a new store's is written first (it names the store)."""
+        manifest = read_manifest(self.files, self.path, min_segment_size=MIN_SEGMENT_SIZE)
+        if manifest is not None:
+            return manifest
+        if segment_size < MIN_SEGMENT_SIZE or segment_size % 4096:
+            raise ValueError(
+                f"segment_size: {segment_size} must be a multiple of 4096 and at least {MIN_SEGMENT_SIZE}")
+        manifest = new_manifest(self.path, segment_size)
         parent = os.path.dirname(os.path.abspath(self.path))
         self.files.fsync_dir(parent)  # the data directory's own entry
-        temp = path + ".tmp"
-        self.files.write_file(temp, json.dumps(manifest).encode())
-        self.files.rename(temp, path)
-        self.files.fsync_dir(self.path)
-        return segment_size
+        write_manifest(self.files, manifest)
+        return manifest
+
+    def _upgrade_manifest(self) -> None:
+        """Rewrite a version-1 MANIFEST as version 2, naming the newest segment found.
+
+        Best effort: on a full disk the old MANIFEST stays (it is still valid)
+        and the next segment creation writes the new one.
+        """
+        manifest = self.log.manifest
+        if manifest.version >= STORE_VERSION:
+            return
+        manifest.newest_segment = max(manifest.newest_segment, len(self.log.segments) - 1)
+        try:
+            write_manifest(self.files, manifest)
+        except OSError:
+            pass  # still version 1; the next segment created writes version 2
 
     # --------------------------------------------------------------- recovery
 
     def _recover(self) -> None:
+        """Load the snapshot, replay what follows it, and report everything found wrong.
+
+        docs/format.md, "Recovery", states the rules this follows.
+        """
         started = time.perf_counter()
         report = self.recovery
         self.log.open_existing()
-        state = None
-        start_segment, start_offset = 0, _segment.HEADER_SIZE
-        try:
-            loaded = load_snapshot(self.files, os.path.join(self.path, "index"))
-        except ValueError as exc:
-            loaded = None
-            report.snapshot_problem = str(exc)
-            report.problems.append(f"snapshot ignored: {exc}")
-        if loaded is not None:
-            snapshot_state, manifest = loaded
-            problem = self._snapshot_position_problem(manifest)
-            if problem is None:
-                state = snapshot_state
-                start_segment, start_offset = (int(x) for x in manifest["position"])
-                self._batch_seq = int(manifest["batch_seq"])
-                report.snapshot_records = state.count
+        for segment in self.log.segments:
+            if segment.missing:
+                report.add(Damage(_recovery.MISSING, segment.path,
+                                  detail=self.log.missing_text(segment)))
+        self._upgrade_manifest()
+        start_segment, start_offset = self._load_snapshot()
+        self.log.ensure_active()
+        active = self.log.active_number
+        for segment in self.log.real_segments():
+            self._report_footer(segment)
+            if segment.number > active:
+                self._clear_spare(segment)
+            elif segment.number < start_segment:
+                segment.tail = segment.frames_end  # sealed and covered by the snapshot: not read
             else:
-                report.snapshot_problem = problem
-                report.problems.append(f"snapshot ignored: {problem}")
-        self.state = state or State()
-        if not self.log.segments:
-            self.log.create_segment()
-        else:
-            active = self.log.active_number
-            for segment in self.log.segments:
-                if segment.number > active:
-                    # An empty spare: zero anything a crash left in it.
-                    report.torn_bytes_dropped += self.log.cut(segment, _segment.HEADER_SIZE)
-                    continue
-                if segment.number < start_segment:
-                    segment.tail = segment.size  # sealed and fully covered by the snapshot
-                    continue
                 offset = start_offset if segment.number == start_segment else _segment.HEADER_SIZE
                 self._replay_segment(segment, offset)
+        self._release_held_back()
+        for damage in self._quarantine_damage():
+            report.add(damage)
         self._indexed_position = (self.log.active.number, self.log.active.tail)
         self._indexed_batch_seq = self._batch_seq
         report.seconds = time.perf_counter() - started
+
+    def _load_snapshot(self) -> tuple[int, int]:
+        """Install the newest usable snapshot; returns the (segment, offset) replay starts at."""
+        report = self.recovery
+        self.state = State()
+        try:
+            loaded = load_snapshot(self.files, os.path.join(self.path, "index"))
+        except ValueError as exc:
+            report.snapshot_problem = str(exc)
+            report.problems.append(f"snapshot ignored: {exc}")
+            return 0, _segment.HEADER_SIZE
+        if loaded is None:
+            return 0, _segment.HEADER_SIZE
+        snapshot_state, manifest = loaded
+        problem = self._snapshot_position_problem(manifest)
+        if problem is not None:
+            report.snapshot_problem = problem
+            report.problems.append(f"snapshot ignored: {problem}")
+            return 0, _segment.HEADER_SIZE
+        self.state = snapshot_state
+        self._batch_seq = int(manifest["batch_seq"])
+        report.snapshot_records = snapshot_state.count
+        self._held_back = self._snapshot_held_back(manifest.get("held_back", []))
+        number, offset = (int(x) for x in manifest["position"])
+        return number, offset
 
     def _snapshot_position_problem(self, manifest: dict[str, Any]) -> str | None:
         """Why the snapshot's position cannot be trusted with these segments, or None."""
@@ -235,83 +310,263 @@ class Database:
             batch_seq = int(manifest["batch_seq"])
         except (KeyError, TypeError, ValueError):
             return "its position or batch sequence is missing or malformed"
-        if not self.log.segments:
-            return None if number == 0 and offset == _segment.HEADER_SIZE else \
-                "it covers segments that are not here"
-        if not 0 <= number <= self.log.active_number:
+        if not 0 <= number < len(self.log.segments) or number > self.log.active_number:
             return f"it covers segment {number}, which is not a written segment here"
-        size = self.log.segments[number].size
-        if not (_segment.HEADER_SIZE <= offset <= size and offset % _segment.ALIGN == 0):
+        segment = self.log.segments[number]
+        if not segment.missing and not (_segment.HEADER_SIZE <= offset <= segment.frames_end
+                                         and offset % _segment.ALIGN == 0):
             return f"its position {offset} is not a frame boundary of segment {number}"
         if batch_seq < 0:
             return f"its batch sequence {batch_seq} is negative"
         return None
 
-    def _replay_segment(self, segment: Segment, offset: int) -> None:
-        report = self.recovery
-        report.segments_scanned += 1
-        while True:
-            result = _segment.scan(segment.buffer, offset, segment.size)
-            self._index_scanned(segment, result)
-            stop = result["stop"]
-            if result["reason"] == _segment.CLEAN:
-                segment.tail = stop
-                if segment.sealed:
-                    break
-                # The active segment ends at the first zero magic; anything non-zero after it
-                # is an unsynced, never-acknowledged write that was torn: cut it.
-                report.torn_bytes_dropped += self.log.cut(segment, stop)
-                break
-            later = _segment.find_frame(segment.buffer, stop + 8, segment.size, _segment.BATCH)
-            newer = later >= 0 and self._batch_is_newer(segment, later)
-            if newer or segment.sealed:
-                # Intact newer batches follow (or the segment is sealed), so this frame was
-                # once synced: corruption. Resume at the next intact frame of any type, so
-                # the intact records of a damaged batch are still served.
-                resume = _segment.find_frame(segment.buffer, stop + 8, segment.size)
-                if resume < 0:
-                    report.problems.append(
-                        f"{segment.path} at offset {stop}: frame fails its checksum; "
-                        "no intact frame follows in this segment")
-                    segment.tail = stop
-                    break
-                report.problems.append(
-                    f"{segment.path} at offset {stop}: frame fails its checksum; "
-                    f"{resume - stop} bytes skipped, records there are not served")
-                offset = resume
+    def _snapshot_held_back(self, entries: Any) -> list[HeldBack]:
+        """The held-back members a snapshot lists, re-read from their frames (intact ones only)."""
+        held: list[HeldBack] = []
+        for entry in entries if isinstance(entries, list) else []:
+            try:
+                number, position, length = (int(x) for x in entry)
+                segment = self.log.segments[number]
+            except (TypeError, ValueError, IndexError):
                 continue
-            report.torn_bytes_dropped += self.log.cut(segment, stop)
-            break
+            payload = _segment.frame_payload(segment.buffer, position, length)
+            if payload is not None and len(payload) > 32:
+                held.append(HeldBack(number, position, length, payload[-32:]))
+        return held
 
-    def _batch_is_newer(self, segment: Segment, position: int) -> bool:
-        seq, _, _ = _segment.batch_info(segment.buffer, position)
-        return bool(seq > self._batch_seq)
+    def _report_footer(self, segment: Segment) -> None:
+        if segment.footer_problem is not None:
+            self.recovery.add(Damage(_recovery.FOOTER, segment.path, segment.limit,
+                                     detail=segment.footer_problem))
+        elif segment.sealed and segment.version >= 2 and segment.footer is None:
+            self.recovery.add(Damage(
+                _recovery.FOOTER, segment.path, segment.limit,
+                detail=f"{segment.path} at offset {segment.limit}: sealed (later segments hold "
+                       "data) but it has no footer"))
 
-    def _index_scanned(self, segment: Segment, result: dict[str, Any]) -> None:
-        types, positions, lengths = result["types"], result["positions"], result["lengths"]
-        if len(types):
-            batch_positions = positions[types == _segment.BATCH]
-            if len(batch_positions):
-                self._batch_seq = max(self._batch_seq,
-                                      _segment.batch_info(segment.buffer, int(batch_positions[-1]))[0])
-        records = types == _segment.RECORD
-        if not records.any():
+    def _clear_spare(self, segment: Segment) -> None:
+        """A spare after the active segment must be empty; anything in it is set aside."""
+        end = _segment.last_nonzero(segment.buffer, _segment.HEADER_SIZE, segment.size)
+        if end > _segment.HEADER_SIZE:
+            records = _segment.count_record_headers(segment.buffer, _segment.HEADER_SIZE, end)
+            self._set_aside(segment, _segment.HEADER_SIZE, end, records)
+
+    def _replay_segment(self, segment: Segment, offset: int) -> None:
+        """Index the intact frames of one segment from `offset`; report or set aside the rest."""
+        self.recovery.segments_scanned += 1
+        limit = segment.frames_end if segment.sealed else segment.limit
+        walked = _recovery.walk(segment.buffer, offset, limit)
+        for run in walked.runs:
+            self._index_run(segment, run)
+        tail_gap = walked.tail_gap
+        for gap in walked.gaps:
+            if gap.zero and self._quarantined(segment, gap):
+                continue  # set aside by an earlier open; its file is reported
+            what = _recovery.describe_gap(gap, at_tail=gap is tail_gap)
+            if gap.zero:
+                self.recovery.add(_recovery.gap_damage(_recovery.ZEROED, segment.path, gap, what))
+            elif segment.sealed:
+                self.recovery.add(_recovery.gap_damage(_recovery.DAMAGED, segment.path, gap,
+                                                       what + "; not served"))
+            else:
+                self._set_aside(segment, gap.start, gap.data_end, gap.records)
+        if segment.sealed:
+            self._check_sealed(segment, offset, walked)
+        else:
+            segment.tail = walked.end
+
+    def _check_sealed(self, segment: Segment, offset: int, walked: _recovery.Walk) -> None:
+        """What a replayed sealed segment's footer promised against what the walk found."""
+        footer = segment.footer
+        if footer is None:
+            segment.tail = walked.end
             return
-        positions = positions[records]
-        lengths = lengths[records]
+        segment.tail = footer["end"]
+        self._batch_seq = max(self._batch_seq, footer["last_batch"])
+        if offset == _segment.HEADER_SIZE and walked.records != footer["records"]:
+            self.recovery.add(Damage(
+                _recovery.DAMAGED, segment.path, _segment.HEADER_SIZE,
+                footer["end"] - _segment.HEADER_SIZE, footer["records"] - walked.records,
+                detail=f"hold {walked.records} intact record frames where its footer counts "
+                       f"{footer['records']}; missing ones are not served"))
+
+    def _quarantined(self, segment: Segment, gap: _recovery.Gap) -> bool:
+        return any(q.segment == segment.number and gap.start <= q.offset < gap.end
+                   for q in self.log.quarantine)
+
+    def _set_aside(self, segment: Segment, start: int, end: int, records: int) -> None:
+        """Copy unreadable bytes of an unsealed segment aside, then zero them.
+
+        If the copy cannot be made (a full disk), nothing is zeroed: the bytes
+        stay, reads go on, and writes are refused until the copy succeeds.
+        """
+        try:
+            self.log.set_aside(segment, start, end)
+        except OSError as exc:
+            self._pending_set_aside.append((segment, start, end, records))
+            self.recovery.add(Damage(_recovery.NOT_SET_ASIDE, segment.path, start, end - start,
+                                     records, detail=exc.strerror or str(exc)))
+            return
+        self.recovery.torn_bytes_dropped += end - start
+
+    def _finish_set_aside(self) -> None:
+        """Before the first write: set aside what a full disk kept recovery from setting aside."""
+        while self._pending_set_aside:
+            segment, start, end, _ = self._pending_set_aside[0]
+            try:
+                self.log.set_aside(segment, start, end)
+            except OSError as exc:
+                raise StorageFull(
+                    f"writes are refused until space frees: {end - start} unreadable bytes of "
+                    f"{segment.path} at offset {start} must first be copied aside ({exc.strerror or exc}); "
+                    "free disk space, then write again (reads keep working)") from exc
+            self._pending_set_aside.pop(0)
+            self.recovery.torn_bytes_dropped += end - start
+            self._now_set_aside(segment.path, start)
+
+    def _now_set_aside(self, path: str, offset: int) -> None:
+        """Report as set aside what the open reported as not yet set aside."""
+        report = self.recovery
+        place = (path, offset)
+        gone = {d.text() for d in report.damage
+                if d.kind == _recovery.NOT_SET_ASIDE and (d.path, d.offset) == place}
+        report.damage = [d for d in report.damage if d.text() not in gone]
+        report.problems = [p for p in report.problems if p not in gone]
+        for damage in self._quarantine_damage():
+            if (damage.path, damage.offset) == place:
+                report.add(damage)
+
+    def _quarantine_damage(self) -> list[Damage]:
+        """One entry per set-aside file in segments/ (this open's and earlier ones)."""
+        found = []
+        for quarantine in self.log.quarantine:
+            segment_path = os.path.join(self.log.directory, f"{quarantine.segment:08d}.seg")
+            try:
+                data = self.files.read_file(quarantine.path)
+            except OSError as exc:
+                found.append(Damage(_recovery.SET_ASIDE, segment_path, quarantine.offset,
+                                    copy=os.path.basename(quarantine.path),
+                                    detail=f"(unreadable: {exc.strerror or exc})"))
+                continue
+            found.append(_recovery.quarantine_damage(quarantine.path, segment_path,
+                                                     quarantine.offset, data))
+        return found
+
+    def _index_run(self, segment: Segment, run: _recovery.Run) -> None:
+        types, positions, lengths = run.scan["types"], run.scan["positions"], run.scan["lengths"]
+        batch_positions = positions[types == _segment.BATCH]
+        if len(batch_positions):
+            self._batch_seq = max(self._batch_seq,
+                                  _segment.batch_info(segment.buffer, int(batch_positions[-1]))[0])
+        records = types == _segment.RECORD
+        if records.any():
+            self._index_frames(segment, positions[records], lengths[records], run.resynced)
+
+    def _index_frames(self, segment: Segment, positions: np.ndarray, lengths: np.ndarray,
+                      resynced: bool) -> None:
+        """Index intact record frames found by recovery.
+
+        Skipped: records already indexed; members whose envelope is not stored
+        (held back); and, for frames found by resynchronising after damage,
+        records whose signatures or envelope membership do not check.
+        """
         payloads = positions + _segment.FRAME_HEADER
         columns = _codec.extract_columns(segment.buffer, payloads, lengths)
         columns["location"] = (np.uint64(segment.number) << np.uint64(32)) | positions.astype(np.uint64)
         columns["length"] = lengths
         ids = _segment.read_ids(segment.buffer, positions)
+        keep = self._fresh_mask(ids)
+        self._hold_back_orphans(segment, positions, lengths, ids, columns, keep)
+        if resynced:
+            self._drop_unproven(segment, positions, lengths, ids, keep)
         links = self._epoch_links_from(segment.buffer, payloads, lengths, columns["kind"])
-        fresh = self._fresh_mask(ids)
-        keep = np.nonzero(fresh)[0]
-        if len(keep) != len(ids):
-            columns = {k: v[keep] for k, v in columns.items()}
-            ids = ids[keep]
-        self.state.add(ids, columns, self._relink(links, keep, len(fresh)))
+        chosen = np.nonzero(keep)[0]
+        if len(chosen) != len(ids):
+            columns = {k: v[chosen] for k, v in columns.items()}
+            ids = ids[chosen]
+        self.state.add(ids, columns, self._relink(links, chosen, len(keep)))
         self.recovery.records_replayed += len(ids)
+
+    def _hold_back_orphans(self, segment: Segment, positions: np.ndarray, lengths: np.ndarray,
+                           ids: np.ndarray, columns: dict[str, np.ndarray], keep: np.ndarray) -> None:
+        """Members whose envelope is neither stored nor among these frames: not served."""
+        members = np.nonzero(keep & (columns["proof"] == PROOF_ENVELOPE))[0]
+        if not len(members):
+            return
+        # Members of one envelope sit together: each run of equal envelope IDs is checked once.
+        starts, envelopes = _segment.tail_runs(segment.buffer, positions[members], lengths[members])
+        stored = self.state.lookup_many(envelopes) >= 0
+        if stored.all():
+            return
+        here = {bytes(ids[i]) for i in np.nonzero(columns["kind"] == RecordKind.ENVELOPE)[0]}
+        bounds = np.append(starts, len(members))
+        for run in np.nonzero(~stored)[0]:
+            envelope = bytes(envelopes[run])
+            if envelope in here:
+                continue
+            for index in members[bounds[run]:bounds[run + 1]]:
+                keep[index] = False
+                self._held_back.append(HeldBack(segment.number, int(positions[index]),
+                                                int(lengths[index]), envelope))
+
+    def _drop_unproven(self, segment: Segment, positions: np.ndarray, lengths: np.ndarray,
+                       ids: np.ndarray, keep: np.ndarray) -> None:
+        """Frames found after damage are served only if their records prove themselves."""
+        envelopes: dict[bytes, Any] = {}
+        for index in np.nonzero(keep)[0]:
+            start = int(positions[index]) + _segment.FRAME_HEADER
+            record_id = bytes(ids[index])
+            try:
+                record = _codec.decode(bytes(segment.buffer[start:start + int(lengths[index])]))
+                if record.envelope is None:
+                    record.verify()
+                    if isinstance(record, Envelope):
+                        envelopes[record_id] = record
+                    continue
+                envelope = envelopes.get(record.envelope) or self._stored(record.envelope)
+                if envelope is None:
+                    continue  # held back already (its envelope is not stored)
+                check_stored_member(envelope, record, record_id, f"record {record_id.hex()}")
+            except (SignatureError, ValueError) as exc:   # InvalidRecord is a ValueError
+                keep[index] = False
+                damage = Damage(_recovery.UNVERIFIED, segment.path, int(positions[index]),
+                                _segment.frame_size(int(lengths[index])), 1,
+                                detail=f"found after damage, not served: {exc}")
+                self._unverified.append(damage)
+                self.recovery.add(damage)
+
+    def _stored(self, record_id: bytes) -> Any:
+        try:
+            return self.get(record_id)
+        except (NotFound, CorruptionError):
+            return None
+
+    def _release_held_back(self) -> None:
+        """Serve held-back members whose envelope recovery found later; report the rest."""
+        held, self._held_back = self._held_back, []
+        by_segment: dict[int, list[HeldBack]] = {}
+        for entry in held:
+            by_segment.setdefault(entry.segment, []).append(entry)
+        for number, entries in by_segment.items():
+            self._index_frames(self.log.segments[number],
+                               np.array([e.position for e in entries], dtype=np.int64),
+                               np.array([e.length for e in entries], dtype=np.uint32), False)
+        for damage in self._held_back_damage():
+            self.recovery.add(damage)
+
+    def _held_back_damage(self) -> list[Damage]:
+        by_envelope: dict[bytes, list[HeldBack]] = {}
+        for entry in self._held_back:
+            by_envelope.setdefault(entry.envelope, []).append(entry)
+        found = []
+        for envelope, entries in by_envelope.items():
+            first = entries[0]
+            found.append(Damage(
+                _recovery.HELD_BACK, self.log.segments[first.segment].path, first.position,
+                sum(_segment.frame_size(e.length) for e in entries), len(entries),
+                detail=f"their envelope {envelope.hex()} is not stored (damaged or never written); "
+                       "they are served after it is stored again and the store reopened"))
+        return found
 
     # ------------------------------------------------------------------ write
 
@@ -337,6 +592,7 @@ class Database:
         if envelopes:
             env_blob, env_offsets, env_ids = _codec.encode_many(envelopes)
             blob, offsets, ids = _concat([env_blob, blob], [env_offsets, offsets], [env_ids, ids])
+        self._check_fits(np.diff(offsets), ids)
         self._commit.submit(Pending(blob=blob, offsets=offsets, ids=ids))
         return _id_list(ids[len(envelopes):])
 
@@ -359,14 +615,46 @@ class Database:
         return Writer(self, signer)
 
     def _put_unsigned(self, records: list[Any], signer: Signer) -> list[bytes]:
+        """A group-signing writer's records: everything that can refuse them is checked here.
+
+        The checks run in the writer's own thread, before its records join the
+        commit queue, so that a bad record is refused to its own writer and
+        never fails the batch it would have shared with others.
+        """
         self._check_open()
+        if not records:
+            return []
+        key = signer.public_key
         for index, record in enumerate(records):
             if not hasattr(record, "_with_proof") or isinstance(record, Envelope):
                 raise InvalidRecord(f"records[{index}]: expected an Assertion, Vote or Epoch")
-            if record.signers not in ((), (signer.public_key,)):
+            if record.signers not in ((), (key,)):
                 raise SignatureError(f"records[{index}]: declares other signers than the writer's")
-        result = self._commit.submit(Pending(records=records, signer=signer))
-        return list(result)
+        members = [record._with_proof((key,), (), None) for record in records]
+        # remember=True: the leader re-proves them with the envelope without re-encoding
+        _, offsets, ids = _codec.encode_many(members, remember=True)
+        self._check_fits(np.diff(offsets) + 32, ids)   # + the envelope ID of their proof
+        self._commit.submit(Pending(records=members, ids=ids, signer=signer))
+        return _id_list(ids)
+
+    def _check_fits(self, sizes: np.ndarray, ids: np.ndarray) -> None:
+        """Refuse, in the caller's thread, a record whose frame cannot fit any segment."""
+        frame_sizes = (_segment.FRAME_HEADER + sizes + 7) // 8 * 8
+        too_big = np.nonzero(frame_sizes > self._frame_capacity())[0]
+        if len(too_big):
+            first = int(too_big[0])
+            raise InvalidRecord(
+                f"record {bytes(ids[first]).hex()}: {int(sizes[first])} bytes do not fit a "
+                f"{self.log.segment_size}-byte segment; open the store with a larger segment_size")
+
+    def _frame_capacity(self) -> int:
+        """The largest frame a fresh segment holds after its header, footer and a batch frame."""
+        return self.log.segment_size - _segment.HEADER_SIZE - _segment.FOOTER_SIZE - BATCH_FRAME
+
+    def _members_per_envelope(self) -> int:
+        """Members one envelope may list: its frame must fit a segment, and MAX_MEMBERS holds."""
+        room = self._frame_capacity() - _segment.FRAME_HEADER - _envelope_overhead()
+        return max(1, min(_codec.MAX_MEMBERS, room // 32))
 
     def _verify(self, records: list[Any], blob: bytes, offsets: np.ndarray, ids: np.ndarray,
                 envelopes: list[Envelope]) -> None:
@@ -405,11 +693,16 @@ class Database:
             raise SignatureError(
                 f"records[{index}]: its envelope {record.envelope.hex()} is not stored; "
                 "write members with put_many(members, envelope=envelope)") from None
-        if record.signers != (envelope.signer,) or record_id not in set(envelope.members):
-            raise SignatureError(f"records[{index}]: not a member of envelope {record.envelope.hex()}")
+        check_stored_member(envelope, record, record_id, f"records[{index}] ({record_id.hex()})")
 
     def _write_group(self, group: list[Pending]) -> None:
-        """The leader's work for one group commit (runs in one writer's thread)."""
+        """The leader's work for one group commit (runs in one writer's thread).
+
+        Nothing here may fail because of one writer's input: every record was
+        checked in its writer's thread. What can still fail (a full disk, an
+        I/O error) fails the whole batch, for every writer in it.
+        """
+        self._finish_set_aside()
         blobs, offsets_list, ids_list = [], [], []
         by_signer: dict[bytes, list[Pending]] = {}
         for pending in group:
@@ -421,18 +714,10 @@ class Database:
                 offsets_list.append(pending.offsets)
                 ids_list.append(pending.ids)
         for writers in by_signer.values():
-            # One envelope, hence one signature, for every writer of this signer in the batch.
-            records = [record for pending in writers for record in pending.records or ()]
-            members, envelope = writers[0].signer.sign_batch(records)
-            blob, offsets, ids = _codec.encode_many([envelope, *members])
-            start = 1
-            for pending in writers:
-                count = len(pending.records or ())
-                pending.result = _id_list(ids[start:start + count])
-                start += count
-            blobs.append(blob)
-            offsets_list.append(offsets)
-            ids_list.append(ids)
+            for blob, offsets, ids in self._envelope_batches(writers):
+                blobs.append(blob)
+                offsets_list.append(offsets)
+                ids_list.append(ids)
         if not blobs:
             return
         blob, offsets, ids = _concat(blobs, offsets_list, ids_list)
@@ -447,6 +732,23 @@ class Database:
         self.metrics.batch_records_max = max(self.metrics.batch_records_max, len(ids))
         self._append_durably(blob, offsets, ids)
 
+    def _envelope_batches(self, writers: list[Pending]) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:
+        """Encoded (envelope, members...) runs for the writers of one signer in this batch.
+
+        One envelope, hence one signature, for all of them, unless the envelope
+        would not fit a segment (or exceed MAX_MEMBERS): then one per chunk.
+        """
+        signer = writers[0].signer
+        key = signer.public_key
+        members = [record for pending in writers for record in pending.records or ()]
+        ids = np.concatenate([pending.ids for pending in writers if pending.ids is not None])
+        step = self._members_per_envelope()
+        for start in range(0, len(members), step):
+            chunk_ids = ids[start:start + step]
+            envelope = Envelope(key, chunk_ids).sign(signer)
+            proven = [m._with_proof((key,), (), envelope.id) for m in members[start:start + step]]
+            yield _codec.encode_many([envelope, *proven])
+
     def _fresh_mask(self, ids: np.ndarray) -> np.ndarray:
         """True for IDs neither stored nor repeated earlier in the same batch."""
         with self._state_lock:
@@ -455,14 +757,9 @@ class Database:
     def _append_durably(self, blob: bytes, offsets: np.ndarray, ids: np.ndarray) -> None:
         sizes = np.diff(offsets)
         frame_sizes = (_segment.FRAME_HEADER + sizes + 7) // 8 * 8
-        batch_frame = _segment.frame_size(24)
-        capacity = self.log.segment_size - _segment.HEADER_SIZE - batch_frame
-        too_big = np.nonzero(frame_sizes > capacity)[0]
-        if len(too_big):
-            first = int(too_big[0])
-            raise InvalidRecord(
-                f"record {bytes(ids[first]).hex()}: {int(sizes[first])} bytes do not fit a "
-                f"{self.log.segment_size}-byte segment; open the store with a larger segment_size")
+        fresh_room = self.log.segment_size - _segment.HEADER_SIZE - _segment.FOOTER_SIZE
+        # Every frame was checked to fit (_check_fits) before its writer queued it.
+        assert int(frame_sizes.max(initial=0)) <= self._frame_capacity()
         # Plan the split over segments first and create every segment it needs, so
         # that StorageFull refuses the whole batch before any of it is written.
         plan: list[tuple[int, int] | None] = []
@@ -471,13 +768,13 @@ class Database:
         start, n = 0, len(ids)
         while start < n:
             base = int(cumulative[start - 1]) if start else 0
-            fits = int(np.searchsorted(cumulative[start:] - base, room - batch_frame, side="right"))
+            fits = int(np.searchsorted(cumulative[start:] - base, room - BATCH_FRAME, side="right"))
             if fits == 0:
                 plan.append(None)
-                room = self.log.segment_size - _segment.HEADER_SIZE
+                room = fresh_room
                 continue
             plan.append((start, start + fits))
-            room -= int(cumulative[start + fits - 1]) - base + batch_frame
+            room -= int(cumulative[start + fits - 1]) - base + BATCH_FRAME
             start += fits
         try:
             self.log.prepare(plan.count(None))
@@ -496,14 +793,38 @@ class Database:
             self._checkpoint_in_background()
 
     def _roll(self) -> None:
+        """Seal the active segment (footer, synced) and continue in the next one.
+
+        The footer is durable before anything is written to the next segment,
+        so a segment that has a successor holding frames always has its seal.
+        """
         try:
+            self.log.prepare(1)
+            self._seal()
             if self.durability != "none":
                 self._sync()
-            self.log.roll()
-        except StorageFull:
+            self.log.advance()
+        except (StorageFull, DurabilityError):
             raise
         except OSError as exc:
             self._fail(exc)
+
+    def _seal(self) -> None:
+        segment = self.log.active
+        try:
+            self.log.seal_active()
+        except OSError as exc:
+            segment.sealed = False
+            segment.footer = None
+            if segment.version >= 2:
+                try:  # a partial footer would read as a damaged seal after a crash
+                    self.files.pwrite(segment.fd, bytes(_segment.FOOTER_SIZE), segment.limit)
+                except OSError:
+                    pass
+            self.metrics.write_errors += 1
+            if exc.errno == errno.ENOSPC:
+                raise StorageFull(f"disk full while sealing {segment.path}; free space and retry") from exc
+            raise
 
     def _write_frames(self, blob: bytes, offsets: np.ndarray, ids: np.ndarray, lo: int, hi: int) -> None:
         self._batch_seq += 1
@@ -511,21 +832,17 @@ class Database:
         frames, positions, lengths = _segment.build_batch(part, offsets, ids, self._batch_seq)
         segment = self.log.active
         offset = segment.tail
-        data = frames
-        if segment.dirty_until > offset + len(frames):
-            # An earlier write here failed part-way; zero the rest of its range in the
-            # same write so none of its refused frames can be replayed after a crash.
-            data = frames + bytes(segment.dirty_until - offset - len(frames))
         try:
-            self.log.append(data)
+            # An earlier write here may have failed part-way; zero the rest of its range in
+            # the same write so none of its refused frames can be replayed after a crash.
+            self.log.append(frames, clear_until=segment.dirty_until)
         except OSError as exc:
             segment.tail = offset
-            segment.dirty_until = max(segment.dirty_until, offset + len(data))
+            segment.dirty_until = max(segment.dirty_until, offset + len(frames))
             self.metrics.write_errors += 1
             if exc.errno == errno.ENOSPC:
                 raise StorageFull(f"disk full while writing {segment.path}; free space and retry") from exc
             self._fail(exc)
-        segment.tail = offset + len(frames)
         segment.dirty_until = 0
         if self.durability == "sync":
             self._sync()
@@ -611,11 +928,15 @@ class Database:
         segment = self.log.segments[location >> 32]
         data = _segment.frame_payload(segment.buffer, location & 0xFFFFFFFF, length)
         if data is None:
-            offset = location & 0xFFFFFFFF
-            raise CorruptionError(
-                f"{segment.path} at offset {offset}: record {record_id.hex()} fails its checksum; "
-                "it is not served (restore it from a replica or backup)", path=segment.path, offset=offset)
+            raise self._unreadable(segment, location & 0xFFFFFFFF, f"record {record_id.hex()}")
         return data
+
+    @staticmethod
+    def _unreadable(segment: Segment, offset: int, name: str) -> CorruptionError:
+        failed = "is in a missing segment file" if segment.missing else "fails its checksum"
+        return CorruptionError(
+            f"{segment.path} at offset {offset}: {name} {failed}; it is not served (restore it "
+            "from a replica or backup)", path=segment.path, offset=offset)
 
     def get_many(self, ids: Any) -> list[Any]:
         """Records for many IDs (list of bytes or an (n, 32) uint8 array); None where absent."""
@@ -657,11 +978,8 @@ class Database:
                 [s.buffer for s in self.log.segments], cols.arrays["location"], cols.arrays["length"], rows)
         if bad:
             index, seg, offset = bad[0]
-            path = self.log.segments[seg].path
             name = what(index) if what is not None else "record"
-            raise CorruptionError(
-                f"{path} at offset {offset}: {name} fails its checksum; it is not served "
-                "(restore it from a replica or backup)", path=path, offset=offset)
+            raise self._unreadable(self.log.segments[seg], offset, name)
         return blob, offsets
 
     def records_at(self, rows: Any) -> list[Any]:
@@ -763,7 +1081,7 @@ class Database:
             "durability": self.durability,
             "records": count,
             "by_kind": {name: int(counts[code]) for code, name in KIND_NAMES.items()},
-            "segments": len(self.log.segments),
+            "segments": len(self.log.real_segments()),
             "segment_size": self.log.segment_size,
             "disk_bytes": self.log.disk_bytes(),
             "used_bytes": self.log.used_bytes(),
@@ -777,6 +1095,13 @@ class Database:
                 "snapshot_records": self.recovery.snapshot_records,
                 "torn_bytes_dropped": self.recovery.torn_bytes_dropped,
                 "problems": list(self.recovery.problems),
+                "set_aside": [d.as_dict() for d in self.recovery.damage
+                              if d.kind in (_recovery.SET_ASIDE, _recovery.NOT_SET_ASIDE)],
+                "held_back": sum(d.records or 0 for d in self.recovery.damage
+                                 if d.kind == _recovery.HELD_BACK),
+                "missing_segments": [d.path for d in self.recovery.damage
+                                     if d.kind == _recovery.MISSING],
+                "damage": [d.as_dict() for d in self.recovery.damage],
             },
         }
 
@@ -799,7 +1124,9 @@ class Database:
                 # have appended frames it has not indexed yet (they are replayed on open).
                 number, offset = self._indexed_position
                 meta = {"position": [number, offset], "batch_seq": self._indexed_batch_seq,
-                        "created_us": time.time_ns() // 1000}
+                        "created_us": time.time_ns() // 1000,
+                        # behind the position, so the next open would not find them again
+                        "held_back": [[h.segment, h.position, h.length] for h in self._held_back]}
                 arrays = self.state.arrays_for_snapshot()
                 count = self.state.count
                 self._records_since_snapshot = 0
@@ -820,35 +1147,104 @@ class Database:
         self._snapshot_thread.start()
 
     def verify(self) -> VerifyReport:
-        """Scrub every frame checksum and record ID in every segment."""
+        """Scrub every segment: frame checksums, record IDs, footers and their digests.
+
+        Not OK while anything is wrong: damaged or zeroed bytes, bytes set aside
+        (until their quarantine file is removed), missing segment files, damaged
+        footers, held-back members, indexed records whose frame is not intact.
+        """
         self._check_open()
-        problems = list(self.recovery.problems)
+        damage: list[Damage] = []
+        intact: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)]
         checked = 0
         with self._state_lock:
-            known = self.state.count
             for segment in self.log.segments:
-                offset = _segment.HEADER_SIZE
-                while True:
-                    result = _segment.scan(segment.buffer, offset, segment.size, verify_ids=True)
-                    checked += int((result["types"] == _segment.RECORD).sum())
-                    for position in result["id_mismatch"]:
-                        problems.append(f"{segment.path} at offset {position}: stored ID does not "
-                                        "match the record's content")
-                    stop = result["stop"]
-                    if result["reason"] == _segment.CLEAN:
-                        trailing = _segment.last_nonzero(segment.buffer, stop, segment.size)
-                        if trailing > stop:
-                            problems.append(f"{segment.path} at offset {stop}: {trailing - stop} "
-                                            "bytes of unexpected data after the last frame")
-                        break
-                    problems.append(f"{segment.path} at offset {stop}: frame fails its checksum")
-                    later = _segment.find_frame(segment.buffer, stop + 8, segment.size)
-                    if later < 0:
-                        break
-                    offset = later
-        if checked < known:
-            problems.append(f"{known - checked} indexed records were not found intact in the segments")
-        return VerifyReport(ok=not problems, records_checked=checked, problems=problems)
+                checked += self._verify_segment(segment, damage, intact)
+            damage.extend(self._held_back_damage())
+            damage.extend(self._unverified)
+            pending = {(s.number, start) for s, start, _, _ in self._pending_set_aside}
+            damage.extend(d for d in self.recovery.damage if d.kind == _recovery.NOT_SET_ASIDE
+                          and (self._segment_number(d.path), d.offset) in pending)
+            locations = self.state.columns.view("location")
+            lost = np.nonzero(~np.isin(locations, np.concatenate(intact)))[0]
+            lost_where = int(locations[lost[0]]) if len(lost) else 0
+        damage.extend(self._quarantine_damage())
+        problems = self.recovery.plain_problems() + [d.text() for d in damage]
+        if len(lost):
+            segment = self.log.segments[lost_where >> 32]
+            problems.append(f"{len(lost)} indexed records were not found intact in the segments "
+                            f"(the first in {segment.path} at offset {lost_where & 0xFFFFFFFF})")
+        return VerifyReport(ok=not problems, records_checked=checked, problems=problems,
+                            damage=damage)
+
+    def _segment_number(self, path: str) -> int:
+        name = os.path.basename(path)
+        return int(name[:-4]) if name.endswith(".seg") and name[:-4].isdigit() else -1
+
+    def _verify_segment(self, segment: Segment, damage: list[Damage],
+                        intact: list[np.ndarray]) -> int:
+        """Check one segment (under the state lock); returns the intact record frames in it."""
+        if segment.missing:
+            damage.append(Damage(_recovery.MISSING, segment.path,
+                                 detail=self.log.missing_text(segment)))
+            return 0
+        start = _segment.HEADER_SIZE
+        if segment.number > self.log.active_number:
+            end = _segment.last_nonzero(segment.buffer, start, segment.size)
+            if end > start:
+                damage.append(Damage(_recovery.DAMAGED, segment.path, start, end - start,
+                                     _segment.count_record_headers(segment.buffer, start, end),
+                                     detail="of data in a spare segment (after the active one)"))
+            return 0
+        if segment.footer_problem is not None or (segment.sealed and segment.version >= 2
+                                                  and segment.footer is None):
+            footer_damage = Damage(_recovery.FOOTER, segment.path, segment.limit,
+                                   detail=segment.footer_problem or
+                                   f"{segment.path} at offset {segment.limit}: sealed (later "
+                                   "segments hold data) but it has no footer")
+            damage.append(footer_damage)
+        if not segment.sealed:
+            # Only what is indexed: frames past it may be a commit in flight.
+            number, offset = self._indexed_position
+            limit = offset if number == segment.number else start
+        else:
+            limit = segment.frames_end
+        walked = _recovery.walk(segment.buffer, start, limit, verify_ids=True)
+        pending = {s for seg, s, _, _ in self._pending_set_aside if seg is segment}
+        found = len(damage)
+        for gap in walked.gaps:
+            if (gap.zero and self._quarantined(segment, gap)) or gap.start in pending:
+                continue
+            kind = _recovery.ZEROED if gap.zero else _recovery.DAMAGED
+            what = _recovery.describe_gap(gap, at_tail=gap is walked.tail_gap)
+            damage.append(_recovery.gap_damage(kind, segment.path, gap, what))
+        if segment.footer is not None:
+            self._verify_footer(segment, walked, damage, quiet=len(damage) > found)
+        for run in walked.runs:
+            positions = run.scan["positions"][run.scan["types"] == _segment.RECORD]
+            intact.append((np.uint64(segment.number) << np.uint64(32)) | positions.astype(np.uint64))
+        return walked.records
+
+    def _verify_footer(self, segment: Segment, walked: _recovery.Walk, damage: list[Damage],
+                       quiet: bool) -> None:
+        """A sealed segment against its footer: record count, digest, zeros after the end."""
+        footer = segment.footer
+        assert footer is not None
+        start, end = _segment.HEADER_SIZE, footer["end"]
+        if walked.records != footer["records"]:
+            damage.append(Damage(
+                _recovery.DAMAGED, segment.path, start, end - start,
+                footer["records"] - walked.records,
+                detail=f"hold {walked.records} intact record frames where its footer counts "
+                       f"{footer['records']}"))
+        elif not quiet and _hash.crc32c(segment.buffer[start:end]) != footer["digest"]:
+            damage.append(Damage(_recovery.DAMAGED, segment.path, start, end - start,
+                                 detail="whose CRC-32C does not match the footer's digest "
+                                        "(damage outside any frame's checksum, e.g. padding)"))
+        after = _segment.last_nonzero(segment.buffer, end, segment.limit)
+        if after > end:
+            damage.append(Damage(_recovery.DAMAGED, segment.path, end, after - end,
+                                 detail="of unexpected data after the footer's end of frames"))
 
     def close(self) -> None:
         """Flush, snapshot the indexes and release every file. Idempotent."""
@@ -924,6 +1320,14 @@ def _default_segment_size() -> int:
 def open(path: str | os.PathLike[str], **options: Any) -> Database:  # noqa: A001
     """Open (creating if needed) the store at `path`. See Database for options."""
     return Database(path, **options)
+
+
+@functools.cache
+def _envelope_overhead() -> int:
+    """Bytes of a signed envelope's encoding besides its member IDs."""
+    probe = Signer.from_seed(bytes(32))
+    envelope = Envelope(probe.public_key, [bytes(32)], timestamp=0).sign(probe)
+    return len(envelope.encode()) - 32
 
 
 def _verify_at(records: list[Any], index: int) -> None:

@@ -9,11 +9,14 @@ segments, or change anything for a record that is not yet durable.
 Resource handling: a snapshot is a directory of .npy files plus MANIFEST.json;
 older snapshots are removed only after a newer one is durably named.
 Error handling: a snapshot whose checksums do not match is reported and
-ignored (the segments are the truth; recovery replays them instead).
+ignored (the segments are the truth; recovery replays them instead). A
+snapshot that cannot be written leaves no temporary directory behind; ENOSPC
+raises StorageFull.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -23,7 +26,7 @@ import numpy as np
 
 from stemedb import _codec, _hash, _index
 from stemedb.engine.files import FileLayer
-from stemedb.errors import CorruptionError
+from stemedb.errors import CorruptionError, StorageFull
 
 SNAPSHOT_VERSION = 3  # 3: MANIFEST.json carries its own CRC-32C
 
@@ -196,7 +199,11 @@ class State:
 
 def write_snapshot(files: FileLayer, directory: str, arrays: dict[str, np.ndarray], count: int,
                    meta: dict[str, Any]) -> str:
-    """Durably write a snapshot (arrays from State.arrays_for_snapshot) named by its record count."""
+    """Durably write a snapshot (arrays from State.arrays_for_snapshot) named by its record count.
+
+    On any failure the partly written `snapshot-….tmp` is removed (the last
+    complete snapshot stays); ENOSPC raises StorageFull.
+    """
     if not files.exists(directory):
         files.makedirs(directory)
         files.fsync_dir(os.path.dirname(directory))
@@ -205,6 +212,27 @@ def write_snapshot(files: FileLayer, directory: str, arrays: dict[str, np.ndarra
     temp = final + ".tmp"
     if files.exists(temp):
         files.remove_tree(temp)
+    try:
+        _write_snapshot_files(files, temp, arrays, count, meta)
+    except OSError as exc:
+        files.remove_tree(temp)
+        if exc.errno == errno.ENOSPC:
+            raise StorageFull(
+                f"no room to write an index snapshot in {directory}; free disk space (the "
+                "records are safe in the segments; the next open replays them)") from exc
+        raise
+    if files.exists(final):
+        files.remove_tree(final)
+    files.rename(temp, final)
+    files.fsync_dir(directory)
+    for other in files.listdir(directory):
+        if other != name and other.startswith("snapshot-"):
+            files.remove_tree(os.path.join(directory, other))
+    return final
+
+
+def _write_snapshot_files(files: FileLayer, temp: str, arrays: dict[str, np.ndarray], count: int,
+                          meta: dict[str, Any]) -> None:
     files.makedirs(temp)
     checksums = {}
     for key, array in arrays.items():
@@ -218,14 +246,6 @@ def write_snapshot(files: FileLayer, directory: str, arrays: dict[str, np.ndarra
     manifest["manifest_crc32c"] = _manifest_checksum(manifest)
     files.write_file(os.path.join(temp, "MANIFEST.json"), json.dumps(manifest, indent=1).encode())
     files.fsync_dir(temp)
-    if files.exists(final):
-        files.remove_tree(final)
-    files.rename(temp, final)
-    files.fsync_dir(directory)
-    for other in files.listdir(directory):
-        if other != name and other.startswith("snapshot-"):
-            files.remove_tree(os.path.join(directory, other))
-    return final
 
 
 def load_snapshot(files: FileLayer, directory: str) -> tuple[State, dict[str, Any]] | None:
