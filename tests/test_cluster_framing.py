@@ -58,7 +58,7 @@ def test_parser_byte_at_a_time_equals_all_at_once():
                        framing.encode_frame(framing.SYNC, 3, b"x" * 300, response=True)])
     whole = FrameParser()
     whole.feed(stream)
-    expected = whole.frames()
+    expected = list(whole.frames())
     assert [(f.kind, f.request_id, f.is_response) for f in expected] == [
         (framing.PING, 1, False), (framing.PUSH, 2, False), (framing.SYNC, 3, True)]
     trickle = FrameParser()
@@ -67,6 +67,15 @@ def test_parser_byte_at_a_time_equals_all_at_once():
         trickle.feed(stream[i:i + 1])
         got += trickle.frames()
     assert got == expected
+
+
+def test_a_bad_header_after_a_good_frame_raises_only_after_the_good_frame_is_taken():
+    parser = FrameParser()
+    parser.feed(framing.encode_frame(framing.PING, 1, b"ok") + b"GET / HTTP/1.1\r\n\r\n")
+    frames = parser.frames()
+    assert next(frames).payload == b"ok"
+    with pytest.raises(ProtocolError, match="magic b'GE'"):
+        next(frames)
 
 
 @pytest.mark.parametrize("header,message", [

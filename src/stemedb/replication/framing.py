@@ -20,6 +20,7 @@ refused before any of its payload is buffered.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,11 +104,11 @@ class FrameParser:
         del self._buffer[:HEADER_SIZE + length]
         return Frame(kind, flags, request_id, payload)
 
-    def frames(self) -> list[Frame]:
-        out = []
+    def frames(self) -> Iterator[Frame]:
+        """Every complete frame buffered, one at a time: a bad header after a good frame
+        raises only once the good one has been taken."""
         while (frame := self.next()) is not None:
-            out.append(frame)
-        return out
+            yield frame
 
     def _check_header(self) -> tuple[bytes, int, int, int, int]:
         magic, kind, flags, request_id, length = HEADER.unpack_from(self._buffer)
