@@ -4,8 +4,8 @@ Owns: the three forgeries of RELIABILITY.md's forged-peer row, made from an
 honest assertion: `bad_signature` (content changed, signatures kept, sent
 under its new ID), `wrong_id` (content changed, sent under the old ID), and
 `orphan_member` (a member of an envelope that does not exist); and
-`tamper(frame, rng)`, which substitutes one of them for a record of a PUT,
-PUSH or SYNC frame. Every forged record's true ID is added to `forged_ids`,
+`Tamperer`, the network's forge hook, which substitutes one of them for a
+record of a PUT, PUSH or SYNC frame. Every forged record's true ID is added to `forged_ids`,
 so a test can assert that none of them was ever stored. Must never: produce
 a record that would verify.
 """
@@ -63,7 +63,7 @@ class Tamperer:
         self.forged_ids: set[bytes] = set()
         self.by_kind = dict.fromkeys(KINDS, 0)
 
-    def __call__(self, frame: Frame, rng: random.Random) -> Frame | None:
+    def __call__(self, frame: Frame, rng: random.Random, source: str = "", target: str = "") -> Frame | None:
         if frame.is_response and frame.kind != framing.SYNC:
             return None
         if frame.kind == framing.PUSH:

@@ -62,7 +62,7 @@ class SimNetwork:
     """Nodes by id; `connect(source, target)` returns a stream to `target`'s server."""
 
     def __init__(self, rng: random.Random, nursery: trio.Nursery,
-                 forge: Callable[[Frame, random.Random], Frame | None] | None = None) -> None:
+                 forge: Callable[[Frame, random.Random, str, str], Frame | None] | None = None) -> None:
         self.rng = rng
         self.nursery = nursery
         self.forge = forge
@@ -164,7 +164,7 @@ class SimNetwork:
             self.dropped += 1
             return
         if self.forge is not None and rng.random() < faults.tamper:
-            forged = self.forge(frame, rng)
+            forged = self.forge(frame, rng, source, target)
             if forged is not None:
                 self.tampered += 1
                 frame = forged
