@@ -182,6 +182,22 @@ def test_an_empty_replica_is_filled_over_several_frames(tmp_path):
     pair.close()
 
 
+def test_frames_are_bounded_by_record_bytes(tmp_path, monkeypatch):
+    from stemedb.replication import antientropy
+
+    monkeypatch.setattr(antientropy, "FRAME_BYTES", 20_000)
+    single = Placement(cluster_file(("n1", "n2"), factor=2, partitions=4))
+    pair = Pair(tmp_path, placement=single)
+    records = write(pair.dbs[0], [f"s{i % 13}" for i in range(600)])
+    sizes = [len(r.encode()) for r in records]
+    result = pair.session()
+    assert result.ok and len(pair.dbs[1]) == len(records)
+    carried = [r.records for r in pair.requests if len(r.records)]
+    assert all(batch.size <= 20_000 for batch in carried)
+    assert len(carried) >= sum(sizes) // 20_000 + 1
+    pair.close()
+
+
 def test_duplicated_steps_are_answered_from_the_cache(tmp_path):
     pair = Pair(tmp_path)
     shared = PLACEMENT.shared_partitions("n1", "n2")

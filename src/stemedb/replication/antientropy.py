@@ -61,7 +61,7 @@ Exchange = Callable[[str, SyncRequest], Awaitable[SyncAnswer]]
 # (docs/protocol.md, "Range list"; stemedb._reconcile.MODES).
 WHOLE_RANGE_FINGERPRINT = b"\x00" + bytes([_reconcile.MODES["fingerprint16"] << 5])
 FRAME_RECORDS = 4096            # records one SYNC frame carries at most
-FRAME_BYTES = 8 << 20           # record bytes one SYNC frame carries at most (about)
+FRAME_BYTES = 8 << 20           # record bytes one SYNC frame carries at most (one record may exceed it)
 SESSION_IDLE = 120.0            # a responder forgets a session not continued for this long
 MAX_SESSIONS = 256              # open responder sessions at most (the oldest is forgotten)
 
@@ -109,21 +109,28 @@ class Outbox:
     """Record numbers to send to the peer, the global partition's first (envelopes before members)."""
 
     def __init__(self) -> None:
-        self.first: list[np.ndarray] = []
-        self.rest: list[np.ndarray] = []
+        self._first: list[np.ndarray] = []
+        self._rest: list[np.ndarray] = []
 
     def add(self, sends: dict[int, np.ndarray]) -> None:
         for scope, rows in sends.items():
-            (self.first if scope == GLOBAL_PARTITION else self.rest).append(np.asarray(rows, np.int64))
+            (self._first if scope == GLOBAL_PARTITION else self._rest).append(np.asarray(rows, np.int64))
 
     def __bool__(self) -> bool:
-        return bool(self.first or self.rest)
+        return bool(self._first or self._rest)
 
-    def take(self, limit: int = FRAME_RECORDS) -> np.ndarray:
-        rows = np.concatenate(self.first + self.rest) if self else np.zeros(0, dtype=np.int64)
-        taken, remaining = rows[:limit], rows[limit:]
-        self.first, self.rest = [], ([remaining] if len(remaining) else [])
-        return taken
+    def _queued(self) -> np.ndarray:
+        rows = np.concatenate(self._first + self._rest) if self else np.zeros(0, dtype=np.int64)
+        self._first, self._rest = [], ([rows] if len(rows) else [])
+        return rows
+
+    def peek(self, limit: int = FRAME_RECORDS) -> np.ndarray:
+        return self._queued()[:limit]
+
+    def take(self, count: int) -> np.ndarray:
+        rows = self._queued()
+        self._rest = [rows[count:]] if len(rows) > count else []
+        return rows[:count]
 
 
 class Mover:
@@ -144,10 +151,14 @@ class Mover:
             return function(*args)
 
     async def take(self, outbox: Outbox) -> RecordBatch:
-        """The next frame's worth of records from `outbox`."""
+        """The next frame's worth of records from `outbox`: at most FRAME_RECORDS, and
+        FRAME_BYTES of record bytes unless a single record is larger."""
         if not outbox:
             return RecordBatch.empty()
-        batch = await self.run_blocking(self.store.read_rows, outbox.take())
+        candidates = outbox.peek()
+        sizes = np.cumsum(self.store.record_sizes(candidates))
+        count = max(1, int(np.searchsorted(sizes, FRAME_BYTES, side="right")))
+        batch = await self.run_blocking(self.store.read_rows, outbox.take(count))
         return batch  # type: ignore[no-any-return]
 
     async def accept(self, intake: Intake, batch: RecordBatch) -> int:

@@ -42,7 +42,9 @@ MAGIC = b"SR"
 HEADER = struct.Struct("<2sBBII")       # magic, kind, flags, request_id, length
 HEADER_SIZE = HEADER.size
 RESPONSE = 0x01                         # flags bit 0: an answer to the request with this id
-DEFAULT_MAX_PAYLOAD = 16 << 20
+# A client's PUT frame holds up to 16 MiB of records; forwarded, its records gain 36 bytes each
+# (ID and length), so peer frames may be larger than the binary protocol's.
+DEFAULT_MAX_PAYLOAD = 32 << 20
 MAX_PING = 1024
 ID_SIZE = 32
 

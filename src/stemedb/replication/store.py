@@ -50,6 +50,7 @@ class ReplicaStore(Protocol):
 
     def items(self, scope: int) -> tuple[_reconcile.RangeTree, np.ndarray, np.ndarray]: ...
     def read_rows(self, rows: np.ndarray) -> RecordBatch: ...
+    def record_sizes(self, rows: np.ndarray) -> np.ndarray: ...
     def read_ids(self, ids: list[bytes]) -> RecordBatch: ...
     def verify(self, batch: RecordBatch) -> Verified: ...
     def store(self, verified: Verified) -> int: ...
@@ -152,6 +153,11 @@ class EngineStore:
             missing = bytes(ids[int(np.argmax(found < 0))]).hex()
             raise NotFound(f"record {missing} is in a replication tree but not in the store")
         return RecordBatch(blob, offsets, ids)
+
+    def record_sizes(self, rows: np.ndarray) -> np.ndarray:
+        """Encoded bytes of each record number (from the engine's `length` column)."""
+        return np.asarray(self.db.state.columns.arrays["length"][np.asarray(rows, dtype=np.int64)],
+                          dtype=np.int64)
 
     def read_ids(self, ids: list[bytes]) -> RecordBatch:
         """The stored records with these IDs (NotFound naming the first one absent)."""
