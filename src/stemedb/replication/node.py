@@ -50,7 +50,7 @@ from stemedb.replication.membership import (
 )
 from stemedb.replication.placement import Placement
 from stemedb.replication.push import PushBatch, PushQueue
-from stemedb.replication.routing import plan_write, push_shares, with_envelopes
+from stemedb.replication.routing import WritePlan, plan_write, push_shares, with_envelopes
 from stemedb.replication.store import ReplicaStore, Verified
 from stemedb.replication.transport import Connect, PeerLink, serve_peer
 
@@ -177,7 +177,8 @@ class ClusterNode:
         return verified
 
     async def _send_plan(self, batch: RecordBatch, verified: Verified, pending: np.ndarray,
-                         plan: Any, partitions: np.ndarray) -> dict[str, str | None]:
+                         plan: WritePlan, partitions: np.ndarray) -> dict[str, str | None]:
+        """Carry out one plan: each target in its own task; node → None, or why it failed."""
         outcomes: dict[str, str | None] = {}
 
         async def one(node: str) -> None:
@@ -193,8 +194,8 @@ class ClusterNode:
                                                    self.cluster.replication.write_timeout)
                 outcomes[node] = None
             except StemeError as exc:
-                if node == self.node_id and not isinstance(exc, (Unavailable,)):
-                    log.warning("write on this node failed: %s", exc)
+                if node == self.node_id:
+                    log.warning("storing a write on this node failed: %s", exc)
                 outcomes[node] = f"{type(exc).__name__}: {exc}"
 
         async with trio.open_nursery() as nursery:
