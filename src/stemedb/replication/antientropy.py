@@ -186,9 +186,9 @@ async def run_session(peer: str, scopes: list[int], exchange: Exchange, mover: M
     reconciler = Reconciler(mover.store, list(scopes), can_send=can_send, can_receive=can_receive,
                             salt=salt)
     outbox, intake = Outbox(), Intake(mover.store)
-    message: bytes | None = await mover.probe(list(scopes), salt)
     step, flags = 0, SYNC_START
     try:
+        message: bytes | None = await mover.probe(list(scopes), salt)
         while True:
             records = await mover.take(outbox)
             if not outbox:
