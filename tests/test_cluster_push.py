@@ -1,0 +1,167 @@
+"""Push queues: bounded, never blocking, drained with retries while the peer lives.
+
+Everything runs under trio's MockClock; retry delays and lag are checked
+against the times the fake `send` recorded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from stemedb.errors import SignatureError, StorageFull, Unavailable
+from stemedb.replication.framing import RecordBatch
+from stemedb.replication.push import PushBatch, PushQueue
+
+
+def batch(records: int, size: int = 10) -> PushBatch:
+    offsets = np.arange(records + 1, dtype=np.int64) * size
+    return PushBatch(RecordBatch(bytes(records * size), offsets, np.zeros((records, 32), np.uint8)))
+
+
+def run(main):
+    return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_offer_respects_both_bounds_and_counts_drops():
+    async def main():
+        queue = PushQueue("b", max_records=5, max_bytes=100)
+        assert queue.offer(batch(3))                      # 3 records, 30 bytes
+        assert not queue.offer(batch(3))                  # 6 records: over
+        assert queue.offer(batch(2, size=35))             # 5 records, 100 bytes: fits exactly
+        assert not queue.offer(batch(1, size=1))          # over both
+        assert (queue.depth_batches, queue.depth_records, queue.depth_bytes) == (2, 5, 100)
+        assert (queue.stats.dropped_batches, queue.stats.dropped_records) == (2, 4)
+        assert queue.stats.offered_records == 9
+        big = PushQueue("c", max_records=10, max_bytes=50)
+        assert not big.offer(batch(1, size=51))           # larger than the queue itself
+    run(main)
+
+
+def test_nothing_is_sent_while_the_peer_is_down_then_everything_in_order():
+    sent = []
+
+    async def send(pushed):
+        sent.append((trio.current_time(), pushed.records))
+
+    async def main():
+        queue = PushQueue("b")
+        for n in (1, 2, 3):
+            queue.offer(batch(n))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, send)
+            await trio.sleep(10)
+            assert sent == [] and queue.lag() == 10.0
+            queue.peer_up()
+            await trio.sleep(0.001)
+            assert [n for _, n in sent] == [1, 2, 3] and queue.depth_batches == 0
+            assert queue.lag() == 0.0 and queue.stats.sent_records == 6
+            nursery.cancel_scope.cancel()
+    run(main)
+
+
+def test_transient_failures_retry_with_doubling_backoff_and_disk_full_waits_for_space():
+    attempts = []
+    disk_full_until = [3.0]
+
+    async def send(pushed):
+        attempts.append(trio.current_time())
+        if len(attempts) <= 2:
+            raise Unavailable("connection lost")
+        if trio.current_time() < disk_full_until[0]:
+            raise StorageFull("disk full on the replica")
+
+    async def main():
+        queue = PushQueue("b", retry_initial=0.05, retry_max=1.0)
+        queue.peer_up()
+        queue.offer(batch(4))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, send)
+            await trio.sleep(2.0)
+            assert queue.depth_records == 4 and queue.lag() == 2.0     # still stuck on the full disk
+            await trio.sleep(5.0)
+            assert queue.depth_records == 0 and queue.stats.sent_records == 4
+            nursery.cancel_scope.cancel()
+        return queue
+
+    queue = run(main)
+    gaps = np.diff(attempts)
+    assert list(gaps[:5]) == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8])
+    assert all(g == pytest.approx(1.0) for g in gaps[5:])             # capped at retry_max
+    assert attempts[-1] >= 3.0 and attempts[-2] < 3.0
+    assert queue.stats.send_failures == len(attempts) - 1
+
+
+def test_a_refused_batch_is_dropped_not_retried():
+    sent = []
+
+    async def send(pushed):
+        if pushed.records == 2:
+            raise SignatureError("records[0]: bad signature")
+        sent.append(pushed.records)
+
+    async def main():
+        queue = PushQueue("b")
+        queue.peer_up()
+        for n in (1, 2, 3):
+            queue.offer(batch(n))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, send)
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        return queue
+
+    queue = run(main)
+    assert sent == [1, 3]
+    assert (queue.stats.refused_batches, queue.stats.refused_records) == (1, 2)
+    assert queue.stats.send_failures == 0
+
+
+def test_a_peer_going_down_suspends_retries_until_it_is_up():
+    attempts = []
+
+    async def send(pushed):
+        attempts.append(trio.current_time())
+        if trio.current_time() < 20:
+            raise Unavailable("no route")
+
+    async def main():
+        queue = PushQueue("b", retry_initial=0.5, retry_max=0.5)
+        queue.peer_up()
+        queue.offer(batch(1))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, send)
+            await trio.sleep(2.1)
+            queue.peer_down()
+            await trio.sleep(18)
+            assert len(attempts) == 5            # 0, 0.5, ..., 2.0; none once down
+            queue.peer_up()
+            await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+        return queue
+
+    queue = run(main)
+    assert attempts[:5] == pytest.approx([0, 0.5, 1.0, 1.5, 2.0])
+    assert attempts[-1] == pytest.approx(20.1) and queue.depth_batches == 0
+
+
+def test_offer_never_waits_even_while_the_drain_is_stuck():
+    async def stuck(pushed):
+        await trio.sleep_forever()
+
+    async def main():
+        queue = PushQueue("b", max_records=3)
+        queue.peer_up()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, stuck)
+            await trio.sleep(1)
+            started = trio.current_time()
+            results = [queue.offer(batch(1)) for _ in range(10)]
+            assert trio.current_time() == started
+            assert results == [True] * 3 + [False] * 7
+            nursery.cancel_scope.cancel()
+        figures = queue.figures()
+        assert figures["depth_records"] == 3 and figures["dropped_records"] == 7
+    run(main)
