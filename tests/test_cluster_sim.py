@@ -85,10 +85,13 @@ def test_a_seed_replays_exactly(tmp_path):
     second = run_seed(7, str(tmp_path))
     assert first == second and first.frames > 100
     # Another process with another hash seed draws exactly the same run.
-    code = ("import sys; sys.path[:0] = ['src', 'tests']; import tempfile; from sim.run import run_seed; "
+    # The child imports the same stemedb as this process (an installed wheel in CI, the
+    # source tree with in-place builds elsewhere), not whatever sits in src/.
+    package_root = os.path.dirname(os.path.dirname(stemedb.__file__))
+    code = ("import tempfile; from sim.run import run_seed; "
             "print(run_seed(7, tempfile.mkdtemp()).digest)")
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join(
-        [os.path.join(ROOT, "src"), os.path.join(ROOT, "tests")]))
+        [package_root, os.path.join(ROOT, "tests")]))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
