@@ -29,6 +29,7 @@ from stemedb.client._wire import InvalidRequest, Unsupported
 from stemedb.errors import (
     AuthError,
     CorruptionError,
+    DatabaseClosed,
     DurabilityError,
     InvalidRecord,
     NotFound,
@@ -240,6 +241,7 @@ MAPPING: list[tuple[BaseException, int, int, type[BaseException]]] = [
     (Unavailable("replica down"), P.E_UNAVAILABLE, 503, Unavailable),
     (ProtocolError("bad bytes"), P.E_PROTOCOL, 400, ProtocolError),
     (StemeError("/x: the database is closed"), P.E_UNAVAILABLE, 503, Unavailable),
+    (DatabaseClosed("/x: the database is closed"), P.E_UNAVAILABLE, 503, Unavailable),
     (StemeError("something else"), P.E_INTERNAL, 500, StemeError),
     (ValueError("lens: unknown"), P.E_INVALID_REQUEST, 400, InvalidRequest),
     (ServiceError(P.E_UNSUPPORTED, "not offered"), P.E_UNSUPPORTED, 501, Unsupported),

@@ -9,6 +9,7 @@ from stemedb.engine import open as open  # noqa: A004 - stemedb.open(path) is th
 from stemedb.errors import (
     AuthError,
     CorruptionError,
+    DatabaseClosed,
     DurabilityError,
     InvalidRecord,
     NotFound,
@@ -112,4 +113,5 @@ __all__ = [
     "AuthError",
     "RateLimited",
     "Unavailable",
+    "DatabaseClosed",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "AuthError",
     "RateLimited",
     "Unavailable",
+    "DatabaseClosed",
 ]
 
 
@@ -88,3 +89,10 @@ class RateLimited(StemeError):
 
 class Unavailable(StemeError):
     """The service or a replica needed for the request is not reachable right now; retry later."""
+
+
+class DatabaseClosed(StemeError):
+    """The Database was closed (by its owner) and serves nothing more; open it again to go on.
+
+    A server whose store is closed (it is shutting down) answers `unavailable`.
+    """

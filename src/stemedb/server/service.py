@@ -28,6 +28,7 @@ from stemedb import _codec, _protocol
 from stemedb.errors import (
     AuthError,
     CorruptionError,
+    DatabaseClosed,
     DurabilityError,
     InvalidRecord,
     NotFound,
@@ -74,6 +75,7 @@ def error_code(exc: BaseException) -> tuple[int, str, float]:
         (DurabilityError, _protocol.E_DURABILITY),
         (CorruptionError, _protocol.E_CORRUPTION),
         (Unavailable, _protocol.E_UNAVAILABLE),
+        (DatabaseClosed, _protocol.E_UNAVAILABLE),
         (ProtocolError, _protocol.E_PROTOCOL),
     )
     for kind, code in table:
