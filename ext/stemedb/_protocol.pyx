@@ -333,6 +333,18 @@ cdef class FrameReader:
         """Bytes received and not yet handed out as frames."""
         return len(self._buffer) - self._start
 
+    @property
+    def pending_size(self):
+        """Bytes (header + payload) of the frame being received, once its header is in; else 0.
+
+        Read it after `next()` returned None: the header was then checked (a
+        refused header raises there), so the size is at most FRAME_HEADER +
+        max_payload. A receiver reserves this much before reading more of it.
+        """
+        if len(self._buffer) - self._start < HEADER_SIZE:
+            return 0
+        return HEADER_SIZE + get_u32(<const uint8_t*>(<char*>self._buffer) + self._start + 8)
+
     def next(self):
         """The next complete frame, or None if more bytes are needed."""
         return self._parse_one()
