@@ -6,7 +6,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stemedb.errors import ProtocolError
+from stemedb.errors import FrameError as FrameError
+from stemedb.errors import FrameTooLarge as FrameTooLarge
 
 MAGIC: bytes
 FRAME_HEADER: int
@@ -68,11 +69,6 @@ E_UNAVAILABLE: int
 E_TOO_MANY_CONNECTIONS: int
 E_TIMEOUT: int
 E_INTERNAL: int
-
-class FrameError(ProtocolError):
-    code: int
-    request_id: int
-    def __init__(self, message: str, code: int = ..., request_id: int = ...) -> None: ...
 
 def is_request_opcode(opcode: int) -> bool: ...
 
