@@ -43,6 +43,7 @@ from stemedb import _protocol
 from stemedb._codec import Record
 from stemedb.errors import (
     AuthError,
+    AuthRequired,
     QuotaExceeded,
     RateLimited,
     Refusal,
@@ -159,7 +160,7 @@ class Pipeline:
             return  # an open route
         try:
             if caller.principal is None:
-                raise AuthError(f"{operation.name} needs an authenticated client")
+                raise AuthRequired(f"{operation.name} needs an authenticated client")
             Authenticator.authorize(caller.principal, operation.opcode)
             if not operation.served:
                 name = _protocol.OPCODE_NAMES.get(operation.opcode, hex(operation.opcode))
