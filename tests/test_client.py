@@ -15,9 +15,8 @@ import trustme
 from test_server_support import OTHER, SIGNER, BackgroundServer, background_server, claims
 
 import stemedb
-from stemedb import _protocol
-from stemedb.client import ConnectionLost, RequestTimeout, Unsupported, connect, connect_async
-from stemedb.client._wire import InvalidRequest
+from stemedb import ConnectionLost, InvalidRequest, RequestTimeout, Unsupported, _protocol
+from stemedb.client import connect, connect_async
 from stemedb.errors import AuthError, InvalidRecord, NotFound, RateLimited, SignatureError
 from stemedb.server import RateSpec, ServerConfig, Token, hash_token
 
@@ -257,7 +256,7 @@ async def exercise_async_client(url: str) -> None:
         epoch = stemedb.Epoch(f"{records[0].subject}-epoch").sign(SIGNER)
         assert await client.epoch(epoch) == epoch.id
         assert await client.get(epoch.id) == epoch
-        with pytest.raises(InvalidRequest, match="expected a epoch"):
+        with pytest.raises(InvalidRequest, match="expected an epoch, got an assertion"):
             await client.epoch(records[1])
         answer = await client.query("async0", "p", lens="recency", audit=True)
         assert answer["winner"]["subject"] == "async0" and answer["records"][0] == records[0]

@@ -74,12 +74,8 @@ def test_opcode_table_matches_the_code():
                                                or P.SYNC_FIRST <= opcode <= P.SYNC_LAST)
 
 
-def test_error_table_matches_the_code():
-    rows = table_rows("## Errors")
-    documented = {int(row[0]): (row[1].strip("`"), row[2] == "yes") for row in rows}
-    assert documented == P.ERROR_CODES
-    for name, (code_name, _) in [(k, v) for k, v in P.ERROR_CODES.items()]:
-        assert getattr(P, f"E_{code_name.upper()}") == name
+# The error table (docs/protocol.md, "Errors") is checked against the error classes in
+# tests/test_errors.py.
 
 
 def test_worked_example_names_real_vectors():

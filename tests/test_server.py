@@ -76,7 +76,7 @@ async def test_frames_trickled_one_byte_at_a_time(db):
         blob, offsets = _protocol.decode_record_batch(get.payload)
         assert stemedb.decode_many(blob, offsets) == members
         assert (await client.call(_protocol.PING, b"x" * 100)).payload == b"x" * 100
-    assert server.metrics.requests.labels("put", "binary")._value.get() == 1
+    assert server.metrics.requests.labels(door="binary", op="put")._value.get() == 1
 
 
 @pytest.mark.trio

@@ -27,7 +27,6 @@ import stemedb
 from stemedb import _protocol as P
 from stemedb.server import ConfigError, Limits, Server, ServerConfig, Token, hash_token
 from stemedb.server.buffers import BytePool, InputAccount, OutputQueue
-from stemedb.server.connection import PendingFrame
 
 
 @pytest.fixture
@@ -167,10 +166,12 @@ async def test_output_queue_bounds_one_connection_and_charges_the_pool():
 
 @given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=12), data=st.data())
 def test_pending_frame_size_is_known_once_its_header_is_in(sizes, data):
+    """FrameReader.pending_size: what the connection reserves before reading more of a frame."""
     stream = b"".join(P.encode_frame(P.PING, 0, i + 1, bytes(n)) for i, n in enumerate(sizes))
     cuts = sorted(set(data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=30))))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
-    reader, pending, fed, starts = P.FrameReader(1 << 20), PendingFrame(), 0, []
+    reader, fed, starts = P.FrameReader(1 << 20), 0, []
+    assert reader.pending_size == 0
     offset = 0
     for n in sizes:  # where each frame begins in the stream
         starts.append(offset)
@@ -180,13 +181,12 @@ def test_pending_frame_size_is_known_once_its_header_is_in(sizes, data):
         fed += len(chunk)
         while reader.next() is not None:
             pass
-        pending.update(chunk, reader.buffered, reader.frames_read)
         begin = fed - reader.buffered
         if reader.buffered >= P.FRAME_HEADER:
-            assert pending.size == P.FRAME_HEADER + sizes[starts.index(begin)]
-            assert pending.remaining(reader.buffered) == pending.size - reader.buffered
+            assert reader.pending_size == P.FRAME_HEADER + sizes[starts.index(begin)]
         else:
-            assert pending.size == 0 and pending.remaining(reader.buffered) == 0
+            assert reader.pending_size == 0
+    assert reader.buffered == 0 and reader.pending_size == 0
 
 
 def test_budget_must_hold_the_largest_frame_in_each_half(tmp_path):

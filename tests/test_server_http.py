@@ -13,7 +13,7 @@ from test_server_support import SIGNER, background_server, claims
 
 import stemedb
 from stemedb import _protocol
-from stemedb.server import RateSpec, ServerConfig, Token, hash_token
+from stemedb.server import RateSpec, Server, ServerConfig, Token, hash_token
 
 
 def request(base: str, method: str, path: str, body: Any = None, token: str | None = None,
@@ -57,6 +57,32 @@ def test_health_ready_and_metrics(protected):
                  "stemedb_disk_bytes", "stemedb_recovery_seconds", "stemedb_records 3.0",
                  "stemedb_connections", "stemedb_requests_rejected_total", "stemedb_query_seconds"):
         assert name in text, name
+    # One label scheme for both doors: door and op (/health was asked twice: GET and HEAD).
+    assert 'stemedb_requests_total{door="http",op="health"} 2.0' in text
+    assert 'stemedb_requests_total{door="http",op="ready"} 1.0' in text
+    assert 'stemedb_request_seconds_count{door="http",op="ready"} 1.0' in text
+
+
+@pytest.mark.trio
+async def test_protected_mode_refuses_a_remote_peer_with_403_on_every_route(tmp_path):
+    """Tokens would not help (none are configured): 403, and the wire's name, auth_failed."""
+    with stemedb.open(tmp_path / "data") as db:
+        server = Server(db, ServerConfig(listen=None, http=None))
+        for path in ("/health", "/v1/stats"):
+            client_side, server_side = trio.testing.memory_stream_pair()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.handle_http, server_side, ("10.0.0.5", 5))
+                await client_side.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                answer = b""
+                while chunk := await client_side.receive_some(65536):
+                    answer += chunk
+                    if b"\r\n\r\n" in answer and answer.endswith(b"}"):
+                        break
+                await client_side.aclose()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 403"), head
+            document = json.loads(body)
+            assert document["error"] == "auth_failed" and "10.0.0.5" in document["message"]
 
 
 def test_json_api_write_read_and_refusals(protected):
@@ -89,7 +115,7 @@ def test_json_api_write_read_and_refusals(protected):
         ("GET", "/v1/records/xyz", None, 400, "invalid_request"),
         ("GET", "/v1/query", None, 400, "invalid_request"),
         ("GET", "/v1/nothing", None, 404, "not_found"),
-        ("DELETE", "/v1/assert", None, 405, "method_not_allowed"),
+        ("DELETE", "/v1/assert", None, 405, "invalid_request"),  # MethodNotAllowed
     ]
     for method, path, body, expected, name in refusals:
         status, _, answer = request(protected.http, method, path, body)
@@ -106,7 +132,7 @@ def test_malformed_http_and_oversized_bodies(tmp_path):
     settings.limits.max_http_body = 1000
     with background_server(tmp_path / "data", settings) as running:
         status, _, answer = request(running.http, "POST", "/v1/assert", raw=b"x" * 5000)
-        assert status == 413 and answer["error"] == "too_large"
+        assert status == 413 and answer["error"] == "frame_too_large"
         host, port = running.server.http_address.split(":")
         with socket.create_connection((host, int(port)), timeout=5) as raw:
             raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")

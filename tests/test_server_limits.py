@@ -142,3 +142,17 @@ def test_authenticator_tokens_expiry_and_roles():
 ])
 def test_is_loopback(peer, loopback):
     assert is_loopback(peer) is loopback
+
+
+def test_every_operation_can_be_rate_limited_by_its_name():
+    """[rate_limits.operations] keys are the pipeline's operation names, for both doors."""
+    from stemedb.server import config, http, pipeline
+
+    names = {op.name for op in pipeline.OPERATIONS.values()} | {pipeline.operation_of(0x40).name}
+    assert names == set(config.OPERATIONS)
+    assert {op.name for op in http.ROUTES.values()} <= names
+    settings = ServerConfig.from_dict({"rate_limits": {"operations": {"vote": {"rate": 1, "burst": 1}}}})
+    limits = RequestLimits(settings)
+    limits.admit("client", pipeline.OPERATIONS[_protocol.VOTE].name, 0.0)
+    with pytest.raises(RateLimited):
+        limits.admit("client", "vote", 0.0)

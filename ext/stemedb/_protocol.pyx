@@ -5,7 +5,9 @@ frame reader that cuts frames out of a receive buffer (refusing a frame from
 its header alone when it declares more than the reader's limit), and the
 encoding and decoding of every message payload. Every read goes through the
 bounds-checked Cursor; every malformed input raises FrameError (a
-ProtocolError) carrying the error code to answer with.
+ProtocolError, defined with every other error in stemedb.errors; a frame
+above the limit raises its subclass FrameTooLarge), whose class gives the
+error code to answer with.
 
 Must never: touch sockets, the clock or the database, or decode record
 contents (records travel as opaque, length-delimited byte strings here;
@@ -25,7 +27,11 @@ from stemedb._codec cimport (KEY_SIZE, KIND_ENVELOPE, PROOF_ENVELOPE, PROOF_NONE
 
 import numpy as np
 
-from stemedb.errors import ProtocolError
+from stemedb.errors import (ERROR_CLASSES, AuthError, AuthRequired, ConnectionTimeout,
+                            CorruptionError, DurabilityError, Forbidden, FrameError, FrameTooLarge,
+                            InvalidRecord, InvalidRequest, NotFound, ProtocolError, QuotaExceeded,
+                            RateLimited, SignatureError, StemeError, StorageFull, TooManyConnections,
+                            Unavailable, UnsupportedVersion, Unsupported)
 
 # docs/protocol.md, "Frames"
 MAGIC = b"SD"
@@ -80,61 +86,30 @@ SERVER_AUTH_REQUIRED = 1
 SERVER_PROTECTED_MODE = 2
 SERVER_TLS = 4
 
-# docs/protocol.md, "Error codes": (code, name, closes the connection)
-ERROR_CODES = {
-    1: ("protocol", True),
-    2: ("unsupported_version", True),
-    3: ("frame_too_large", True),
-    4: ("auth_required", True),
-    5: ("auth_failed", True),
-    6: ("forbidden", False),
-    7: ("rate_limited", False),
-    8: ("quota_exceeded", False),
-    9: ("invalid_request", False),
-    10: ("invalid_record", False),
-    11: ("signature", False),
-    12: ("not_found", False),
-    13: ("unsupported", False),
-    14: ("storage_full", False),
-    15: ("durability", False),
-    16: ("corruption", False),
-    17: ("unavailable", False),
-    18: ("too_many_connections", True),
-    19: ("timeout", True),
-    20: ("internal", False),
-}
-E_PROTOCOL = 1
-E_UNSUPPORTED_VERSION = 2
-E_FRAME_TOO_LARGE = 3
-E_AUTH_REQUIRED = 4
-E_AUTH_FAILED = 5
-E_FORBIDDEN = 6
-E_RATE_LIMITED = 7
-E_QUOTA_EXCEEDED = 8
-E_INVALID_REQUEST = 9
-E_INVALID_RECORD = 10
-E_SIGNATURE = 11
-E_NOT_FOUND = 12
-E_UNSUPPORTED = 13
-E_STORAGE_FULL = 14
-E_DURABILITY = 15
-E_CORRUPTION = 16
-E_UNAVAILABLE = 17
-E_TOO_MANY_CONNECTIONS = 18
-E_TIMEOUT = 19
-E_INTERNAL = 20
-
-
-class FrameError(ProtocolError):
-    """Bytes that break docs/protocol.md; `code` is the error code to answer with.
-
-    `request_id` is the frame's request id when its header could be read, else 0.
-    """
-
-    def __init__(self, message, code=E_PROTOCOL, request_id=0):
-        super().__init__(message)
-        self.code = code
-        self.request_id = request_id
+# docs/protocol.md, "Errors": the codes are stemedb.errors' table (each error class carries its
+# own); ERROR_CODES is that table as (name, closes the connection), and the E_ names are its
+# codes, for the codec and for code that speaks numbers (tests, vectors, other drivers).
+ERROR_CODES = {code: (error.name, error.closes) for code, error in ERROR_CLASSES.items()}
+E_PROTOCOL = ProtocolError.code
+E_UNSUPPORTED_VERSION = UnsupportedVersion.code
+E_FRAME_TOO_LARGE = FrameTooLarge.code
+E_AUTH_REQUIRED = AuthRequired.code
+E_AUTH_FAILED = AuthError.code
+E_FORBIDDEN = Forbidden.code
+E_RATE_LIMITED = RateLimited.code
+E_QUOTA_EXCEEDED = QuotaExceeded.code
+E_INVALID_REQUEST = InvalidRequest.code
+E_INVALID_RECORD = InvalidRecord.code
+E_SIGNATURE = SignatureError.code
+E_NOT_FOUND = NotFound.code
+E_UNSUPPORTED = Unsupported.code
+E_STORAGE_FULL = StorageFull.code
+E_DURABILITY = DurabilityError.code
+E_CORRUPTION = CorruptionError.code
+E_UNAVAILABLE = Unavailable.code
+E_TOO_MANY_CONNECTIONS = TooManyConnections.code
+E_TIMEOUT = ConnectionTimeout.code
+E_INTERNAL = StemeError.code
 
 
 cdef inline bint known_request(int opcode) noexcept:
@@ -333,6 +308,18 @@ cdef class FrameReader:
         """Bytes received and not yet handed out as frames."""
         return len(self._buffer) - self._start
 
+    @property
+    def pending_size(self):
+        """Bytes (header + payload) of the frame being received, once its header is in; else 0.
+
+        Read it after `next()` returned None: the header was then checked (a
+        refused header raises there), so the size is at most FRAME_HEADER +
+        max_payload. A receiver reserves this much before reading more of it.
+        """
+        if len(self._buffer) - self._start < HEADER_SIZE:
+            return 0
+        return HEADER_SIZE + get_u32(<const uint8_t*>(<char*>self._buffer) + self._start + 8)
+
     def next(self):
         """The next complete frame, or None if more bytes are needed."""
         return self._parse_one()
@@ -365,21 +352,21 @@ cdef class FrameReader:
         request_id = get_u32(p + 4)
         length = get_u32(p + 8)
         if flags & ~FLAGS_KNOWN:
-            raise FrameError(f"reserved flag bits set ({flags:#04x})", E_PROTOCOL, request_id)
+            raise FrameError(f"reserved flag bits set ({flags:#04x})", request_id=request_id)
         if self._from_server:
             if not flags & FLAG_RESPONSE:
-                raise FrameError("a server frame lacks the RESPONSE flag", E_PROTOCOL, request_id)
+                raise FrameError("a server frame lacks the RESPONSE flag", request_id=request_id)
             if not (known_request(opcode) or opcode == ERROR):
-                raise FrameError(f"unknown opcode {opcode:#04x}", E_PROTOCOL, request_id)
+                raise FrameError(f"unknown opcode {opcode:#04x}", request_id=request_id)
         else:
             if flags != 0:
                 raise FrameError(f"a request carries flags {flags:#04x} (must be 0)",
-                                 E_PROTOCOL, request_id)
+                                 request_id=request_id)
             if not known_request(opcode):
-                raise FrameError(f"unknown opcode {opcode:#04x}", E_PROTOCOL, request_id)
+                raise FrameError(f"unknown opcode {opcode:#04x}", request_id=request_id)
         if length > <uint64_t>self.max_payload:
-            raise FrameError(f"frame declares {length} payload bytes; the limit here is "
-                             f"{self.max_payload}", E_FRAME_TOO_LARGE, request_id)
+            raise FrameTooLarge(f"frame declares {length} payload bytes; the limit here is "
+                                f"{self.max_payload}", request_id=request_id)
         if available - HEADER_SIZE < <Py_ssize_t>length:
             return None
         payload = PyBytes_FromStringAndSize(<const char*>p + HEADER_SIZE, length)

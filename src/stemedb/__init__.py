@@ -1,6 +1,8 @@
 """StemeDB: a database of signed, content-addressed claims, resolved by lenses at read time.
 
 The public API lives here; everything compiled is private (``stemedb._name``).
+Every error StemeDB raises, the clients' included, is one of stemedb.errors'
+classes, all exported here.
 """
 
 from stemedb.client import connect, connect_async
@@ -8,16 +10,34 @@ from stemedb.engine import Database, FileLayer, VerifyReport, Writer
 from stemedb.engine import open as open  # noqa: A004 - stemedb.open(path) is the API
 from stemedb.errors import (
     AuthError,
+    AuthRequired,
+    ClientClosed,
+    ConfigError,
+    ConnectionLost,
+    ConnectionTimeout,
     CorruptionError,
+    DatabaseClosed,
     DurabilityError,
+    Forbidden,
+    FrameError,
+    FrameTooLarge,
+    HeadersTooLarge,
     InvalidRecord,
+    InvalidRequest,
+    MethodNotAllowed,
     NotFound,
+    PeerRefused,
     ProtocolError,
+    QuotaExceeded,
     RateLimited,
+    RequestTimeout,
     SignatureError,
     StemeError,
     StorageFull,
+    TooManyConnections,
     Unavailable,
+    Unsupported,
+    UnsupportedVersion,
 )
 from stemedb.records import (
     Assertion,
@@ -102,14 +122,32 @@ __all__ = [
     "verify_batch",
     "verify_many",
     "StemeError",
+    "ProtocolError",
+    "FrameError",
+    "UnsupportedVersion",
+    "FrameTooLarge",
+    "HeadersTooLarge",
+    "AuthError",
+    "AuthRequired",
+    "PeerRefused",
+    "Forbidden",
+    "RateLimited",
+    "QuotaExceeded",
+    "InvalidRequest",
+    "MethodNotAllowed",
     "InvalidRecord",
     "SignatureError",
     "NotFound",
-    "CorruptionError",
+    "Unsupported",
     "StorageFull",
     "DurabilityError",
-    "ProtocolError",
-    "AuthError",
-    "RateLimited",
+    "CorruptionError",
     "Unavailable",
+    "TooManyConnections",
+    "ConnectionTimeout",
+    "DatabaseClosed",
+    "RequestTimeout",
+    "ConnectionLost",
+    "ClientClosed",
+    "ConfigError",
 ]

@@ -6,7 +6,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stemedb.errors import ProtocolError
+from stemedb.errors import FrameError as FrameError
+from stemedb.errors import FrameTooLarge as FrameTooLarge
 
 MAGIC: bytes
 FRAME_HEADER: int
@@ -69,11 +70,6 @@ E_TOO_MANY_CONNECTIONS: int
 E_TIMEOUT: int
 E_INTERNAL: int
 
-class FrameError(ProtocolError):
-    code: int
-    request_id: int
-    def __init__(self, message: str, code: int = ..., request_id: int = ...) -> None: ...
-
 def is_request_opcode(opcode: int) -> bool: ...
 
 class Frame:
@@ -93,6 +89,8 @@ class FrameReader:
     def feed(self, data: bytes | bytearray | memoryview) -> None: ...
     @property
     def buffered(self) -> int: ...
+    @property
+    def pending_size(self) -> int: ...
     def next(self) -> Frame | None: ...
     def frames(self) -> list[Frame]: ...
 

@@ -1,6 +1,7 @@
 """StemeDB clients: blocking (`connect`) and async (`connect_async`, on anyio: trio or asyncio).
 
-Owns: nothing itself; re-exports. Both speak docs/protocol.md through the
+Owns: nothing itself; re-exports (the errors a client raises are defined,
+with every other, in stemedb.errors and exported from stemedb). Both speak docs/protocol.md through the
 compiled codec in stemedb._protocol and offer the same operations: put,
 put_many (individually signed records, or members plus their envelope), get,
 get_many, query, vote, epoch, scan, stats, audit, ping, and writer(signer) for
@@ -11,15 +12,9 @@ group signing on the client.
         record_id = writer.put(stemedb.Assertion("aspirin", "treats", stemedb.Ref("headache")))
 """
 
-from stemedb.client._wire import (
-    ConnectionLost,
-    InvalidRequest,
-    RequestTimeout,
-    Session,
-    Unsupported,
-    parse_url,
-)
+from stemedb.client._wire import Session, parse_url
 from stemedb.client.blocking import Client, ClientWriter, connect
+from stemedb.errors import ClientClosed, ConnectionLost, InvalidRequest, RequestTimeout, Unsupported
 
 
 def connect_async(url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None, **options: object):  # type: ignore[no-untyped-def]
@@ -35,6 +30,7 @@ __all__ = [
     "Client",
     "ClientWriter",
     "Session",
+    "ClientClosed",
     "ConnectionLost",
     "RequestTimeout",
     "Unsupported",

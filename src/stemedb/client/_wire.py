@@ -2,8 +2,10 @@
 
 Owns: parsing "stemedb://host:port" addresses, turning records into PUT
 payloads of at most the server's frame size, decoding GET / QUERY / SCAN
-answers into records, and mapping error frames to StemeDB exceptions. Must
-never: do I/O (the blocking and async clients own their sockets).
+answers into records, and turning error frames into StemeDB exceptions
+(through the one error table, stemedb.errors: the class that owns the
+frame's code). Must never: do I/O (the blocking and async clients own their
+sockets), or define an error class (they all live in stemedb.errors).
 """
 
 from __future__ import annotations
@@ -18,79 +20,25 @@ import numpy as np
 
 from stemedb import _codec, _protocol
 from stemedb.errors import (
-    AuthError,
-    CorruptionError,
-    DurabilityError,
+    AuthRequired,
     InvalidRecord,
-    NotFound,
+    InvalidRequest,
     ProtocolError,
-    RateLimited,
     SignatureError,
     StemeError,
-    StorageFull,
-    Unavailable,
+    error_from_code,
 )
-from stemedb.records import Envelope, Signer
+from stemedb.records import Envelope, RecordKind, Signer
 
 DEFAULT_PORT = 7440
 CLIENT_NAME = "stemedb-python"
-
-
-class RequestTimeout(Unavailable, TimeoutError):
-    """No answer within the timeout; for a write, it may or may not have been stored.
-
-    Writes are idempotent (records are content-addressed), so retrying is safe.
-    """
-
-
-class ConnectionLost(Unavailable):
-    """The connection broke with requests in flight; retrying (writes included) is safe."""
-
-
-class Unsupported(StemeError):
-    """The server does not offer this operation (e.g. queries before the resolution engine)."""
-
-
-class InvalidRequest(StemeError, ValueError):
-    """The server refused the request's parameters (e.g. an unknown lens or filter)."""
-
-
-ERRORS: dict[int, type[StemeError]] = {
-    _protocol.E_PROTOCOL: ProtocolError,
-    _protocol.E_UNSUPPORTED_VERSION: ProtocolError,
-    _protocol.E_FRAME_TOO_LARGE: ProtocolError,
-    _protocol.E_AUTH_REQUIRED: AuthError,
-    _protocol.E_AUTH_FAILED: AuthError,
-    _protocol.E_FORBIDDEN: AuthError,
-    _protocol.E_INVALID_REQUEST: InvalidRequest,
-    _protocol.E_INVALID_RECORD: InvalidRecord,
-    _protocol.E_SIGNATURE: SignatureError,
-    _protocol.E_NOT_FOUND: NotFound,
-    _protocol.E_UNSUPPORTED: Unsupported,
-    _protocol.E_STORAGE_FULL: StorageFull,
-    _protocol.E_DURABILITY: DurabilityError,
-    _protocol.E_UNAVAILABLE: Unavailable,
-    _protocol.E_TOO_MANY_CONNECTIONS: Unavailable,
-    _protocol.E_TIMEOUT: Unavailable,
-    _protocol.E_INTERNAL: StemeError,
-}
+SCAN_KINDS: dict[str | None, int] = {None: 0, **{kind.name.lower(): int(kind) for kind in RecordKind}}
 
 
 def error_from_frame(payload: bytes) -> StemeError:
-    """The exception an ERROR frame stands for (its message prefixed with the error's name)."""
+    """The exception an ERROR frame stands for: the class that owns its code (stemedb.errors)."""
     code, retry_after_ms, message = _protocol.decode_error(payload)
-    if code in (_protocol.E_RATE_LIMITED, _protocol.E_QUOTA_EXCEEDED):
-        return RateLimited(message, retry_after=retry_after_ms / 1000.0)
-    if code == _protocol.E_CORRUPTION:
-        return CorruptionError(message)
-    kind = ERRORS.get(code, StemeError)
-    error = kind(message)
-    error.code = code  # type: ignore[attr-defined]
-    return error
-
-
-def is_fatal(code: int) -> bool:
-    return bool(_protocol.ERROR_CODES.get(code, ("", True))[1])
+    return error_from_code(code, message, retry_after_ms / 1000.0)
 
 
 @dataclass(frozen=True)
@@ -152,7 +100,7 @@ def check_hello(opcode: int, payload: bytes, token: str | None) -> Session:
         raise ProtocolError(f"expected a HELLO answer, got opcode {opcode:#04x}")
     session = Session(*_protocol.decode_hello_ok(payload))
     if session.role == _protocol.ROLE_NONE:
-        raise AuthError("the server requires a token: connect(..., token=...)")
+        raise AuthRequired("the server requires a token: connect(..., token=...)")
     return session
 
 
@@ -275,7 +223,7 @@ def query_result(payload: bytes) -> dict[str, Any]:
 
 
 def scan_payload(subject: str | None, predicate: str | None, kind: str | None, limit: int) -> bytes:
-    kinds = {None: 0, "assertion": 1, "vote": 2, "epoch": 3, "envelope": 4}
-    if kind not in kinds:
-        raise ValueError(f"kind: {kind!r}, expected one of assertion, vote, epoch, envelope")
-    return bytes(_protocol.encode_scan(subject or "", predicate or "", kinds[kind], limit))
+    if kind not in SCAN_KINDS:
+        raise InvalidRequest(f"kind: {kind!r}, expected one of "
+                             f"{', '.join(k for k in SCAN_KINDS if k)}")
+    return bytes(_protocol.encode_scan(subject or "", predicate or "", SCAN_KINDS[kind], limit))

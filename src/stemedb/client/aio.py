@@ -12,8 +12,9 @@ loop (large batches are signed in a worker thread).
 Resource handling: the client's task group (entered by ``async with``) owns
 the reader and writer tasks; leaving the block closes the connection and
 cancels them.
-Error handling: as the blocking client — error frames become StemeError
-subclasses, RequestTimeout, ConnectionLost.
+Error handling: as the blocking client — error frames become the StemeError
+class that owns their code (stemedb.errors), RequestTimeout, ConnectionLost;
+connecting is retried only after retry_safe refusals.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ import anyio.abc
 from stemedb import _protocol
 from stemedb.client._wire import (
     CLIENT_NAME,
-    ConnectionLost,
-    RequestTimeout,
     Session,
     check_hello,
     error_from_frame,
@@ -49,10 +48,12 @@ from stemedb.client._wire import (
     signed_batch,
 )
 from stemedb.errors import (
-    AuthError,
+    ClientClosed,
+    ConnectionLost,
     InvalidRecord,
     NotFound,
     ProtocolError,
+    RequestTimeout,
     SignatureError,
     StemeError,
 )
@@ -205,7 +206,7 @@ class AsyncClient:
     @property
     def session(self) -> Session:
         if self._conn is None:
-            raise StemeError("not connected: use `async with connect_async(...) as client`")
+            raise ClientClosed("not connected: use `async with connect_async(...) as client`")
         return self._conn.session
 
     async def _open(self) -> _AsyncConnection:
@@ -240,10 +241,10 @@ class AsyncClient:
         if conn is not None and conn.error is None:
             return conn
         if self._tg is None or self._connect_lock is None:
-            raise StemeError("not connected: use `async with connect_async(...) as client`")
+            raise ClientClosed("not connected: use `async with connect_async(...) as client`")
         async with self._connect_lock:
             if self._closed:
-                raise StemeError("the client is closed")
+                raise ClientClosed("the client is closed")
             conn = self._conn
             if conn is not None and conn.error is None:
                 return conn
@@ -252,9 +253,11 @@ class AsyncClient:
                 try:
                     conn = await self._open()
                     break
-                except (AuthError, ProtocolError, ssl.SSLCertVerificationError):
+                except ssl.SSLCertVerificationError:
                     raise
-                except (OSError, TimeoutError, ConnectionLost, StemeError, anyio.BrokenResourceError) as exc:
+                except (OSError, StemeError, anyio.BrokenResourceError) as exc:
+                    if isinstance(exc, StemeError) and not exc.retry_safe:
+                        raise  # e.g. a refused token: trying again cannot help
                     attempt += 1
                     if not self.reconnect or attempt > self.retries:
                         raise ConnectionLost(f"cannot connect to {self.address}: {exc}") from None
@@ -391,7 +394,7 @@ class AsyncWriter:
             raise SignatureError("the record declares other signers than the writer's")
         if not self._running:
             if self.client._tg is None:
-                raise StemeError("not connected: use `async with connect_async(...) as client`")
+                raise ClientClosed("not connected: use `async with connect_async(...) as client`")
             self._running = True
             self._wakeup = anyio.Event()
             self.client._tg.start_soon(self._flusher)

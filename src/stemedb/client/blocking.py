@@ -11,9 +11,12 @@ answer, or run user code in the reader thread.
 Resource handling: a Client owns its socket and reader thread; `close()` (or
 the context manager) closes both. A ClientWriter owns one flusher thread;
 `close()` flushes and stops it.
-Error handling: error frames become StemeError subclasses (see _wire.ERRORS);
-RequestTimeout when no answer arrives in time; ConnectionLost (an Unavailable)
-when the connection broke and retries were exhausted.
+Error handling: error frames become the StemeError class that owns their
+code (stemedb.errors); RequestTimeout when no answer arrives in time;
+ConnectionLost (an Unavailable) when the connection broke and retries were
+exhausted. Connecting is retried after refusals whose class is retry_safe
+(too many connections, rate limited, unavailable), never after the others
+(a refused token, a protocol error).
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ from typing import Any
 from stemedb import _protocol
 from stemedb.client._wire import (
     CLIENT_NAME,
-    ConnectionLost,
-    RequestTimeout,
     Session,
     check_hello,
     error_from_frame,
@@ -46,10 +47,12 @@ from stemedb.client._wire import (
     signed_batch,
 )
 from stemedb.errors import (
-    AuthError,
+    ClientClosed,
+    ConnectionLost,
     InvalidRecord,
     NotFound,
     ProtocolError,
+    RequestTimeout,
     SignatureError,
     StemeError,
 )
@@ -314,7 +317,7 @@ class Client:
             return conn
         with self._conn_lock:
             if self._closed:
-                raise StemeError("the client is closed")
+                raise ClientClosed("the client is closed")
             conn = self._conn
             if conn is not None and conn.error is None:
                 return conn
@@ -323,9 +326,11 @@ class Client:
                 try:
                     conn = self._open()
                     break
-                except (AuthError, ProtocolError, ssl.SSLCertVerificationError):
+                except ssl.SSLCertVerificationError:
                     raise
-                except (OSError, ConnectionLost, StemeError) as exc:
+                except (OSError, StemeError) as exc:
+                    if isinstance(exc, StemeError) and not exc.retry_safe:
+                        raise  # e.g. a refused token: trying again cannot help
                     attempt += 1
                     if not self.reconnect or attempt > self.retries:
                         raise ConnectionLost(f"cannot connect to {self.address}: {exc}") from None
@@ -549,7 +554,7 @@ class ClientWriter:
         self._check(record)
         with self._cond:
             if self._closed:
-                raise StemeError("the writer is closed")
+                raise ClientClosed("the writer is closed")
             batch = self._open
             batch.records.append(record)
             if len(batch.records) == 1:
@@ -567,7 +572,7 @@ class ClientWriter:
         tickets: list[WriteTicket] = []
         with self._cond:
             if self._closed:
-                raise StemeError("the writer is closed")
+                raise ClientClosed("the writer is closed")
             start = 0
             while start < len(records):
                 batch = self._open

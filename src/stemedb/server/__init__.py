@@ -5,8 +5,9 @@ server process around a store; `Server(db, config)` serves an already open
 Database inside a trio program (tests use it with memory streams).
 """
 
+from stemedb.errors import ConfigError
 from stemedb.server.app import Server, main, serve
-from stemedb.server.config import ConfigError, Limits, RateSpec, ServerConfig, Token, hash_token
+from stemedb.server.config import Limits, RateSpec, ServerConfig, Token, hash_token
 
 __all__ = ["serve", "main", "Server", "ServerConfig", "Limits", "RateSpec", "Token", "ConfigError",
            "hash_token"]

@@ -1,13 +1,15 @@
 """The server: listeners, connection cap, graceful shutdown, and `serve()`.
 
 Owns: the binary-protocol and HTTP listeners, the set of open connections
-and its cap, the worker-thread limiters every database call goes through, the
-shared Authenticator / RequestLimits / Service / ServerMetrics / BufferBudget
-(the memory all connections may hold, stemedb.server.buffers), and the
-shutdown sequence (stop accepting → stop reading → answer what is in flight
-→ close). `serve()` adds the process around it: opening and closing the
-store, signals, and the one-line announcement of the bound addresses on
-stdout. Must never: close the Database it was handed (whoever opened it
+and its cap, the assembly of what the front ends share — the request
+pipeline (stemedb.server.pipeline) over the Authenticator, RequestLimits,
+Service and ServerMetrics, and the BufferBudget (the memory all connections
+may hold, stemedb.server.buffers), handed to each connection as one
+DoorContext, never the Server itself — and the shutdown sequence (stop
+accepting → stop reading → answer what is in flight → close). `serve()`
+adds the process around it: opening and closing the store, signals, the
+query kernels' warm-up, and the one-line announcement of the bound
+addresses on stdout. Must never: close the Database it was handed (whoever opened it
 closes it; `serve()` does, after the last commit was answered).
 
 Resource handling: `Server.run()` owns its listeners and every accepted
@@ -34,16 +36,18 @@ from typing import Any
 
 import trio
 
-import stemedb
-from stemedb import _protocol
-from stemedb.server.auth import Authenticator, describe_peer
+from stemedb import _protocol, engine
+from stemedb.engine import Database
+from stemedb.errors import ConfigError, StemeError, TooManyConnections
+from stemedb.server.auth import Authenticator, Peer, describe_peer
 from stemedb.server.buffers import BufferBudget
-from stemedb.server.config import ConfigError, ServerConfig, parse_address
+from stemedb.server.config import ServerConfig, parse_address
 from stemedb.server.connection import Connection
 from stemedb.server.http import HttpConnection
 from stemedb.server.limits import RequestLimits
 from stemedb.server.metrics import ServerMetrics
-from stemedb.server.service import Service
+from stemedb.server.pipeline import DoorContext, Pipeline
+from stemedb.server.service import JSON, Service
 
 log = logging.getLogger("stemedb.server")
 
@@ -54,7 +58,7 @@ LINGER_BYTES = 1 << 20
 class Server:
     """Serves one open Database over the binary protocol and, optionally, HTTP."""
 
-    def __init__(self, db: Any, config: ServerConfig | None = None) -> None:
+    def __init__(self, db: Database, config: ServerConfig | None = None) -> None:
         self.db = db
         self.config = config or ServerConfig()
         self.config.limits.check_budget()
@@ -64,39 +68,31 @@ class Server:
         self.budget = BufferBudget(self.config.limits.buffer_budget)
         self.metrics = ServerMetrics(db.stats)
         self.metrics.track_buffers(self.budget)
+        self.pipeline = Pipeline(self.service, self.auth, self.limits, self.metrics,
+                                 write_threads=self.config.write_threads,
+                                 bulk_threads=self.config.bulk_threads,
+                                 read_threads=self.config.read_threads, describe=self.describe)
+        self.door = DoorContext(self.pipeline, self.config.limits, self.budget, self.metrics,
+                                server_name=self.config.name, tls=self.config.tls)
         self.ssl_context = _ssl_context(self.config) if self.config.tls else None
         self.connections: set[Connection] = set()
         self.http_connections: set[HttpConnection] = set()
-        self.draining = False
         self.listen_address: str | None = None
         self.http_address: str | None = None
         self.started_at = time.time()
         self._stop: trio.Event | None = None
         self.stopped: trio.Event | None = None
-        self._write_limiter: trio.CapacityLimiter | None = None
-        self._read_limiter: trio.CapacityLimiter | None = None
-        self._bulk_limiter: trio.CapacityLimiter | None = None
-
-    # Worker-thread limiters are created inside trio.run (they belong to one run).
-    @property
-    def write_limiter(self) -> trio.CapacityLimiter:
-        if self._write_limiter is None:
-            self._write_limiter = trio.CapacityLimiter(self.config.write_threads)
-        return self._write_limiter
 
     @property
-    def bulk_limiter(self) -> trio.CapacityLimiter:
-        if self._bulk_limiter is None:
-            self._bulk_limiter = trio.CapacityLimiter(self.config.bulk_threads)
-        return self._bulk_limiter
+    def draining(self) -> bool:
+        """True once shutdown began: no new connections, no new requests read."""
+        return self.door.draining
 
-    @property
-    def read_limiter(self) -> trio.CapacityLimiter:
-        if self._read_limiter is None:
-            self._read_limiter = trio.CapacityLimiter(self.config.read_threads)
-        return self._read_limiter
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.door.draining = value
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JSON:
         """The server's own figures (added to STATS answers)."""
         return {
             "name": self.config.name,
@@ -166,7 +162,7 @@ class Server:
     async def _accept_http(self, stream: trio.SocketStream) -> None:
         await self.handle_http(stream, _peer(stream))
 
-    async def handle_stream(self, stream: trio.abc.Stream, peer: Any) -> None:
+    async def handle_stream(self, stream: trio.abc.Stream, peer: Peer) -> None:
         """Serve one binary-protocol client on `stream` (closed on return)."""
         self.metrics.connections_accepted.labels("binary").inc()
         try:
@@ -175,7 +171,7 @@ class Server:
                 return
             if self.ssl_context is not None:
                 stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
-            conn = Connection(self, stream, peer)
+            conn = Connection(self.door, stream, peer)
             self.connections.add(conn)
             self.metrics.connections.labels("binary").inc()
             try:
@@ -187,14 +183,14 @@ class Server:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def handle_http(self, stream: trio.abc.Stream, peer: Any) -> None:
+    async def handle_http(self, stream: trio.abc.Stream, peer: Peer) -> None:
         """Serve one HTTP client on `stream` (closed on return)."""
         self.metrics.connections_accepted.labels("http").inc()
         try:
             if len(self.http_connections) >= self.config.limits.max_connections or self.draining:
                 self.metrics.rejected.labels("too_many_connections").inc()
                 return
-            conn = HttpConnection(self, stream, peer)
+            conn = HttpConnection(self.door, stream, peer)
             self.http_connections.add(conn)
             self.metrics.connections.labels("http").inc()
             try:
@@ -206,7 +202,7 @@ class Server:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _refuse(self, stream: trio.abc.Stream, peer: Any) -> None:
+    async def _refuse(self, stream: trio.abc.Stream, peer: Peer) -> None:
         """Over the connection cap: one error frame (plain TCP only), then close."""
         reason = "server is shutting down" if self.draining else (
             f"too many connections (limit {self.config.limits.max_connections}); retry later")
@@ -214,7 +210,7 @@ class Server:
         log.info("refusing connection from %s: %s", describe_peer(peer), reason)
         if self.ssl_context is not None:
             return  # a TLS client could not read a plain frame
-        payload = _protocol.encode_error(_protocol.E_TOO_MANY_CONNECTIONS, 1000, reason)
+        payload = _protocol.encode_error(TooManyConnections.code, 1000, reason)
         frame = _protocol.frame_header(_protocol.ERROR, _protocol.RESPONSE, 0, len(payload)) + payload
         with trio.move_on_after(1.0):
             try:
@@ -241,11 +237,12 @@ async def _linger_close(stream: trio.abc.Stream, *, lingering: bool) -> None:
             pass
 
 
-def _peer(stream: trio.SocketStream) -> Any:
+def _peer(stream: trio.SocketStream) -> Peer:
     try:
-        return stream.socket.getpeername()
+        peer: Peer = stream.socket.getpeername()
     except OSError:
         return None
+    return peer
 
 
 async def _listeners(address: str | None) -> list[trio.SocketListener]:
@@ -256,7 +253,7 @@ async def _listeners(address: str | None) -> list[trio.SocketListener]:
         return list(await trio.open_tcp_listeners(port, host=host))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise stemedb.StemeError(f"{address}: address already in use") from None
+            raise StemeError(f"{address}: address already in use") from None
         raise
 
 
@@ -308,7 +305,7 @@ def serve(data_dir: str | os.PathLike[str], listen: str | None = None, http: str
     if http is not None:
         settings.http = http or None
     try:
-        db = stemedb.open(data_dir, **settings.database)
+        db = engine.open(data_dir, **settings.database)
     except TypeError as exc:  # an unknown [database] option
         raise ConfigError(f"[database]: {exc}") from None
     try:
@@ -319,7 +316,7 @@ def serve(data_dir: str | os.PathLike[str], listen: str | None = None, http: str
     return 0
 
 
-async def _main(db: Any, config: ServerConfig) -> None:
+async def _main(db: Database, config: ServerConfig) -> None:
     server = Server(db, config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -350,10 +347,10 @@ async def _warm_up_queries() -> None:
 
     def warm() -> None:
         try:
-            from stemedb import query as engine
+            from stemedb import query as query_engine
         except ImportError:
             return
-        warm_up = getattr(engine, "warm_up", None)
+        warm_up = getattr(query_engine, "warm_up", None)
         if warm_up is not None:
             started = time.perf_counter()
             warm_up()
@@ -378,6 +375,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(args.data, listen=args.listen, http=args.http, config=args.config)
-    except stemedb.StemeError as exc:
+    except StemeError as exc:
         print(f"stemedb serve: error: {exc}", file=sys.stderr)
         return 1

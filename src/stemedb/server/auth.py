@@ -6,8 +6,9 @@ needs, and protected mode (no tokens configured: loopback clients only).
 Must never: log or store a presented token, or say which part of a failed
 credential was wrong beyond "unknown" / "expired".
 
-Error handling: refusals raise AuthError; the front doors turn it into an
-error frame or an HTTP 401/403.
+Error handling: a refused credential raises AuthError (auth_failed), a role
+too low for the operation Forbidden; the request pipeline answers them
+through the one error table (an error frame, or HTTP 401 / 403).
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from stemedb import _protocol
-from stemedb.errors import AuthError
+from stemedb.errors import AuthError, Forbidden, PeerRefused
 from stemedb.server.config import Token, hash_token
+
+Peer: TypeAlias = "tuple[Any, ...] | str | bytes | None"
+"""A client's address: a socket address tuple, an AF_UNIX path (bytes: Linux's abstract
+namespace), or None (unknown)."""
 
 # docs/protocol.md, "Roles": the least role each request needs.
 REQUIRED_ROLE = {
@@ -54,7 +59,7 @@ class Principal:
         return str(_protocol.ROLE_NAMES[self.role])
 
 
-def is_loopback(peer: Any) -> bool:
+def is_loopback(peer: Peer) -> bool:
     """True for 127.0.0.0/8, ::1 and Unix sockets (peer is a sockaddr, a str, or None)."""
     if peer is None or isinstance(peer, bytes):
         return False
@@ -70,7 +75,7 @@ def is_loopback(peer: Any) -> bool:
     return address.is_loopback
 
 
-def describe_peer(peer: Any) -> str:
+def describe_peer(peer: Peer) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
@@ -101,28 +106,29 @@ class Authenticator:
             raise AuthError(f"token {found.name!r} has expired")
         return Principal(found.name, found.role)
 
-    def anonymous(self, peer: Any) -> Principal | None:
+    def anonymous(self, peer: Peer) -> Principal | None:
         """The principal of a client that presented no token, or None if it must authenticate.
 
         In protected mode a loopback client is an admin (as with a local
         embedded store); any other peer is refused with AuthError. The
         principal is named after the peer's address, not its port: rate
         limits count per client, and a client is an address here, however
-        many connections it opens.
+        many connections it opens. Any other peer: PeerRefused.
         """
         if not self.protected_mode:
             return None
         if not is_loopback(peer):
-            raise AuthError(
+            raise PeerRefused(
                 f"protected mode: no tokens are configured, so only loopback clients are served "
                 f"({describe_peer(peer)} is not); configure [[tokens]] to serve the network")
-        host = peer[0] if isinstance(peer, tuple) else peer
-        return Principal(f"local:{host}", _protocol.ROLE_ADMIN)
+        host = peer[0] if isinstance(peer, tuple) else peer  # a loopback peer: never bytes
+        return Principal(f"local:{host!s}", _protocol.ROLE_ADMIN)
 
     @staticmethod
     def authorize(principal: Principal, opcode: int) -> None:
+        """Forbidden unless the principal's role is at least the one `opcode` needs."""
         needed = required_role(opcode)
         if principal.role < needed:
             op = _protocol.OPCODE_NAMES.get(opcode, f"0x{opcode:02x}")
-            raise AuthError(f"{op} needs the {_protocol.ROLE_NAMES[needed]} role; "
+            raise Forbidden(f"{op} needs the {_protocol.ROLE_NAMES[needed]} role; "
                             f"{principal.name!r} has {principal.role_name}")

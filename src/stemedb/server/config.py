@@ -5,7 +5,7 @@ database options), loaded from a TOML file (see examples/stemedb.toml) or a
 dict. Must never: open sockets or the database. Unknown keys are refused, so a
 typo in a limit is an error at start, not a silently absent limit.
 
-Error handling: every problem raises ConfigError naming the key.
+Error handling: every problem raises ConfigError (stemedb.errors) naming the key.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stemedb import _protocol
-from stemedb.errors import StemeError
+from stemedb.errors import ConfigError
 
 try:  # Python 3.11+
     import tomllib
@@ -28,10 +28,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 DEFAULT_LISTEN = "127.0.0.1:7440"
 ROLES = {"read": _protocol.ROLE_READ, "write": _protocol.ROLE_WRITE, "admin": _protocol.ROLE_ADMIN}
 OPERATIONS = ("ping", "put", "get", "query", "scan", "vote", "epoch", "stats", "audit", "sync")
-
-
-class ConfigError(StemeError, ValueError):
-    """The server configuration is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -271,9 +267,8 @@ def _expiry(value: Any, key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, datetime.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=datetime.timezone.utc)
-        return value.timestamp()
+        moment = value if value.tzinfo is not None else value.replace(tzinfo=datetime.timezone.utc)
+        return moment.timestamp()
     if isinstance(value, datetime.date):
         return datetime.datetime(value.year, value.month, value.day,
                                  tzinfo=datetime.timezone.utc).timestamp()

@@ -12,13 +12,19 @@ loop, read a body it is going to refuse, accept a body larger than
 declared), or hold body bytes beyond its free allowance that it has not
 reserved from the server's request budget (stemedb.server.buffers).
 
+Every request goes through the request pipeline (stemedb.server.pipeline:
+authorize, admit, run in a worker thread, metrics); the door is given a
+DoorContext, not the Server.
+
 Resource handling: `run()` owns the stream until it returns; the caller
 closes it. The budget reserved for a body is given back once it is answered.
-Error handling: a malformed or smuggling request gets 400 (an oversized head
-431) and the connection is closed; a refusal made before a declared body was
-read closes the connection too (the unread body cannot be skipped safely);
-every refusal is JSON {"error": name, "message": …} with the matching status
-(401, 403, 404, 413, 429 with Retry-After, 501, 503, …).
+Error handling: every refusal is an error class of stemedb.errors, answered
+as JSON {"error": name, "message": …} with the class's HTTP status (the one
+error table: 400, 401, 403, 404, 405, 408, 413, 429 with Retry-After, 431,
+500, 501, 503, 507). A malformed or smuggling request (400), an oversized
+head (431) or body (413), or one not received in time (408) is answered and
+the connection closed; a refusal made before a declared body was read closes
+the connection too (the unread body cannot be skipped safely).
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
+from functools import partial
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 import h11
@@ -36,15 +42,34 @@ import numpy as np
 import trio
 
 from stemedb import _protocol
-from stemedb.errors import AuthError, NotFound, RateLimited
-from stemedb.records import RecordKind
-from stemedb.server.auth import Authenticator, Principal
+from stemedb.errors import (
+    AuthError,
+    AuthRequired,
+    ConnectionTimeout,
+    FrameTooLarge,
+    HeadersTooLarge,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ProtocolError,
+    Refusal,
+    StemeError,
+    Unsupported,
+    refusal,
+)
+from stemedb.server.auth import Peer, Principal
 from stemedb.server.buffers import FREE_OUTPUT, SEND_SLICE, InputAccount
 from stemedb.server.metrics import CONTENT_TYPE
-from stemedb.server.service import ServiceError, error_code, record_json
-
-if TYPE_CHECKING:
-    from stemedb.server.app import Server
+from stemedb.server.pipeline import (
+    HEALTH,
+    METRICS,
+    OPERATIONS,
+    READY,
+    Caller,
+    DoorContext,
+    Operation,
+)
+from stemedb.server.service import JSON, record_json
 
 log = logging.getLogger("stemedb.server.http")
 
@@ -52,38 +77,18 @@ MAX_HEAD = 16 * 1024           # request line and headers
 RECEIVE_BYTES = 64 * 1024      # one receive_some at most
 MIN_RECEIVE = 16 * 1024        # less room than this in the request allowance: reserve more first
 
-STATUS = {
-    _protocol.E_PROTOCOL: 400, _protocol.E_INVALID_REQUEST: 400, _protocol.E_INVALID_RECORD: 400,
-    _protocol.E_SIGNATURE: 400, _protocol.E_AUTH_REQUIRED: 401, _protocol.E_AUTH_FAILED: 401,
-    _protocol.E_FORBIDDEN: 403, _protocol.E_NOT_FOUND: 404, _protocol.E_FRAME_TOO_LARGE: 413,
-    _protocol.E_RATE_LIMITED: 429, _protocol.E_QUOTA_EXCEEDED: 429, _protocol.E_UNSUPPORTED: 501,
-    _protocol.E_UNAVAILABLE: 503, _protocol.E_TOO_MANY_CONNECTIONS: 503, _protocol.E_TIMEOUT: 408,
-    _protocol.E_STORAGE_FULL: 507,
+# (method, path) -> the operation, whose role, rate limit and metrics label the route shares
+ROUTES: dict[tuple[str, str], Operation] = {
+    ("POST", "/v1/assert"): OPERATIONS[_protocol.PUT],
+    ("POST", "/v1/vote"): OPERATIONS[_protocol.VOTE],
+    ("POST", "/v1/epoch"): OPERATIONS[_protocol.EPOCH],
+    ("GET", "/v1/query"): OPERATIONS[_protocol.QUERY],
+    ("GET", "/v1/skeptic"): OPERATIONS[_protocol.QUERY],
+    ("GET", "/v1/audit"): OPERATIONS[_protocol.AUDIT],
+    ("GET", "/v1/stats"): OPERATIONS[_protocol.STATS],
+    ("GET", "/v1/records"): OPERATIONS[_protocol.GET],
 }
-
-# (method, path) -> (operation, opcode whose role it needs)
-ROUTES: dict[tuple[str, str], tuple[str, int]] = {
-    ("POST", "/v1/assert"): ("put", _protocol.PUT),
-    ("POST", "/v1/vote"): ("vote", _protocol.VOTE),
-    ("POST", "/v1/epoch"): ("epoch", _protocol.EPOCH),
-    ("GET", "/v1/query"): ("query", _protocol.QUERY),
-    ("GET", "/v1/skeptic"): ("query", _protocol.QUERY),
-    ("GET", "/v1/audit"): ("audit", _protocol.AUDIT),
-    ("GET", "/v1/stats"): ("stats", _protocol.STATS),
-    ("GET", "/v1/records"): ("get", _protocol.GET),
-}
-OPEN_ROUTES = {"/health", "/ready", "/metrics"}
-
-
-class HttpError(Exception):
-    """An HTTP refusal: status, short name, message, optional Retry-After."""
-
-    def __init__(self, status: int, name: str, message: str, retry_after: float = 0.0) -> None:
-        super().__init__(message)
-        self.status = status
-        self.name = name
-        self.retry_after = retry_after
-
+OPEN_ROUTES = {"/health": HEALTH, "/ready": READY, "/metrics": METRICS}
 
 Response = tuple[int, list[tuple[str, str]], bytes]
 
@@ -93,31 +98,15 @@ def json_response(status: int, document: Any, headers: list[tuple[str, str]] | N
     return status, [("content-type", "application/json")] + (headers or []), body
 
 
-def error_response(exc: HttpError) -> Response:
+def error_response(answer: Refusal) -> Response:
+    """The JSON refusal: the error class's status and name (stemedb.errors' table)."""
     headers = []
-    if exc.retry_after > 0:
-        headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
-    if exc.status == 401:
+    if answer.retry_after > 0:
+        headers.append(("retry-after", str(max(1, math.ceil(answer.retry_after)))))
+    if answer.http_status == 401:
         headers.append(("www-authenticate", 'Bearer realm="stemedb"'))
-    return json_response(exc.status, {"error": exc.name, "message": str(exc),
-                                      "retry_after": exc.retry_after or None}, headers)
-
-
-def http_error_for(exc: BaseException) -> HttpError:
-    code, message, retry_after = error_code(exc)
-    name = _protocol.ERROR_CODES.get(code, ("internal", False))[0]
-    return HttpError(STATUS.get(code, 500), name, message, retry_after)
-
-
-def _refusal(exc: BaseException) -> HttpError:
-    """The HTTP answer for an exception raised while admitting or serving a request."""
-    if isinstance(exc, HttpError):
-        return exc
-    if isinstance(exc, RateLimited):
-        return HttpError(429, "rate_limited", str(exc), exc.retry_after)
-    if isinstance(exc, AuthError):
-        return HttpError(403, "forbidden", str(exc))
-    return http_error_for(exc)
+    return json_response(answer.http_status, {"error": answer.name, "message": answer.message,
+                                              "retry_after": answer.retry_after or None}, headers)
 
 
 def _declares_body(request: h11.Request) -> bool:
@@ -126,30 +115,39 @@ def _declares_body(request: h11.Request) -> bool:
         length is not None and length.strip() not in ("", "0"))
 
 
+def _malformed(exc: h11.RemoteProtocolError) -> StemeError:
+    """The refusal of a request h11 could not parse, with the status h11 suggests."""
+    if exc.error_status_hint == 431:
+        return HeadersTooLarge(str(exc))
+    if exc.error_status_hint == 501:
+        return Unsupported(f"{exc}; send a chunked or Content-Length body")
+    return ProtocolError(str(exc))
+
+
 def decode_write_body(body: bytes | bytearray) -> tuple[bytes, np.ndarray, bool]:
-    """(blob, offsets, one-record form) of a /v1/assert body; HttpError 400 says what is wrong."""
+    """(blob, offsets, one-record form) of a /v1/assert body; InvalidRequest says what is wrong."""
     usage = 'expected {"records": ["<hex>", …]} or {"encoded": "<hex>"}'
     try:
         document = json.loads(body or b"null")
     except RecursionError:
-        raise HttpError(400, "invalid_request", f"body: JSON nested too deeply; {usage}") from None
+        raise InvalidRequest(f"body: JSON nested too deeply; {usage}") from None
     except ValueError as exc:
-        raise HttpError(400, "invalid_request", f"body: not JSON ({exc})") from None
+        raise InvalidRequest(f"body: not JSON ({exc})") from None
     single = isinstance(document, dict) and "encoded" in document and "records" not in document
     if single:
         encoded = [document["encoded"]]
     elif isinstance(document, dict) and isinstance(document.get("records"), list):
         encoded = document["records"]
     else:
-        raise HttpError(400, "invalid_request", f"body: {usage}")
+        raise InvalidRequest(f"body: {usage}")
     parts = []
     for index, item in enumerate(encoded):
         try:
             parts.append(bytes.fromhex(item))
         except (TypeError, ValueError):
-            raise HttpError(400, "invalid_request", f"records[{index}]: expected hex") from None
+            raise InvalidRequest(f"records[{index}]: expected hex") from None
         if not parts[-1]:
-            raise HttpError(400, "invalid_request", f"records[{index}]: empty")
+            raise InvalidRequest(f"records[{index}]: empty")
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(p) for p in parts])
     return b"".join(parts), offsets, single
@@ -158,12 +156,14 @@ def decode_write_body(body: bytes | bytearray) -> tuple[bytes, np.ndarray, bool]
 class HttpConnection:
     """Serves HTTP/1.1 requests on one stream until it closes, idles out, or the server drains."""
 
-    def __init__(self, server: Server, stream: trio.abc.Stream, peer: Any) -> None:
-        self.server = server
+    def __init__(self, door: DoorContext, stream: trio.abc.Stream, peer: Peer) -> None:
+        self.door = door
+        self.pipeline = door.pipeline
+        self.limits = door.limits
         self.stream = stream
         self.peer = peer
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.input = InputAccount(server.budget.requests)
+        self.input = InputAccount(door.budget.requests)
         self._fed = 0  # bytes given to h11 since the current request began (the head's size)
         self._receive_scope: trio.CancelScope | None = None
 
@@ -178,27 +178,24 @@ class HttpConnection:
             self.input.close()
 
     async def _serve_requests(self) -> None:
-        limits = self.server.config.limits
+        limits = self.limits
         deadline = trio.current_time() + limits.handshake_timeout
-        while not self.server.draining:
+        while not self.door.draining:
             try:
                 request = await self._read_head(deadline)
                 if request is None:
                     return
-                started = time.perf_counter()
                 response, close = await self._handle(request, deadline)
-            except HttpError as exc:  # the request itself is unreadable: answer and close
-                self._count_refusal(exc)
-                await self._send(error_response(exc), close=True)
+            except StemeError as exc:  # the request itself is unreadable: answer and close
+                answer = refusal(exc)
+                self._count_refusal(answer)
+                await self._send(error_response(answer), close=True)
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             finally:
                 self.input.set_buffered(0)  # the body, if any, is no longer held
-            target = request.target.decode("latin-1")
-            self.server.metrics.request_seconds.labels(_route_label(target)).observe(
-                time.perf_counter() - started)
-            close = close or self.server.draining
+            close = close or self.door.draining
             if not await self._send(response, close=close, head=request.method == b"HEAD") or close:
                 return
             if self.h11.our_state is h11.MUST_CLOSE:
@@ -212,18 +209,18 @@ class HttpConnection:
 
     # ------------------------------------------------------------- reading
 
-    async def _next_event(self, deadline: float, *, waiting_for_head: bool) -> Any:
+    async def _next_event(self, deadline: float, *, waiting_for_head: bool) -> Any:  # an h11 event
         """The next h11 event, receiving (within the request budget) until there is one."""
         while True:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                raise HttpError(exc.error_status_hint, "bad_request", str(exc)) from None
+                raise _malformed(exc) from None
             if event is not h11.NEED_DATA:
                 return event
             with trio.CancelScope(deadline=deadline) as scope:
                 self._receive_scope = scope
-                if self.server.draining and waiting_for_head:
+                if self.door.draining and waiting_for_head:
                     scope.cancel()
                 room = await self.input.make_room(MIN_RECEIVE)
                 data = await self.stream.receive_some(min(RECEIVE_BYTES, room))
@@ -231,12 +228,12 @@ class HttpConnection:
             if scope.cancelled_caught:
                 if waiting_for_head and not self._fed:
                     return None  # idle keep-alive connection, or draining: close quietly
-                raise HttpError(408, "timeout", "request not received in time")
+                raise ConnectionTimeout("request not received in time")
             self._fed += len(data)
             try:
                 self.h11.receive_data(data)
             except h11.RemoteProtocolError as exc:
-                raise HttpError(400, "bad_request", str(exc)) from None
+                raise _malformed(exc) from None
 
     async def _read_head(self, deadline: float) -> h11.Request | None:
         """The next request's head, checked for size and framing before any of its body is read."""
@@ -246,14 +243,13 @@ class HttpConnection:
         assert isinstance(event, h11.Request), event
         head = self._fed - len(self.h11.trailing_data[0])
         if head > MAX_HEAD:
-            raise HttpError(431, "headers_too_large",
-                            f"request line and headers of {head} bytes; the limit is {MAX_HEAD}")
+            raise HeadersTooLarge(f"request line and headers of {head} bytes; the limit is {MAX_HEAD}")
         if _header(event.headers, b"transfer-encoding") is not None and \
                 _header(event.headers, b"content-length") is not None:
             # RFC 9112 section 6.1: such a message may be framed differently by an intermediary,
             # which lets a request hide inside another one's body. Refused, and the stream closed.
-            raise HttpError(400, "bad_request", "both Content-Length and Transfer-Encoding are set; "
-                            "send one of them (RFC 9112 section 6.1)")
+            raise ProtocolError("both Content-Length and Transfer-Encoding are set; "
+                                "send one of them (RFC 9112 section 6.1)")
         return event
 
     async def _read_body(self, deadline: float, expected: int) -> bytearray:
@@ -263,21 +259,21 @@ class HttpConnection:
         body) are reserved before any is read, in one wait: bodies that each
         held part of a reservation and waited for the rest would deadlock.
         """
-        limit = self.server.config.limits.max_http_body
+        limit = self.limits.max_http_body
         body = bytearray()
         if expected:
             self.input.expect(expected)
             with trio.move_on_at(deadline) as waited:
                 await self.input.make_room(expected)
             if waited.cancelled_caught:
-                raise HttpError(408, "timeout", "request not received in time (the server is busy)")
+                raise ConnectionTimeout("request not received in time (the server is busy)")
         while True:
             event = await self._next_event(deadline, waiting_for_head=False)
             if isinstance(event, h11.Data):
                 body += event.data
                 self.input.set_buffered(len(body))
                 if len(body) > limit:
-                    raise HttpError(413, "too_large", f"body above the limit of {limit} bytes")
+                    raise FrameTooLarge(f"body above the limit of {limit} bytes")
             elif isinstance(event, h11.EndOfMessage):
                 return body
             else:  # the client went away in the middle of its body
@@ -292,18 +288,16 @@ class HttpConnection:
         path, _, query = target.partition("?")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
         try:
-            principal = self._admit(method, path, headers)
-        except Exception as exc:
-            refusal = _refusal(exc)
-            self._count_refusal(refusal)
+            operation, caller = self._decide(method, path, headers)
+        except StemeError as exc:
             if _declares_body(request):  # not read, so the stream cannot carry another request
-                return error_response(refusal), True
+                return error_response(refusal(exc)), True
             await self._read_body(deadline, 0)  # nothing but the end of the message
-            return error_response(refusal), False
+            return error_response(refusal(exc)), False
         declared = _header(request.headers, b"content-length")
-        limit = self.server.config.limits.max_http_body
+        limit = self.limits.max_http_body
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HttpError(413, "too_large", f"body of {declared} bytes; the limit is {limit}")
+            raise FrameTooLarge(f"body of {declared} bytes; the limit is {limit}")
         if declared is not None and declared.isdigit():
             expected = int(declared)
         else:
@@ -312,46 +306,42 @@ class HttpConnection:
             body = await self._read_body(deadline, expected)
         finally:
             self.input.expect(0)
-        return await self._respond(method, path, query, principal, body), False
+        outcome = await self.pipeline.run(caller, operation,
+                                          partial(self._respond, operation, method, path, query,
+                                                  caller, body))
+        if isinstance(outcome, Refusal):
+            return error_response(outcome), False
+        return outcome, False
 
-    def _admit(self, method: str, path: str, headers: dict[str, str]) -> Principal | None:
-        """Who may make this request, decided from its head alone (None for the open routes).
+    def _decide(self, method: str, path: str, headers: dict[str, str]) -> tuple[Operation, Caller]:
+        """The request's operation and caller, decided from its head alone, and admitted.
 
-        Raises HttpError (404, 405, 401), AuthError (403) or RateLimited (429).
+        Raises NotFound, MethodNotAllowed, AuthRequired or AuthError (401) —
+        counted here — or the pipeline's admission refusals (403, 429, …).
         """
-        server = self.server
-        if server.auth.protected_mode:
-            server.auth.anonymous(self.peer)  # refuses non-loopback peers on every route
-        if path in OPEN_ROUTES:
-            if method not in ("GET", "HEAD"):
-                raise HttpError(405, "method_not_allowed", f"{path} answers GET")
-            return None
-        route_path = "/v1/records" if path.startswith("/v1/records/") else path
-        route = ROUTES.get((method, route_path))
-        if route is None:
-            if any(p == route_path for _, p in ROUTES):
-                raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}")
-            raise HttpError(404, "not_found", f"no route {path}")
-        operation, opcode = route
-        principal = self._principal(headers)
-        Authenticator.authorize(principal, opcode)
-        server.limits.admit(principal.name, operation, trio.current_time())
-        return principal
-
-    async def _respond(self, method: str, path: str, query: str, principal: Principal | None,
-                       body: bytearray) -> Response:
-        server = self.server
         try:
-            if principal is None:
-                response = await self._open_route(path)
-            else:
-                response = await self._api(method, path, query, principal, body)
-            server.metrics.requests.labels(path if path in OPEN_ROUTES else "api", "http").inc()
-            return response
-        except Exception as exc:
-            refusal = _refusal(exc)
-            self._count_refusal(refusal)
-            return error_response(refusal)
+            if self.pipeline.protected_mode:
+                self.pipeline.anonymous(self.peer)  # refuses non-loopback peers on every route
+            operation = _route(method, path)
+            principal = self._principal(headers) if operation.opcode is not None else None
+        except StemeError as exc:
+            self._count_refusal(refusal(exc))
+            raise
+        caller = Caller("http", self.peer, principal)
+        self.pipeline.admit(caller, operation)
+        return operation, caller
+
+    def _principal(self, headers: dict[str, str]) -> Principal:
+        credentials = headers.get("authorization", "")
+        scheme, _, token = credentials.partition(" ")
+        if credentials:
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError("expected Authorization: Bearer <token>")
+            return self.pipeline.authenticate(self.peer, token.strip())
+        principal = self.pipeline.anonymous(self.peer)
+        if principal is None:
+            raise AuthRequired("send Authorization: Bearer <token>")
+        return principal
 
     async def _send(self, response: Response, *, close: bool = False, head: bool = False) -> bool:
         status, headers, body = response
@@ -370,148 +360,118 @@ class HttpConnection:
             return False
         # The answer counts against the budget until written; beyond the free allowance it
         # waits for room like the binary protocol's answers do.
-        pool = self.server.budget.answers
+        pool = self.door.budget.answers
         charged = min(len(data), pool.capacity) if len(data) > FREE_OUTPUT else 0
         if charged:
             await pool.take(charged)
         try:
             view = memoryview(data)
             for start in range(0, len(view), SEND_SLICE):
-                with trio.move_on_after(self.server.config.limits.send_timeout) as timer:
+                with trio.move_on_after(self.limits.send_timeout) as timer:
                     try:
                         await self.stream.send_all(view[start:start + SEND_SLICE])
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         return False
                 if timer.cancelled_caught:  # the client takes nothing: abandon the answer
-                    self.server.metrics.rejected.labels("slow_reader").inc()
+                    self.door.metrics.rejected.labels("slow_reader").inc()
                     return False
         finally:
             if charged:
                 pool.give(charged)
         return True
 
+    def _count_refusal(self, answer: Refusal) -> None:
+        self.door.metrics.rejected.labels(answer.name).inc()
+
     # ------------------------------------------------------------- routing
 
-    def _count_refusal(self, exc: HttpError) -> None:
-        self.server.metrics.rejected.labels(exc.name if exc.status in (401, 403, 413, 429) else
-                                            f"http_{exc.status}").inc()
-
-    async def _open_route(self, path: str) -> Response:
-        server = self.server
-        if path == "/metrics":
-            text = await trio.to_thread.run_sync(server.metrics.render, limiter=server.read_limiter)
+    async def _respond(self, operation: Operation, method: str, path: str, query: str,
+                       caller: Caller, body: bytearray) -> Response:
+        """The answer to an admitted request (run by the pipeline)."""
+        pipeline = self.pipeline
+        if operation is METRICS:
+            text = await pipeline.call(operation, self.door.metrics.render)
             return 200, [("content-type", CONTENT_TYPE)], text
-        stats = await trio.to_thread.run_sync(server.service.stats, limiter=server.read_limiter)
-        failed = bool(stats.get("failed"))
-        if path == "/health":
-            status = "failed" if failed else ("draining" if server.draining else "ok")
-            return json_response(503 if failed else 200,
-                                 {"status": status, "records": stats["records"]})
-        ready = not failed and not server.draining
-        return json_response(200 if ready else 503, {"ready": ready, "draining": server.draining,
-                                                     "failed": failed})
-
-    def _principal(self, headers: dict[str, str]) -> Principal:
-        auth = self.server.auth
-        credentials = headers.get("authorization", "")
-        scheme, _, token = credentials.partition(" ")
-        if credentials:
-            if scheme.lower() != "bearer" or not token.strip():
-                raise HttpError(401, "auth_failed", "expected Authorization: Bearer <token>")
-            self.server.limits.check_auth_failures(self.peer, trio.current_time())
-            try:
-                return auth.authenticate(token.strip())
-            except AuthError as exc:
-                self.server.limits.auth_failed(self.peer, trio.current_time())
-                raise HttpError(401, "auth_failed", str(exc)) from None
-        principal = auth.anonymous(self.peer)
-        if principal is None:
-            raise HttpError(401, "auth_required", "send Authorization: Bearer <token>")
-        return principal
-
-    async def _api(self, method: str, path: str, query: str, principal: Principal,
-                   body: bytearray) -> Response:
-        server = self.server
-        route_path = "/v1/records" if path.startswith("/v1/records/") else path
-        operation, _opcode = ROUTES[(method, route_path)]
+        if operation in (HEALTH, READY):
+            return await self._health(operation)
         params = dict(parse_qsl(query, keep_blank_values=True))
         if method == "POST":
             return await self._write(operation, body)
-        if operation == "query":
-            return await self._query(params, principal.name, skeptic=path == "/v1/skeptic")
-        if operation == "audit":
+        if operation.name == "query":
+            return await self._query(operation, params, caller, skeptic=path == "/v1/skeptic")
+        if operation.name == "audit":
             limit = _int_param(params, "limit", 100)
-            entries = await trio.to_thread.run_sync(server.service.audit, limit,
-                                                    limiter=server.read_limiter)
+            entries = await pipeline.call(operation, pipeline.service.audit, limit)
             return json_response(200, {"entries": entries})
-        if operation == "stats":
-            stats = await trio.to_thread.run_sync(server.service.stats, limiter=server.read_limiter)
-            stats["server"] = server.describe()
-            return json_response(200, stats)
-        return await self._get(path[len("/v1/records/"):])
+        if operation.name == "stats":
+            return json_response(200, await pipeline.stats(operation))
+        return await self._get(operation, path[len("/v1/records/"):])
 
-    async def _write(self, operation: str, body: bytearray) -> Response:
-        kind = {"vote": RecordKind.VOTE, "epoch": RecordKind.EPOCH}.get(operation)
-        server = self.server
-        # Parsing a large body is CPU work: it runs in the worker thread that then waits for the commit.
-        ids, single = await trio.to_thread.run_sync(self._decode_and_put, body, trio.current_time(), kind,
-                                                    limiter=server.write_limiter)
+    async def _health(self, operation: Operation) -> Response:
+        stats = await self.pipeline.call(operation, self.pipeline.service.stats)
+        failed = bool(stats.get("failed"))
+        draining = self.door.draining
+        if operation is HEALTH:
+            status = "failed" if failed else ("draining" if draining else "ok")
+            return json_response(503 if failed else 200, {"status": status, "records": stats["records"]})
+        ready = not failed and not draining
+        return json_response(200 if ready else 503, {"ready": ready, "draining": draining,
+                                                     "failed": failed})
+
+    async def _write(self, operation: Operation, body: bytearray) -> Response:
+        # Parsing a large body is CPU work: it runs in a worker thread of the write pool.
+        blob, offsets, single = await self.pipeline.call(operation, decode_write_body, body)
+        ids = await self.pipeline.put(operation, blob, offsets)
         hex_ids = [bytes(row).hex() for row in ids]
         if single:
             return json_response(200, {"id": hex_ids[0], "ids": hex_ids})
         return json_response(200, {"ids": hex_ids})
 
-    def _decode_and_put(self, body: bytearray, now: float, kind: int | None) -> tuple[np.ndarray, bool]:
-        """(IDs, whether the body was the one-record form) of a write body; blocking."""
-        blob, offsets, single = decode_write_body(body)
-        self.server.metrics.put_records.observe(len(offsets) - 1)
-        return self.server.service.put_encoded(blob, offsets, now, kind), single
-
-    async def _query(self, params: dict[str, str], agent: str, *, skeptic: bool) -> Response:
+    async def _query(self, operation: Operation, params: dict[str, str], caller: Caller, *,
+                     skeptic: bool) -> Response:
         subject = params.pop("subject", "")
         if not subject:
-            raise HttpError(400, "invalid_request", "subject: required")
+            raise InvalidRequest("subject: required")
         predicate = params.pop("predicate", "")
         lens = "skeptic" if skeptic else params.pop("lens", "")
-        options = {key: _param_value(value) for key, value in params.items()}
-        server = self.server
-        started = time.perf_counter()
-        result, records = await trio.to_thread.run_sync(server.service.query, subject, predicate,
-                                                        lens, options, agent, limiter=server.read_limiter)
-        server.metrics.query_seconds.labels(lens or "default").observe(time.perf_counter() - started)
+        options: JSON = {key: _param_value(value) for key, value in params.items()}
+        result, records = await self.pipeline.query(caller, operation, subject, predicate, lens,
+                                                    options)
         return json_response(200, {"result": result, "records": [record_json(r) for r in records]})
 
-    async def _get(self, hex_id: str) -> Response:
+    async def _get(self, operation: Operation, hex_id: str) -> Response:
         try:
             record_id = bytes.fromhex(hex_id)
         except ValueError:
             record_id = b""
         if len(record_id) != 32:
-            raise HttpError(400, "invalid_request", "record ID: expected 64 hex digits")
-        server = self.server
-        try:
-            record = await trio.to_thread.run_sync(server.service.get_record, record_id,
-                                                   limiter=server.read_limiter)
-        except NotFound as exc:
-            raise HttpError(404, "not_found", str(exc)) from None
+            raise InvalidRequest("record ID: expected 64 hex digits")
+        record = await self.pipeline.call(operation, self.pipeline.service.get_record, record_id)
         document = record_json(record)
         document["encoded"] = record.encode().hex()
         return json_response(200, document)
 
 
-def _route_label(target: str) -> str:
-    """A bounded metrics label for a request target."""
-    path = target.partition("?")[0]
-    if path.startswith("/v1/records/"):
-        path = "/v1/records"
-    known = path in OPEN_ROUTES or any(p == path for _, p in ROUTES)
-    return f"http:{path}" if known else "http:other"
+def _route(method: str, path: str) -> Operation:
+    """The operation a method and path ask for; NotFound or MethodNotAllowed otherwise."""
+    if path in OPEN_ROUTES:
+        if method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"{path} answers GET")
+        return OPEN_ROUTES[path]
+    route_path = "/v1/records" if path.startswith("/v1/records/") else path
+    operation = ROUTES.get((method, route_path))
+    if operation is None:
+        if any(p == route_path for _, p in ROUTES):
+            raise MethodNotAllowed(f"{method} is not allowed on {path}")
+        raise NotFound(f"no route {path}")
+    return operation
 
 
 def _header(headers: Any, name: bytes) -> str | None:
     for key, value in headers:
         if key.lower() == name:
-            return value.decode("latin-1")
+            text: str = value.decode("latin-1")
+            return text
     return None
 
 
@@ -520,7 +480,7 @@ def _int_param(params: dict[str, str], name: str, default: int) -> int:
     if value is None:
         return default
     if not value.isdigit():
-        raise ServiceError(_protocol.E_INVALID_REQUEST, f"{name}: expected a non-negative integer")
+        raise InvalidRequest(f"{name}: expected a non-negative integer")
     return int(value)
 
 

@@ -19,7 +19,8 @@ import threading
 from collections.abc import Hashable, Iterable
 from typing import Any
 
-from stemedb.errors import RateLimited
+from stemedb.errors import QuotaExceeded, RateLimited
+from stemedb.server.auth import Peer
 from stemedb.server.config import RateSpec, ServerConfig
 
 
@@ -122,14 +123,14 @@ class RequestLimits:
             raise RateLimited(f"rate limit for {operation!r} exceeded; retry in {wait:.3f} s",
                               retry_after=wait)
 
-    def check_auth_failures(self, peer: Any, now: float) -> None:
+    def check_auth_failures(self, peer: Peer, now: float) -> None:
         """RateLimited while a peer address has failed authentication too often."""
         wait = self.auth_failures.wait_time(_host(peer), now)
         if wait:
             raise RateLimited(f"too many failed authentications from this address; retry in {wait:.1f} s",
                               retry_after=wait)
 
-    def auth_failed(self, peer: Any, now: float) -> None:
+    def auth_failed(self, peer: Peer, now: float) -> None:
         self.auth_failures.acquire(_host(peer), now)
 
     @property
@@ -140,7 +141,7 @@ class RequestLimits:
         return self.signer_tiers.get(signer, self.default_tier)
 
     def charge_writes(self, records_by_signer: dict[bytes, int], now: float) -> None:
-        """Charge each signer's records to its tier's quota, all or nothing."""
+        """Charge each signer's records to its tier's quota, all or nothing (else QuotaExceeded)."""
         if not self.tiers:
             return
         charges: list[tuple[RateLimiter, Any, float]] = []
@@ -155,13 +156,13 @@ class RequestLimits:
             signer = worst[1]
             tier = self.tier_of(signer)
             if wait == float("inf"):
-                raise RateLimited(
+                raise QuotaExceeded(
                     f"write quota: {int(worst[2])} records by signer {signer.hex()[:16]}… exceed "
                     f"the {tier!r} tier's burst of {worst[0].burst:g}; send smaller batches",
                     retry_after=1.0)
-            raise RateLimited(f"write quota of signer {signer.hex()[:16]}… ({tier!r} tier) "
+            raise QuotaExceeded(f"write quota of signer {signer.hex()[:16]}… ({tier!r} tier) "
                               f"exhausted; retry in {wait:.3f} s", retry_after=wait)
 
 
-def _host(peer: Any) -> Any:
+def _host(peer: Peer) -> Hashable:
     return peer[0] if isinstance(peer, tuple) else peer

@@ -2,7 +2,8 @@
 
 Owns: a private CollectorRegistry (several servers can live in one test
 process), the request / rejection / connection / query-latency metrics the
-front doors update, and a collector that turns `db.stats()` into the storage
+request pipeline and the front doors update (requests are labelled by `door`
+— binary, http — and `op`, the operation), and a collector that turns `db.stats()` into the storage
 metrics (WAL fsync latency histogram, group-commit batches, writes, bytes,
 errors, segments, disk usage, recovery) at scrape time. Must never: block the
 event loop — `render()` takes the database's state lock, so the HTTP side door
@@ -22,6 +23,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+
+from stemedb.server.buffers import BufferBudget
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -109,15 +112,17 @@ class ServerMetrics:
     def __init__(self, stats: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         registry = self.registry
-        self.requests = Counter("stemedb_requests", "Requests answered, by operation and door",
-                                ["op", "door"], registry=registry)
-        self.request_errors = Counter("stemedb_request_errors", "Requests answered with an error",
-                                      ["op", "error"], registry=registry)
+        self.requests = Counter("stemedb_requests", "Requests answered, by door and operation",
+                                ["door", "op"], registry=registry)
+        self.request_errors = Counter("stemedb_request_errors",
+                                      "Requests answered with an error, by door, operation and error",
+                                      ["door", "op", "error"], registry=registry)
         self.rejected = Counter("stemedb_requests_rejected",
                                 "Requests or connections refused, by reason", ["reason"],
                                 registry=registry)
-        self.request_seconds = Histogram("stemedb_request_seconds", "Request latency by operation",
-                                         ["op"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.request_seconds = Histogram("stemedb_request_seconds",
+                                         "Request latency, by door and operation", ["door", "op"],
+                                         buckets=LATENCY_BUCKETS, registry=registry)
         self.query_seconds = Histogram("stemedb_query_seconds", "Query latency by lens", ["lens"],
                                        buckets=LATENCY_BUCKETS, registry=registry)
         self.put_records = Histogram("stemedb_put_batch_records", "Records per write request",
@@ -137,9 +142,9 @@ class ServerMetrics:
                                     "Readers or answers waiting for the buffer budget, by pool",
                                     ["pool"], registry=registry)
         if stats is not None:
-            registry.register(DatabaseCollector(stats))  # type: ignore[arg-type]
+            registry.register(DatabaseCollector(stats))
 
-    def track_buffers(self, budget: Any) -> None:
+    def track_buffers(self, budget: BufferBudget) -> None:
         """Read the buffer budget's pools (stemedb.server.buffers.BufferBudget) at every scrape."""
         for pool in (budget.requests, budget.answers):
             self.buffer_bytes.labels(pool.name).set_function(partial(getattr, pool, "used"))

@@ -2,14 +2,17 @@
 
 Owns: what a PUT / GET / QUERY / SCAN / STATS / AUDIT does with the store
 (decoding records, splitting envelopes from members, charging write quotas,
-calling `db.put_many`, turning a Resolution into JSON), and the mapping from
-StemeDB exceptions to protocol error codes. Every method here blocks (it
-decodes, verifies or waits for a group commit): the front doors call them
-through `trio.to_thread.run_sync`, never on the event loop.
+calling `db.put_many`, turning a Resolution into JSON). Every method here
+blocks (it decodes, verifies or waits for a group commit): the request
+pipeline (stemedb.server.pipeline) runs them in worker threads, never on the
+event loop. Must never: know which door a request came through, or keep an
+error code of its own (refusals are the classes of stemedb.errors).
 
-Error handling: exceptions propagate unchanged; `error_code(exc)` names the
-protocol error code, message and retry-after for any of them. Nothing is
-written when a batch is refused (quota, invalid record, bad signature).
+Error handling: exceptions propagate to the pipeline, which answers them
+through the one error table; arguments the query engine refuses (ValueError,
+TypeError) become InvalidRequest here, where they are known to be the
+caller's. Nothing is written when a batch is refused (quota, invalid record,
+bad signature).
 """
 
 from __future__ import annotations
@@ -17,87 +20,39 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import logging
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from stemedb import _codec, _protocol
-from stemedb.errors import (
-    AuthError,
-    CorruptionError,
-    DurabilityError,
-    InvalidRecord,
-    NotFound,
-    ProtocolError,
-    RateLimited,
-    SignatureError,
-    StemeError,
-    StorageFull,
-    Unavailable,
-)
+from stemedb import _codec
+from stemedb._codec import Record
+from stemedb.engine import Database
+from stemedb.errors import InvalidRequest, StemeError
 from stemedb.records import Assertion, Envelope, Epoch, RecordKind, Vote
 from stemedb.server.limits import RequestLimits
-
-log = logging.getLogger("stemedb.server")
 
 KIND_CODES: dict[str, int] = {"assertion": RecordKind.ASSERTION, "vote": RecordKind.VOTE,
                               "epoch": RecordKind.EPOCH, "envelope": RecordKind.ENVELOPE}
 KIND_NAMES = {code: name for name, code in KIND_CODES.items()}
 MAX_CONTRIBUTING = 1000  # contributing records sent with a query answer, at most
 
-
-class ServiceError(StemeError):
-    """A refusal with an explicit protocol error code (e.g. unsupported, invalid request)."""
-
-    def __init__(self, code: int, message: str, *, retry_after: float = 0.0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.retry_after = retry_after
-
-
-def error_code(exc: BaseException) -> tuple[int, str, float]:
-    """(protocol error code, message for the client, retry-after seconds) for an exception."""
-    if isinstance(exc, ServiceError):
-        return exc.code, str(exc), exc.retry_after
-    if isinstance(exc, _protocol.FrameError):
-        return int(exc.code), str(exc), 0.0
-    table: tuple[tuple[type[BaseException], int], ...] = (
-        (RateLimited, _protocol.E_RATE_LIMITED),
-        (AuthError, _protocol.E_FORBIDDEN),
-        (InvalidRecord, _protocol.E_INVALID_RECORD),
-        (SignatureError, _protocol.E_SIGNATURE),
-        (NotFound, _protocol.E_NOT_FOUND),
-        (StorageFull, _protocol.E_STORAGE_FULL),
-        (DurabilityError, _protocol.E_DURABILITY),
-        (CorruptionError, _protocol.E_CORRUPTION),
-        (Unavailable, _protocol.E_UNAVAILABLE),
-        (ProtocolError, _protocol.E_PROTOCOL),
-    )
-    for kind, code in table:
-        if isinstance(exc, kind):
-            retry = exc.retry_after if isinstance(exc, RateLimited) else 0.0
-            return code, str(exc), retry
-    if isinstance(exc, StemeError):
-        return _protocol.E_UNAVAILABLE if "closed" in str(exc) else _protocol.E_INTERNAL, str(exc), 0.0
-    if isinstance(exc, (ValueError, TypeError)):
-        return _protocol.E_INVALID_REQUEST, str(exc), 0.0
-    log.error("internal error while serving a request", exc_info=exc)
-    return _protocol.E_INTERNAL, f"internal error ({type(exc).__name__}); see the server log", 0.0
+Blob = bytes | bytearray | memoryview  # encoded records back to back, cut by an offsets array
+IdArray = np.ndarray[tuple[int, int], np.dtype[np.uint8]]
+JSON = dict[str, Any]
 
 
 class Service:
     """Database operations with quotas; blocking, thread-safe (the Database is)."""
 
-    def __init__(self, db: Any, limits: RequestLimits) -> None:
+    def __init__(self, db: Database, limits: RequestLimits) -> None:
         self.db = db
         self.limits = limits
 
     # ---------------------------------------------------------------- writes
 
-    def put_encoded(self, blob: Any, offsets: np.ndarray, now: float,
+    def put_encoded(self, blob: Blob, offsets: np.ndarray, now: float,
                     expect_kind: int | None = None) -> np.ndarray:
         """Store a batch of encoded records; returns their IDs (n, 32) in request order.
 
@@ -112,19 +67,15 @@ class Service:
         if expect_kind is not None:
             for index, record in enumerate(records):
                 if not isinstance(record, Envelope) and _kind_of(record) != expect_kind:
-                    raise ServiceError(_protocol.E_INVALID_REQUEST,
-                                       f"records[{index}]: expected a {KIND_NAMES[expect_kind]}, "
-                                       f"got a {KIND_NAMES.get(_kind_of(record), '?')}")
+                    raise InvalidRequest(f"records[{index}]: expected {_a(KIND_NAMES[expect_kind])}, "
+                                         f"got {_a(KIND_NAMES.get(_kind_of(record), 'unknown kind'))}")
         if self.limits.has_quotas:
             counts: dict[bytes, int] = {}
             for record in records:
                 if not isinstance(record, Envelope):
                     signer = record.signers[0] if record.signers else b""
                     counts[signer] = counts.get(signer, 0) + 1
-            try:
-                self.limits.charge_writes(counts, now)
-            except RateLimited as exc:
-                raise ServiceError(_protocol.E_QUOTA_EXCEEDED, str(exc), retry_after=exc.retry_after) from None
+            self.limits.charge_writes(counts, now)
         if not envelopes:
             ids = self.db.put_many(records)
         else:
@@ -150,63 +101,61 @@ class Service:
 
     # ----------------------------------------------------------------- reads
 
-    def get_encoded(self, ids: np.ndarray) -> tuple[bytes, np.ndarray]:
+    def get_encoded(self, ids: IdArray) -> tuple[bytes, np.ndarray]:
         """(blob, offsets) of the stored records for `ids`; an absent ID has an empty slice."""
         blob, offsets, _rows = self.db.get_encoded_many(ids)
         return blob, offsets
 
-    def encoded_lengths(self, ids: np.ndarray) -> np.ndarray:
-        """Bytes of the stored record for each of `ids` (0 where absent), without reading any.
-
-        The lengths come from the store's in-memory columns, under the lock
-        its own reads take; the engine offers no public call for them yet.
-        """
+    def encoded_lengths(self, ids: IdArray) -> np.ndarray:
+        """Bytes of the stored record for each of `ids` (0 where absent), without reading any."""
         array = np.ascontiguousarray(ids, dtype=np.uint8).reshape(-1, 32)
+        # ENGINE-PRIVATE, the one place the server reads engine internals: the lengths come
+        # from the store's in-memory columns, under the lock its own reads take. To be
+        # replaced by a public `Database.encoded_lengths(ids)` (-1 where absent), asked of
+        # the engine in issue 9.
         db = self.db
         with db._state_lock:
             state = db.state
             rows = np.asarray(state.lookup_many(array), dtype=np.int64)
-            lengths = state.columns.arrays["length"][np.maximum(rows, 0)].astype(np.int64)
+            lengths: np.ndarray = state.columns.arrays["length"][np.maximum(rows, 0)].astype(np.int64)
         lengths[rows < 0] = 0
         return lengths
 
-    def plan_get(self, ids: np.ndarray, target: int, max_frame: int) -> list[tuple[int, int, int]]:
+    def plan_get(self, ids: IdArray, target: int, max_frame: int) -> list[tuple[int, int, int]]:
         """The frames of a GET answer: (first, end, payload bytes) spans of `ids`, see frame_spans."""
         return frame_spans(self.encoded_lengths(ids), target, max_frame)
 
-    def get_record(self, record_id: bytes) -> Any:
-        return self.db.get(record_id)
-
-    def _query_function(self) -> Any:
-        """The store's `query`, or None for a store object without one."""
-        return getattr(self.db, "query", None)
+    def get_record(self, record_id: bytes) -> Record:
+        """The record with this ID (NotFound if there is none)."""
+        record: Record = self.db.get(record_id)
+        return record
 
     def query(self, subject: str, predicate: str | None, lens: str | None,
-              options: dict[str, Any], agent: str | None = None) -> tuple[dict[str, Any], list[Any]]:
+              options: JSON, agent: str | None = None) -> tuple[Any, list[Record]]:
         """(JSON-ready resolution, contributing records: the winner first).
 
         `options` are the resolution engine's filters. With "audit": true the
         query is recorded under `agent` (the authenticated principal; a client
         cannot name another).
         """
-        query = self._query_function()
-        if query is None:
-            raise ServiceError(_protocol.E_UNSUPPORTED,
-                               "queries are not available: this build has no resolution engine")
         if not subject:
-            raise ServiceError(_protocol.E_INVALID_REQUEST, "subject: required")
+            raise InvalidRequest("subject: required")
         kwargs = dict(options)
         if "agent" in kwargs:
-            raise ServiceError(_protocol.E_INVALID_REQUEST, "options: agent is set by the server")
+            raise InvalidRequest("options: agent is set by the server")
         if kwargs.get("audit"):
             kwargs["agent"] = agent
         if lens:
             kwargs["lens"] = lens
         try:
-            result = query(subject, predicate or None, **kwargs)
-        except TypeError as exc:
-            raise ServiceError(_protocol.E_INVALID_REQUEST, f"query: {exc}") from None
-        records: dict[bytes, Any] = {}
+            result = self.db.query(subject, predicate or None, **kwargs)
+        except StemeError:
+            raise
+        except ValueError as exc:  # the query engine refusing the caller's filters or lens
+            raise InvalidRequest(str(exc)) from None
+        except TypeError as exc:  # an option the query engine does not take
+            raise InvalidRequest(f"query: {exc}") from None
+        records: dict[bytes, Record] = {}
         wanted: list[bytes] = []
         _collect_records(result, records, wanted, depth=0)
         missing = [i for i in dict.fromkeys(wanted) if i not in records][:MAX_CONTRIBUTING]
@@ -217,11 +166,11 @@ class Service:
         return jsonable(result), list(records.values())
 
     def scan(self, subject: str | None, predicate: str | None, kind: int,
-             limit: int) -> Iterator[list[Any]]:
+             limit: int) -> Iterator[list[Record]]:
         """Chunks of stored records (write order), at most `limit` in all."""
         records = self.db.scan(subject or None, predicate or None,
                                kind=KIND_NAMES[kind] if kind else None)
-        chunk: list[Any] = []
+        chunk: list[Record] = []
         sent = 0
         for record in records:
             if sent >= limit:
@@ -233,15 +182,13 @@ class Service:
                 chunk = []
         yield chunk
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> JSON:
         return dict(self.db.stats())
 
-    def audit(self, limit: int) -> Any:
+    def audit(self, limit: int) -> list[JSON]:
         """The last `limit` recorded queries."""
-        audit = getattr(self.db, "audit", None)
-        if audit is None:
-            raise ServiceError(_protocol.E_UNSUPPORTED, "this store keeps no audit log")
-        return jsonable(audit(limit=limit))
+        entries: list[JSON] = jsonable(self.db.audit(limit=limit))
+        return entries
 
 
 def frame_spans(lengths: np.ndarray, target: int, max_frame: int) -> list[tuple[int, int, int]]:
@@ -260,9 +207,8 @@ def frame_spans(lengths: np.ndarray, target: int, max_frame: int) -> list[tuple[
     for index, length in enumerate(lengths.tolist()):
         entry = 4 + length
         if 4 + entry > max_frame:
-            raise ServiceError(_protocol.E_INVALID_REQUEST,
-                               f"ids[{index}]: the record is {length} bytes, more than a "
-                               f"{max_frame}-byte frame holds")
+            raise InvalidRequest(f"ids[{index}]: the record is {length} bytes, more than a "
+                                 f"{max_frame}-byte frame holds")
         if size + entry > target and index > first:
             spans.append((first, index, size))
             first, size = index, 4
@@ -271,7 +217,12 @@ def frame_spans(lengths: np.ndarray, target: int, max_frame: int) -> list[tuple[
     return spans
 
 
-def _kind_of(record: Any) -> int:
+def _a(noun: str) -> str:
+    """The noun with its indefinite article: "a vote", "an epoch", "an assertion"."""
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
+def _kind_of(record: Record) -> int:
     for cls, code in ((Assertion, RecordKind.ASSERTION), (Vote, RecordKind.VOTE),
                       (Epoch, RecordKind.EPOCH), (Envelope, RecordKind.ENVELOPE)):
         if isinstance(record, cls):
@@ -279,11 +230,11 @@ def _kind_of(record: Any) -> int:
     return 0
 
 
-def record_json(record: Any) -> dict[str, Any]:
+def record_json(record: Record) -> JSON:
     """A JSON view of any record (assertions field by field; others with their encoding)."""
     to_dict = getattr(record, "to_dict", None)
     if to_dict is not None:
-        return dict(to_dict())
+        return dict(to_dict())  # an Assertion: field by field
     return {"kind": type(record).__name__.lower(), "id": record.id.hex(),
             "timestamp": record.timestamp, "signers": [k.hex() for k in record.signers],
             "encoded": record.encode().hex()}
@@ -321,7 +272,7 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     return repr(value)
 
 
-def _collect_records(value: Any, out: dict[bytes, Any], wanted: list[bytes], depth: int) -> None:
+def _collect_records(value: Any, out: dict[bytes, Record], wanted: list[bytes], depth: int) -> None:
     """Records reachable from a query result (winners), and IDs of contributing assertions."""
     if depth > 8 or value is None or isinstance(value, (str, bytes, int, float, bool, enum.Enum)):
         return
@@ -346,16 +297,16 @@ def _collect_records(value: Any, out: dict[bytes, Any], wanted: list[bytes], dep
         _collect_records(child, out, wanted, depth + 1)
 
 
-def parse_options(text: str) -> dict[str, Any]:
+def parse_options(text: str) -> JSON:
     """QUERY options: a JSON object (or empty)."""
     if not text:
         return {}
     try:
         options = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ServiceError(_protocol.E_INVALID_REQUEST, f"options: not JSON ({exc.msg})") from None
+        raise InvalidRequest(f"options: not JSON ({exc.msg})") from None
     if not isinstance(options, dict):
-        raise ServiceError(_protocol.E_INVALID_REQUEST, "options: expected a JSON object")
+        raise InvalidRequest("options: expected a JSON object")
     if "lens" in options:
-        raise ServiceError(_protocol.E_INVALID_REQUEST, "options: the lens has its own field")
+        raise InvalidRequest("options: the lens has its own field")
     return options

@@ -1,0 +1,253 @@
+"""The one path every request of both front doors takes: authorize → admit → run → metrics.
+
+Owns: the operations the server serves (the name rate limits and metrics know
+them by, the role each needs, whether it writes and what it may write), the
+authentication of a presented token (failures throttled per address), the
+admission of a request (its role, then the per-client and per-operation rate
+limits), the worker-thread limiters every blocking call goes through (reads;
+writes; large write batches), and running a request: its work, its metrics
+under one label scheme (`door`, `op`), and whatever it raised turned into a
+Refusal through the one error table (stemedb.errors). The binary protocol
+(connection.py) and the HTTP side door (http.py) call it with a Caller (door,
+peer, principal) and get from the server only a DoorContext: this module,
+the limits, the buffer budget and the metrics — never the Server.
+
+Admission and running are two calls because both doors decide a request
+before reading or decoding its payload: a door calls `admit` as soon as it
+knows who asks for what, then `run` once it holds the payload. The bytes a
+door holds for a request (the buffer budget, stemedb.server.buffers) are
+reserved by the door as they arrive, before there is a request to admit.
+
+Must never: block the event loop (blocking calls go through `call`, in a
+worker thread); read or write a socket; raise from `run` (a failed request is
+a Refusal for the door to answer).
+
+Error handling: `authenticate` and `admit` raise the refusal (AuthError,
+RateLimited, Forbidden, Unsupported), counted in
+stemedb_requests_rejected_total; `run` returns the Refusal of whatever the
+work raised — an unexpected exception is logged with its traceback and
+answered `internal` without its details.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import trio
+
+from stemedb import _protocol
+from stemedb._codec import Record
+from stemedb.errors import (
+    AuthError,
+    AuthRequired,
+    QuotaExceeded,
+    RateLimited,
+    Refusal,
+    StemeError,
+    Unsupported,
+    refusal,
+)
+from stemedb.records import RecordKind
+from stemedb.server.auth import Authenticator, Peer, Principal
+from stemedb.server.buffers import BufferBudget
+from stemedb.server.config import Limits
+from stemedb.server.limits import RequestLimits
+from stemedb.server.metrics import ServerMetrics
+from stemedb.server.service import JSON, Blob, Service
+
+Door = Literal["binary", "http"]
+T = TypeVar("T")
+
+# Write batches at least this large are decoded and verified by at most `bulk_threads`
+# threads: that work holds the GIL, and more threads only contend for it (measured: 16
+# threads ingest big batches at half the rate of 2). Small writes mostly wait for the
+# fsync, so many of them in flight make bigger group commits.
+BULK_RECORDS = 256
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What a request asks for, as rate limits, roles, worker pools and metrics see it."""
+
+    name: str                        # metrics label `op`; [rate_limits.operations] key
+    opcode: int | None               # its binary opcode, whose role it needs; None: an open route
+    writes: bool = False             # runs in the write pools (else the read pool)
+    kind: RecordKind | None = None   # a write of records of this kind only (VOTE, EPOCH)
+    served: bool = True              # False: reserved (replication), answered `unsupported`
+
+
+OPERATIONS: dict[int, Operation] = {op.opcode: op for op in (
+    Operation("ping", _protocol.PING),
+    Operation("put", _protocol.PUT, writes=True),
+    Operation("vote", _protocol.VOTE, writes=True, kind=RecordKind.VOTE),
+    Operation("epoch", _protocol.EPOCH, writes=True, kind=RecordKind.EPOCH),
+    Operation("get", _protocol.GET),
+    Operation("query", _protocol.QUERY),
+    Operation("scan", _protocol.SCAN),
+    Operation("stats", _protocol.STATS),
+    Operation("audit", _protocol.AUDIT),
+) if op.opcode is not None}
+# The HTTP door's open routes: no token, no role, no rate limit (load balancers, Prometheus).
+HEALTH = Operation("health", None)
+READY = Operation("ready", None)
+METRICS = Operation("metrics", None)
+
+
+def operation_of(opcode: int) -> Operation:
+    """The operation of a request opcode; replication opcodes are known but not served yet."""
+    known = OPERATIONS.get(opcode)
+    if known is not None:
+        return known
+    return Operation("sync", opcode, served=False)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks, through which door: all the pipeline is told of a request's origin."""
+
+    door: Door
+    peer: Peer
+    principal: Principal | None  # None only on the HTTP door's open routes
+
+
+class Pipeline:
+    """Authorize, admit, run in a worker thread, measure; for every request of both doors."""
+
+    def __init__(self, service: Service, auth: Authenticator, limits: RequestLimits,
+                 metrics: ServerMetrics, *, write_threads: int, bulk_threads: int,
+                 read_threads: int, describe: Callable[[], JSON]) -> None:
+        self.service = service
+        self.auth = auth
+        self.limits = limits
+        self.metrics = metrics
+        self._threads = {"write": write_threads, "bulk": bulk_threads, "read": read_threads}
+        self._limiters: dict[str, trio.CapacityLimiter] = {}
+        self._describe = describe
+
+    # -------------------------------------------------------- who is asking
+
+    def authenticate(self, peer: Peer, token: str) -> Principal:
+        """The token's principal; failures are counted per peer address and throttled.
+
+        Raises RateLimited (without checking the token) while the address has
+        failed too often, AuthError for an unknown or expired token.
+        """
+        now = trio.current_time()
+        self.limits.check_auth_failures(peer, now)
+        try:
+            return self.auth.authenticate(token)
+        except AuthError:
+            self.limits.auth_failed(peer, now)
+            raise
+
+    def anonymous(self, peer: Peer) -> Principal | None:
+        """The principal of a client without a token (protected mode), None if it needs one."""
+        return self.auth.anonymous(peer)
+
+    @property
+    def protected_mode(self) -> bool:
+        return self.auth.protected_mode
+
+    # ------------------------------------------------------------ admission
+
+    def admit(self, caller: Caller, operation: Operation) -> None:
+        """Let the request in, or raise its refusal: Forbidden, Unsupported, RateLimited."""
+        if operation.opcode is None:
+            return  # an open route
+        try:
+            if caller.principal is None:
+                raise AuthRequired(f"{operation.name} needs an authenticated client")
+            Authenticator.authorize(caller.principal, operation.opcode)
+            if not operation.served:
+                name = _protocol.OPCODE_NAMES.get(operation.opcode, hex(operation.opcode))
+                raise Unsupported(f"{name} is not served by this server")
+            self.limits.admit(caller.principal.name, operation.name, trio.current_time())
+        except StemeError as exc:
+            self.metrics.rejected.labels(exc.name).inc()
+            raise
+
+    # --------------------------------------------------------------- running
+
+    async def run(self, caller: Caller, operation: Operation,
+                  work: Callable[[], Awaitable[T]]) -> T | Refusal:
+        """Do an admitted request's `work`: its answer, or the Refusal of what it raised."""
+        started = time.perf_counter()
+        labels = {"door": caller.door, "op": operation.name}
+        try:
+            return await work()
+        except Exception as exc:
+            answer = refusal(exc)
+            self.metrics.request_errors.labels(error=answer.name, **labels).inc()
+            if issubclass(answer.error, RateLimited):
+                self.metrics.rejected.labels(
+                    "quota" if issubclass(answer.error, QuotaExceeded) else answer.name).inc()
+            return answer
+        finally:
+            self.metrics.requests.labels(**labels).inc()
+            self.metrics.request_seconds.labels(**labels).observe(time.perf_counter() - started)
+
+    async def call(self, operation: Operation, function: Callable[..., T], *args: Any,
+                   records: int = 0) -> T:
+        """`function(*args)` in a worker thread of the operation's pool.
+
+        Reads share the read pool; writes of at least BULK_RECORDS `records`
+        go to the small bulk pool, other writes to the write pool.
+        """
+        pool = "read"
+        if operation.writes:
+            pool = "bulk" if records >= BULK_RECORDS else "write"
+        result: T = await trio.to_thread.run_sync(function, *args, limiter=self._limiter(pool))
+        return result
+
+    def _limiter(self, pool: str) -> trio.CapacityLimiter:
+        # Created on first use: a CapacityLimiter belongs to the trio run that made it.
+        limiter = self._limiters.get(pool)
+        if limiter is None:
+            limiter = self._limiters[pool] = trio.CapacityLimiter(self._threads[pool])
+        return limiter
+
+    # ------------------------------------- operations both doors serve alike
+
+    async def put(self, operation: Operation, blob: Blob, offsets: np.ndarray) -> np.ndarray:
+        """Store a write request's encoded records (only `operation.kind` if it has one); IDs."""
+        count = len(offsets) - 1
+        self.metrics.put_records.observe(count)
+        return await self.call(operation, self.service.put_encoded, blob, offsets,
+                               trio.current_time(), operation.kind, records=count)
+
+    async def query(self, caller: Caller, operation: Operation, subject: str, predicate: str,
+                    lens: str, options: JSON) -> tuple[Any, list[Record]]:
+        """(JSON-ready resolution, contributing records); audited under the caller's name."""
+        agent = caller.principal.name if caller.principal is not None else None
+        started = time.perf_counter()
+        answer = await self.call(operation, self.service.query, subject, predicate, lens,
+                                 options, agent)
+        self.metrics.query_seconds.labels(lens or "default").observe(time.perf_counter() - started)
+        return answer
+
+    async def stats(self, operation: Operation) -> JSON:
+        """The store's figures, with the server's own under "server"."""
+        stats = await self.call(operation, self.service.stats)
+        stats["server"] = self._describe()
+        return stats
+
+
+@dataclass
+class DoorContext:
+    """All a front end is given of the server: the pipeline and what it must bound itself by.
+
+    `draining` is set by the server when it shuts down: the doors then read no
+    more requests and answer the ones in flight.
+    """
+
+    pipeline: Pipeline
+    limits: Limits
+    budget: BufferBudget
+    metrics: ServerMetrics
+    server_name: str
+    tls: bool
+    draining: bool = False
