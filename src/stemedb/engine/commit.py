@@ -19,30 +19,24 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
+from typing import Any, Generic, TypeVar
 
 from stemedb.errors import DurabilityError
 
+Work = TypeVar("Work")
 
-class Pending:
-    """One writer's contribution to a group commit.
+
+class Pending(Generic[Work]):
+    """One writer's contribution to a group commit: its work, then its outcome.
 
     A plain slotted class: one is made per write call, so its cost is on the
     hot path of every small durable write.
     """
 
-    __slots__ = ("blob", "offsets", "ids", "records", "signer", "done", "error", "result", "wakeup")
+    __slots__ = ("work", "done", "error", "result", "wakeup")
 
-    def __init__(self, blob: bytes = b"", offsets: np.ndarray | None = None,
-                 ids: np.ndarray | None = None, records: list[Any] | None = None,
-                 signer: Any = None) -> None:
-        self.blob = blob
-        self.offsets = offsets
-        self.ids = ids
-        self.records = records          # a group-signing writer's members, checked and encoded
-        self.signer = signer            # that writer's Signer (ids: the members' IDs)
+    def __init__(self, work: Work) -> None:
+        self.work = work                # what the leader writes for this writer
         self.done = False
         self.error: BaseException | None = None
         self.result: Any = None
@@ -94,13 +88,13 @@ class Metrics:
         }
 
 
-class GroupCommit:
+class GroupCommit(Generic[Work]):
     """Serialises writes into batches; `write_group` does the I/O for one batch."""
 
-    def __init__(self, write_group: Callable[[list[Pending]], None]) -> None:
+    def __init__(self, write_group: Callable[[list[Pending[Work]]], None]) -> None:
         self._write_group = write_group
         self._lock = threading.Lock()
-        self._queue: list[Pending] = []
+        self._queue: list[Pending[Work]] = []
         self._leader_active = False
         self.failure: DurabilityError | None = None
 
@@ -109,7 +103,13 @@ class GroupCommit:
             if self.failure is None:
                 self.failure = error
 
-    def submit(self, pending: Pending) -> Any:
+    def while_healthy(self, action: Callable[[], None]) -> None:
+        """Run `action` unless the committer is poisoned, with no poisoning meanwhile."""
+        with self._lock:
+            if self.failure is None:
+                action()
+
+    def submit(self, pending: Pending[Work]) -> Any:
         """Queue `pending` and return once it is durable (or raise why it is not).
 
         The first writer to find no leader becomes the leader: it takes the
@@ -132,7 +132,7 @@ class GroupCommit:
             raise pending.error
         return pending.result
 
-    def _lead_once(self, pending: Pending) -> None:
+    def _lead_once(self, pending: Pending[Work]) -> None:
         """Serve the whole queue (which includes `pending`), then hand over or step down."""
         with self._lock:
             group, self._queue = self._queue, []
@@ -146,14 +146,15 @@ class GroupCommit:
             else:
                 self._leader_active = False
 
-    def _lead(self, group: list[Pending]) -> None:
+    def _lead(self, group: list[Pending[Work]]) -> None:
+        error: BaseException | None
         if self.failure is not None:
-            error: BaseException = DurabilityError(
+            error = DurabilityError(
                 f"store refuses writes after an earlier failure: {self.failure}")
         else:
             try:
                 self._write_group(group)
-                error = None  # type: ignore[assignment]
+                error = None
             except BaseException as exc:  # delivered to every writer of the batch
                 error = exc
         for pending in group:
