@@ -12,11 +12,13 @@ import threading
 
 import numpy as np
 import pytest
-from test_server_support import SIGNER
+from test_server_support import SIGNER, error_of, served
+from test_server_support import config as server_config
 
 import stemedb
-from stemedb import Assertion, Epoch, RecordKind, Vote, _codec
+from stemedb import Assertion, Epoch, RecordKind, Vote, _codec, _protocol
 from stemedb.engine import verify
+from stemedb.server import Server
 
 OTHER = stemedb.Signer.from_seed(b"\x09" * 32)
 SMALL = 1 << 16
@@ -231,3 +233,33 @@ def test_epochs_written_encoded_link_what_they_supersede(db):
     db.put_encoded(*batch_of([old, claim(1), new]))
     rows = db.state.superseded_by.get(_codec.id_key(old.id))
     assert [r.id for r in db.records_at(rows)] == [new.id]
+
+
+# ------------------------------------------------------------- through the protocol
+
+@pytest.mark.trio
+async def test_a_refused_mixed_batch_through_the_protocol_leaves_nothing_behind(tmp_path):
+    """Envelope, its members and signed records in one PUT with one forged record: nothing stored.
+
+    The server once split such a batch into two commits (members with their
+    envelope first), so the refusal of the second left the first durable.
+    """
+    with stemedb.open(tmp_path / "data") as store:
+        server = Server(store, server_config())
+        records, envelope = mixed("wire")
+        forged = claim(7, "wire-forged")._with_proof(claim(7).signers, [(0, bytes(64))], None)
+        blob, offsets = batch_of(records + [forged])
+        async with served(server) as client:
+            await client.hello()
+            answer = await client.call(_protocol.PUT, bytes(_protocol.encode_record_batch(blob, offsets)))
+            code, _, message = error_of(answer)
+            assert code == _protocol.E_SIGNATURE
+            assert len(store) == 0 and store.stats()["writes"]["batches"] == 0
+            assert f"records[{len(records)}]" in message   # named by its place in the request
+            get = await client.call(_protocol.GET, _protocol.encode_ids([r.id for r in records]))
+            _, got = _protocol.decode_record_batch(get.payload, True)
+            assert not np.diff(got).any()   # every slot empty: not one record was stored
+            blob, offsets = batch_of(records)
+            put = await client.call(_protocol.PUT, bytes(_protocol.encode_record_batch(blob, offsets)))
+            assert [bytes(row) for row in _protocol.decode_ids(put.payload)] == [r.id for r in records]
+            assert store.stats()["writes"]["batches"] == 1 and len(store) == len(records)

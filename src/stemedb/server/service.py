@@ -1,8 +1,8 @@
 """The operations both front doors serve, run against the embedded Database.
 
 Owns: what a PUT / GET / QUERY / SCAN / STATS / AUDIT does with the store
-(decoding records, splitting envelopes from members, charging write quotas,
-calling `db.put_many`, turning a Resolution into JSON), and the mapping from
+(reading the headers of written records for their kind and write quotas,
+handing the bytes to `db.put_encoded`, turning a Resolution into JSON), and the mapping from
 StemeDB exceptions to protocol error codes. Every method here blocks (it
 decodes, verifies or waits for a group commit): the front doors call them
 through `trio.to_thread.run_sync`, never on the event loop.
@@ -38,7 +38,7 @@ from stemedb.errors import (
     StorageFull,
     Unavailable,
 )
-from stemedb.records import Assertion, Envelope, Epoch, RecordKind, Vote
+from stemedb.records import RecordKind
 from stemedb.server.limits import RequestLimits
 
 log = logging.getLogger("stemedb.server")
@@ -101,52 +101,37 @@ class Service:
                     expect_kind: int | None = None) -> np.ndarray:
         """Store a batch of encoded records; returns their IDs (n, 32) in request order.
 
-        Envelopes in the batch prove the members that name them; other records
-        must be individually signed or members of an envelope already stored.
-        Acknowledged (returned) only once durable.
+        The bytes go to the engine as they arrived (`Database.put_encoded`):
+        one durable batch, or nothing if any record is refused. Envelopes in
+        the batch prove the members that name them; other records must be
+        individually signed or members of an envelope already stored. Before
+        that, only the records' headers are read here: for the kind a VOTE /
+        EPOCH request allows, and for the signers' write quotas. Acknowledged
+        (returned) only once durable.
         """
-        records = _codec.decode_many(blob, offsets)
-        if not records:
-            return np.zeros((0, 32), dtype=np.uint8)
-        envelopes = [r for r in records if isinstance(r, Envelope)]
-        if expect_kind is not None:
-            for index, record in enumerate(records):
-                if not isinstance(record, Envelope) and _kind_of(record) != expect_kind:
+        if expect_kind is not None or self.limits.has_quotas:
+            kinds, signers = _codec.record_heads(blob, offsets)
+            others = kinds != RecordKind.ENVELOPE
+            if expect_kind is not None:
+                wrong = np.flatnonzero(others & (kinds != expect_kind))
+                if len(wrong):
+                    index = int(wrong[0])
                     raise ServiceError(_protocol.E_INVALID_REQUEST,
                                        f"records[{index}]: expected a {KIND_NAMES[expect_kind]}, "
-                                       f"got a {KIND_NAMES.get(_kind_of(record), '?')}")
-        if self.limits.has_quotas:
-            counts: dict[bytes, int] = {}
-            for record in records:
-                if not isinstance(record, Envelope):
-                    signer = record.signers[0] if record.signers else b""
-                    counts[signer] = counts.get(signer, 0) + 1
-            try:
-                self.limits.charge_writes(counts, now)
-            except RateLimited as exc:
-                raise ServiceError(_protocol.E_QUOTA_EXCEEDED, str(exc), retry_after=exc.retry_after) from None
-        if not envelopes:
-            ids = self.db.put_many(records)
-        else:
-            # Members of the batch's envelopes go in one put_many with them; anything else
-            # (individually signed, or members of envelopes stored earlier) in a second one.
-            envelope_ids = {e.id for e in envelopes}
-            groups: dict[bool, list[int]] = {True: [], False: []}
-            for index, record in enumerate(records):
-                if not isinstance(record, Envelope):
-                    groups[record.envelope in envelope_ids].append(index)
-            ids = [b""] * len(records)
-            for index, record in enumerate(records):
-                if isinstance(record, Envelope):
-                    ids[index] = record.id
-            members = [records[i] for i in groups[True]]
-            stored = self.db.put_many(members, envelope=envelopes) if members else self.db.put_many(envelopes)
-            for index, record_id in zip(groups[True], stored if members else ()):
-                ids[index] = record_id
-            if groups[False]:
-                for index, record_id in zip(groups[False], self.db.put_many([records[i] for i in groups[False]])):
-                    ids[index] = record_id
-        return np.frombuffer(b"".join(ids), dtype=np.uint8).reshape(-1, 32)
+                                       f"got a {KIND_NAMES.get(int(kinds[index]), '?')}")
+            if self.limits.has_quotas:
+                self._charge(signers[others], now)
+        kind = RecordKind(expect_kind) if expect_kind is not None else None
+        return self.db.put_encoded(blob, offsets, kind=kind)
+
+    def _charge(self, signers: np.ndarray, now: float) -> None:
+        """Charge each first signer's records to its write quota (a record without signers: b"")."""
+        keys, counts = np.unique(signers, axis=0, return_counts=True)
+        by_signer = {(bytes(key) if key.any() else b""): int(count) for key, count in zip(keys, counts)}
+        try:
+            self.limits.charge_writes(by_signer, now)
+        except RateLimited as exc:
+            raise ServiceError(_protocol.E_QUOTA_EXCEEDED, str(exc), retry_after=exc.retry_after) from None
 
     # ----------------------------------------------------------------- reads
 
@@ -269,14 +254,6 @@ def frame_spans(lengths: np.ndarray, target: int, max_frame: int) -> list[tuple[
         size += entry
     spans.append((first, len(lengths), size))
     return spans
-
-
-def _kind_of(record: Any) -> int:
-    for cls, code in ((Assertion, RecordKind.ASSERTION), (Vote, RecordKind.VOTE),
-                      (Epoch, RecordKind.EPOCH), (Envelope, RecordKind.ENVELOPE)):
-        if isinstance(record, cls):
-            return code
-    return 0
 
 
 def record_json(record: Any) -> dict[str, Any]:
