@@ -3,15 +3,16 @@
 Owns: the queue of pending writes, leader election (the LevelDB way: the
 first waiting writer becomes the leader, takes everything queued, writes it,
 syncs once, then wakes everyone it served), batch-size and fsync-latency
-metrics, and the poisoned state after a failed sync. Must never: acknowledge a
+metrics, and the poisoned state after a failed sync. What the leader writes
+is engine/writes.py's business: this module only schedules it. Must never: acknowledge a
 write before the fdatasync that covers it returned successfully, or retry a
 failed fsync (after "fsyncgate" a failed fsync means the page cache may
 already have dropped the data).
 
 Error handling: the leader's exception is delivered to every writer of its
-batch, so a writer must have its own input checked before it submits (the
-database does: nothing that depends on one writer's records may fail in the
-leader). A failed write or sync poisons the committer: every later submit
+batch, so a writer must have its own input checked before it submits
+(engine/verify.py and WritePath.check_fits do: nothing that depends on one
+writer's records may fail in the leader). A failed write or sync poisons the committer: every later submit
 raises DurabilityError until the store is closed and reopened.
 """
 

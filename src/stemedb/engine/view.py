@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -50,17 +49,20 @@ class RecordReader(Protocol):
     def gather(self, rows: np.ndarray) -> tuple[bytes, np.ndarray]: ...
 
 
-@dataclass(frozen=True)
 class Snapshot:
     """The column arrays at one instant: rows below `count` are valid and never change.
 
     The arrays are the engine's own (not copies) and may be longer than
     `count`; a later write appends rows after `count` or moves the columns
-    to larger arrays, never changes these rows. Read-only.
+    to larger arrays, never changes these rows. Read-only. (A plain slotted
+    class: one is made per query.)
     """
 
-    count: int
-    arrays: Mapping[str, np.ndarray]
+    __slots__ = ("count", "arrays")
+
+    def __init__(self, count: int, arrays: Mapping[str, np.ndarray]) -> None:
+        self.count = count
+        self.arrays = arrays
 
     def column(self, name: str) -> np.ndarray:
         """Rows [0, count) of one column."""

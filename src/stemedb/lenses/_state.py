@@ -203,7 +203,9 @@ class QueryState:
         """The store's columns as far as this state has been told of them (see the module doc)."""
         visible = self.visible       # read first: the engine's count is at least this afterwards
         snapshot = db.view.snapshot()
-        return Snapshot(min(visible, snapshot.count), snapshot.arrays)
+        if snapshot.count > visible:
+            snapshot.count = visible
+        return snapshot
 
     # -- the write listener (engine/view.py: called after each durable batch is indexed)
 
