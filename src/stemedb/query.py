@@ -635,7 +635,7 @@ def query_encoded(db: Database, pairs: Iterable[tuple[str, str]], *, lens: LensS
     found = winners >= 0
     winner_ids = np.zeros((len(pairs), 32), dtype=np.uint8)
     winner_ids[found] = context.arrays["id"][winners[found]]
-    blob, offsets, _ = db.get_encoded_many(winner_ids[found])
+    blob, offsets = context.gather(winners[found])
     full = np.zeros(len(pairs) + 1, dtype=np.int64)
     full[1:][found] = np.diff(offsets)
     return EncodedResolutions(found, winner_ids, np.minimum(np.maximum(shares, 0.0), 1.0),
@@ -721,9 +721,8 @@ class MaterializedView:
     `db.query(s, p, lens=...)` with default filters answers from the view.
     """
 
-    def __init__(self, db: Database, state: QueryState, lens: Lens) -> None:
+    def __init__(self, state: QueryState, lens: Lens) -> None:
         self.lens = lens
-        self._db_path = db.path
         self._state = state
         self._lock = threading.Lock()
         # pair key -> (winner record or -1, confidence, conflict, candidates, store count it was
@@ -865,7 +864,7 @@ def materialize(db: Database, lens: LensSpec) -> MaterializedView:
     found = state.views.get(key)
     view = found if isinstance(found, MaterializedView) else None
     if view is None:
-        view = MaterializedView(db, state, chosen)
+        view = MaterializedView(state, chosen)
         # registered before the snapshot it is built from: no write can slip between
         state.register_view(key, view)
     view.refresh(db)

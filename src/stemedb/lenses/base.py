@@ -183,6 +183,10 @@ class Context:
         """Decode these record numbers (checksums checked)."""
         return self.db.view.records_at(rows)
 
+    def gather(self, rows: np.ndarray | Sequence[int]) -> tuple[bytes, np.ndarray]:
+        """(blob, offsets) of these record numbers, encoded (checksums checked)."""
+        return self.db.view.gather(rows)
+
     def assertions(self, rows: np.ndarray | Sequence[int]) -> list[Assertion]:
         """Decode record numbers the query selected by the kind column: assertions, all of them."""
         records = self.records(rows)
