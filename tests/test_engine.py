@@ -374,8 +374,8 @@ def test_checkpoint_covers_only_indexed_records(tmp_path):
     db.put_many([claim(i) for i in range(10)])
     # frames appended but not yet indexed must be replayed, not skipped, after reopen
     blob, offsets, ids = stemedb.encode_many([claim(99)])
-    db._batch_seq += 1
-    frames, _, _ = stemedb._segment.build_batch(blob, offsets, ids, db._batch_seq)
+    db._writes.batch_seq += 1
+    frames, _, _ = stemedb._segment.build_batch(blob, offsets, ids, db._writes.batch_seq)
     db.log.append(frames)
     db.log.sync()
     db.checkpoint()
@@ -392,8 +392,7 @@ def test_background_snapshot_every_n_records(tmp_path):
     with stemedb.open(path, segment_size=SMALL, snapshot_every=100) as db:
         for start in range(0, 250, 50):
             db.put_many(records[start:start + 50])
-        if db._snapshot_thread is not None:
-            db._snapshot_thread.join()
+        db._checkpointer.join()
         snapshots = sorted((path / "index").iterdir())
         assert snapshots and snapshots[-1].name.startswith("snapshot-")
     with stemedb.open(path) as db:

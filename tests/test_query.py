@@ -285,9 +285,8 @@ def test_epoch_cycle_keeps_only_the_latest(db, monkeypatch):
     the links are hand-made here.
     """
     e1, e2 = put_epochs(db, Epoch("one", timestamp=T0 + 1), Epoch("two", timestamp=T0 + 2))
-    with db._state_lock:
-        rows = {e.id: int(db.state.lookup_many(np.frombuffer(e.id, dtype=np.uint8).reshape(1, 32))[0])
-                for e in (e1, e2)}
+    rows = {e.id: int(db.view.lookup(np.frombuffer(e.id, dtype=np.uint8).reshape(1, 32))[0])
+            for e in (e1, e2)}
     links = {int.from_bytes(e1.id[:8], "little"): [rows[e2.id]],
              int.from_bytes(e2.id[:8], "little"): [rows[e1.id]]}
     from stemedb.lenses._state import QueryState
@@ -763,3 +762,44 @@ def test_render_gives_printable_text(db):
     assert q.render([]) == "no contested (subject, predicate) pairs"
     q.query(db, "aspirin", "treats", audit=True, agent="me")
     assert "me  recency  aspirin / treats  -> treats: 'b'" in q.render(q.audit_log(db))
+
+
+def test_opening_a_store_neither_loads_the_query_engine_nor_starts_a_warm_up(tmp_path):
+    """The engine knows nothing of queries: the JIT warm-up starts with the first query."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, threading, stemedb\n"
+        f"db = stemedb.open({str(tmp_path / 'db')!r})\n"
+        "db.put(stemedb.Assertion('s', 'p', 1, timestamp=1).sign(stemedb.Signer.from_seed(bytes(32))))\n"
+        "loaded = sorted(m for m in ('stemedb.query', 'stemedb.lenses', 'numba') if m in sys.modules)\n"
+        "warming = [t.name for t in threading.enumerate() if 'warm' in t.name]\n"
+        "db.query('s', 'p')\n"
+        "print(loaded, warming, 'stemedb.query' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "[] [] True"
+
+
+def test_a_query_during_a_write_notification_sees_the_store_before_that_write(db):
+    """Queries read up to what the query layer was told of: a view never answers for a
+    store that holds a write it has not invalidated."""
+    db.put(claim("old", t=1))
+    seen: list[tuple[object, list[bytes]]] = []
+
+    def probe(record_numbers, columns):   # subscribed before the query layer: runs first
+        result = q.query(db, "aspirin", "treats")
+        seen.append((result.value, [c.assertion_id for c in result.contributions]))
+
+    db.view.subscribe(probe)
+    q.materialize(db, "recency")
+    new = claim("new", t=2)
+    db.put(new)
+    old_id = claim("old", t=1).id
+    assert seen == [("old", [old_id])]
+    after = q.query(db, "aspirin", "treats")
+    assert after.value == "new" and [c.assertion_id for c in after.contributions] == [new.id, old_id]

@@ -273,7 +273,7 @@ def _last_batch_fixture(tmp_path: Any) -> LastBatch:
 def _one_mixed_batch(db: Any, members: dict[bytes, list[bytes]]) -> list[bytes]:
     """Writers queued behind a held leader, so that they all share the next batch."""
     gate, held = threading.Event(), threading.Event()
-    original = db._write_group
+    original = db._commit._write_group
 
     def write_group(group: list[Any]) -> None:
         if not gate.is_set():

@@ -13,8 +13,8 @@ stemedb.records and subclass the cores here.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.math cimport isfinite, isnan, signbit
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.stdlib cimport free, malloc, qsort
+from libc.string cimport memcmp, memcpy
 
 from stemedb._bytes cimport (SIZE_F32, SIZE_F64, SIZE_U8, SIZE_U16, SIZE_U32, SIZE_U64, get_f32,
                              get_f64, get_u16, get_u32, get_u64, put_f32, put_f64, put_u8, put_u16,
@@ -28,16 +28,29 @@ import numpy as np
 from stemedb.errors import InvalidRecord
 
 # Limits (docs/format.md, "Limits"); tests assert these against the document.
-MAX_SUBJECT = 1024
-MAX_PREDICATE = 256
-MAX_TEXT = 1 << 20
-MAX_REFERENCE = 1024
-MAX_BYTES = 1 << 20
-MAX_VECTOR = 4096
-MAX_EPOCH_NAME = 256
-MAX_DESCRIPTION = 1 << 16
-MAX_SUPERSEDES = 1024
-MAX_MEMBERS = 1_000_000
+# C values for the checks that run without the GIL, and the same as Python names.
+cdef enum:
+    LIMIT_SUBJECT = 1024
+    LIMIT_PREDICATE = 256
+    LIMIT_TEXT = 1 << 20
+    LIMIT_REFERENCE = 1024
+    LIMIT_BYTES = 1 << 20
+    LIMIT_VECTOR = 4096
+    LIMIT_EPOCH_NAME = 256
+    LIMIT_DESCRIPTION = 1 << 16
+    LIMIT_SUPERSEDES = 1024
+    LIMIT_MEMBERS = 1_000_000
+
+MAX_SUBJECT = LIMIT_SUBJECT
+MAX_PREDICATE = LIMIT_PREDICATE
+MAX_TEXT = LIMIT_TEXT
+MAX_REFERENCE = LIMIT_REFERENCE
+MAX_BYTES = LIMIT_BYTES
+MAX_VECTOR = LIMIT_VECTOR
+MAX_EPOCH_NAME = LIMIT_EPOCH_NAME
+MAX_DESCRIPTION = LIMIT_DESCRIPTION
+MAX_SUPERSEDES = LIMIT_SUPERSEDES
+MAX_MEMBERS = LIMIT_MEMBERS
 MAX_SIGNER_COUNT = MAX_SIGNERS
 VERSION = FORMAT_VERSION
 
@@ -46,6 +59,10 @@ SOURCE_CLASS_NAMES = (
 )
 LIFECYCLE_NAMES = ("proposed", "under_review", "approved", "deprecated", "rejected")
 SUPERSESSION_NAMES = ("replaces", "refines", "retracts")
+# The same counts as C values, for the checks that run without the GIL.
+cdef Py_ssize_t SOURCE_CLASSES = len(SOURCE_CLASS_NAMES)
+cdef Py_ssize_t LIFECYCLES = len(LIFECYCLE_NAMES)
+cdef Py_ssize_t SUPERSESSION_KINDS = len(SUPERSESSION_NAMES)
 
 # The public subclasses (stemedb.records) register here so that decoding
 # produces them; index = RecordKind.
@@ -1420,9 +1437,137 @@ cdef enum:
     NOT_AN_ASSERTION = 255      # source_class and lifecycle of the other kinds ("Columns")
 
 
-cdef inline void add_key_input(const uint8_t** ptrs, size_t* sizes, Py_ssize_t at, Span s) noexcept nogil:
-    ptrs[at] = s.data
-    sizes[at] = s.size
+cdef struct ColumnArrays:       # the COLUMNS arrays of one batch, as raw pointers (one row per record)
+    uint8_t* kind
+    uint64_t* timestamp
+    float* confidence
+    uint8_t* source_class
+    uint8_t* lifecycle
+    uint64_t* subject
+    uint64_t* predicate
+    uint64_t* pair
+    uint64_t* object
+    uint64_t* signer
+    uint64_t* epoch
+    uint64_t* target
+    uint8_t* proof
+
+
+cdef struct KeyInputs:          # what one stm_blake3_many call hashes for a batch
+    const uint8_t** data        # KEYS_PER_RECORD per assertion (+ one content per record for IDs)
+    size_t* sizes
+    int64_t* owner              # per record: its first key input, or -1 (not an assertion)
+    Py_ssize_t count
+
+
+cdef dict new_columns(Py_ssize_t n, ColumnArrays* c):
+    """Zeroed COLUMNS arrays for n records, and pointers to them in c."""
+    cdef dict out = {name: np.zeros(n, dtype=dtype) for name, dtype in COLUMNS.items()}
+    cdef uint8_t[::1] kind = out["kind"]
+    cdef uint64_t[::1] timestamp = out["timestamp"]
+    cdef float[::1] confidence = out["confidence"]
+    cdef uint8_t[::1] source_class = out["source_class"]
+    cdef uint8_t[::1] lifecycle = out["lifecycle"]
+    cdef uint64_t[::1] subject = out["subject"]
+    cdef uint64_t[::1] predicate = out["predicate"]
+    cdef uint64_t[::1] pair = out["pair"]
+    cdef uint64_t[::1] obj = out["object"]
+    cdef uint64_t[::1] signer = out["signer"]
+    cdef uint64_t[::1] epoch = out["epoch"]
+    cdef uint64_t[::1] target = out["target"]
+    cdef uint8_t[::1] proof = out["proof"]
+    if n == 0:
+        return out
+    c.kind = &kind[0]
+    c.timestamp = &timestamp[0]
+    c.confidence = &confidence[0]
+    c.source_class = &source_class[0]
+    c.lifecycle = &lifecycle[0]
+    c.subject = &subject[0]
+    c.predicate = &predicate[0]
+    c.pair = &pair[0]
+    c.object = &obj[0]
+    c.signer = &signer[0]
+    c.epoch = &epoch[0]
+    c.target = &target[0]
+    c.proof = &proof[0]
+    return out
+
+
+cdef int alloc_key_inputs(KeyInputs* k, Py_ssize_t n, Py_ssize_t per_record) except -1:
+    cdef Py_ssize_t capacity = max(n, 1) * per_record
+    k.data = <const uint8_t**>malloc(capacity * sizeof(uint8_t*))
+    k.sizes = <size_t*>malloc(capacity * sizeof(size_t))
+    k.owner = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+    k.count = 0
+    if k.data == NULL or k.sizes == NULL or k.owner == NULL:
+        free_key_inputs(k)
+        raise MemoryError()
+    return 0
+
+
+cdef void free_key_inputs(KeyInputs* k) noexcept:
+    free(k.data)
+    free(k.sizes)
+    free(k.owner)
+    k.data = NULL
+    k.sizes = NULL
+    k.owner = NULL
+
+
+cdef inline void add_key_input(KeyInputs* k, Span s) noexcept nogil:
+    k.data[k.count] = s.data
+    k.sizes[k.count] = s.size
+    k.count += 1
+
+
+cdef inline void fill_columns(ColumnArrays* c, Py_ssize_t i, const RecordFields* f,
+                              KeyInputs* keys) noexcept nogil:
+    """Row i of the columns from one walked record; an assertion's key inputs go to `keys`."""
+    cdef const AssertionFields* a
+    keys.owner[i] = -1
+    c.kind[i] = f.kind
+    c.proof[i] = f.proof.kind
+    c.source_class[i] = NOT_AN_ASSERTION
+    c.lifecycle[i] = NOT_AN_ASSERTION
+    if f.signers.size:
+        c.signer[i] = get_u64(f.signers.data)
+    if f.kind == KIND_ASSERTION:
+        a = &f.fields.assertion
+        keys.owner[i] = keys.count
+        add_key_input(keys, a.subject)      # KEY_SUBJECT
+        add_key_input(keys, a.predicate)    # KEY_PREDICATE
+        add_key_input(keys, a.pair)         # KEY_PAIR
+        add_key_input(keys, a.object)       # KEY_OBJECT
+        c.confidence[i] = a.confidence
+        c.timestamp[i] = a.timestamp
+        c.source_class[i] = a.source_class
+        c.lifecycle[i] = a.lifecycle
+        if a.parent_hash != NULL:
+            c.target[i] = get_u64(a.parent_hash)
+        if a.epoch != NULL:
+            c.epoch[i] = get_u64(a.epoch)
+    elif f.kind == KIND_VOTE:
+        c.target[i] = get_u64(f.fields.vote.assertion_id)
+        c.confidence[i] = f.fields.vote.weight
+        c.timestamp[i] = f.fields.vote.timestamp
+    elif f.kind == KIND_EPOCH:
+        c.timestamp[i] = f.fields.epoch.timestamp
+    else:
+        c.timestamp[i] = f.fields.envelope.timestamp
+
+
+cdef inline void fill_keys(ColumnArrays* c, Py_ssize_t n, const KeyInputs* keys,
+                           const uint8_t* digests) noexcept nogil:
+    """The four keys of each assertion from the digests of its key inputs."""
+    cdef Py_ssize_t i, j
+    for i in range(n):
+        j = keys.owner[i]
+        if j >= 0:
+            c.subject[i] = get_u64(digests + (j + KEY_SUBJECT) * ID_SIZE)
+            c.predicate[i] = get_u64(digests + (j + KEY_PREDICATE) * ID_SIZE)
+            c.pair[i] = get_u64(digests + (j + KEY_PAIR) * ID_SIZE)
+            c.object[i] = get_u64(digests + (j + KEY_OBJECT) * ID_SIZE)
 
 
 def extract_columns(buffer, positions, lengths):
@@ -1437,93 +1582,386 @@ def extract_columns(buffer, positions, lengths):
     cdef const uint8_t[::1] view = buffer
     cdef const int64_t[::1] pos = np.ascontiguousarray(positions, dtype=np.int64)
     cdef const uint32_t[::1] lens = np.ascontiguousarray(lengths, dtype=np.uint32)
-    cdef Py_ssize_t n = pos.shape[0], i, j, inputs = 0
-    out = {name: np.zeros(n, dtype=dtype) for name, dtype in COLUMNS.items()}
-    cdef uint8_t[::1] kind = out["kind"]
-    cdef uint64_t[::1] timestamp = out["timestamp"]
-    cdef float[::1] confidence = out["confidence"]
-    cdef uint8_t[::1] source_class = out["source_class"]
-    cdef uint8_t[::1] lifecycle = out["lifecycle"]
-    cdef uint64_t[::1] subject = out["subject"]
-    cdef uint64_t[::1] predicate = out["predicate"]
-    cdef uint64_t[::1] pair = out["pair"]
-    cdef uint64_t[::1] obj = out["object"]
-    cdef uint64_t[::1] signer = out["signer"]
-    cdef uint64_t[::1] epoch = out["epoch"]
-    cdef uint64_t[::1] target = out["target"]
-    cdef uint8_t[::1] proof = out["proof"]
+    cdef Py_ssize_t n = pos.shape[0], i
+    cdef ColumnArrays c
+    cdef dict out = new_columns(n, &c)
     cdef Reader r
     cdef RecordFields f
-    cdef const AssertionFields* a
     cdef Py_ssize_t bad = -1
-    cdef Py_ssize_t capacity = max(n, 1) * KEYS_PER_RECORD
-    cdef const uint8_t** ptrs = <const uint8_t**>malloc(capacity * sizeof(uint8_t*))
-    cdef size_t* sizes = <size_t*>malloc(capacity * sizeof(size_t))
-    cdef int64_t* owner = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+    cdef KeyInputs keys
     cdef uint8_t* digests = NULL
-    if ptrs == NULL or sizes == NULL or owner == NULL:
-        free(ptrs)
-        free(sizes)
-        free(owner)
-        raise MemoryError()
+    alloc_key_inputs(&keys, n, KEYS_PER_RECORD)
     try:
         with nogil:
             for i in range(n):
-                owner[i] = -1
                 if not walk_record(&r, &f, &view[0] + pos[i], lens[i]):
                     bad = i
                     break
-                kind[i] = f.kind
-                proof[i] = f.proof.kind
-                source_class[i] = NOT_AN_ASSERTION
-                lifecycle[i] = NOT_AN_ASSERTION
-                if f.signers.size:
-                    signer[i] = get_u64(f.signers.data)
-                if f.kind == KIND_ASSERTION:
-                    a = &f.fields.assertion
-                    owner[i] = inputs
-                    add_key_input(ptrs, sizes, inputs + KEY_SUBJECT, a.subject)
-                    add_key_input(ptrs, sizes, inputs + KEY_PREDICATE, a.predicate)
-                    add_key_input(ptrs, sizes, inputs + KEY_PAIR, a.pair)
-                    add_key_input(ptrs, sizes, inputs + KEY_OBJECT, a.object)
-                    inputs += KEYS_PER_RECORD
-                    confidence[i] = a.confidence
-                    timestamp[i] = a.timestamp
-                    source_class[i] = a.source_class
-                    lifecycle[i] = a.lifecycle
-                    if a.parent_hash != NULL:
-                        target[i] = get_u64(a.parent_hash)
-                    if a.epoch != NULL:
-                        epoch[i] = get_u64(a.epoch)
-                elif f.kind == KIND_VOTE:
-                    target[i] = get_u64(f.fields.vote.assertion_id)
-                    confidence[i] = f.fields.vote.weight
-                    timestamp[i] = f.fields.vote.timestamp
-                elif f.kind == KIND_EPOCH:
-                    timestamp[i] = f.fields.epoch.timestamp
-                else:
-                    timestamp[i] = f.fields.envelope.timestamp
+                fill_columns(&c, i, &f, &keys)
         if bad >= 0:
             raise InvalidRecord(f"record {bad}: {parse_failure(&r)}")
-        if inputs:
-            digests = <uint8_t*>malloc(inputs * ID_SIZE)
+        if keys.count:
+            digests = <uint8_t*>malloc(keys.count * ID_SIZE)
             if digests == NULL:
                 raise MemoryError()
             with nogil:
-                stm_blake3_many(ptrs, sizes, inputs, digests)
-                for i in range(n):
-                    j = owner[i]
-                    if j >= 0:
-                        subject[i] = get_u64(digests + (j + KEY_SUBJECT) * ID_SIZE)
-                        predicate[i] = get_u64(digests + (j + KEY_PREDICATE) * ID_SIZE)
-                        pair[i] = get_u64(digests + (j + KEY_PAIR) * ID_SIZE)
-                        obj[i] = get_u64(digests + (j + KEY_OBJECT) * ID_SIZE)
+                stm_blake3_many(keys.data, keys.sizes, keys.count, digests)
+                fill_keys(&c, n, &keys, digests)
     finally:
-        free(ptrs)
-        free(sizes)
-        free(owner)
+        free_key_inputs(&keys)
         free(digests)
     return out
+
+
+# ----------------------------------------------------------------------------
+# Judging encoded records without building objects: the write path of records
+# that arrive encoded (a client's PUT, a peer's records). judge_record applies
+# every rule that decode_at applies (limits, UTF-8, canonical floats, enum
+# ranges, duplicates, the proof's shape), in C and without the GIL, but only
+# says whether a record passes. A record that fails is then decoded, and
+# decode_at raises the one message that names its field and rule: both paths
+# refuse the same bytes with the same words, and the rules stay written once
+# in words (decoding) and once in C (here), cross-checked by tests/test_put_encoded.py.
+
+cdef bint utf8_valid(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    """Well-formed UTF-8 as Python decodes it: no overlong forms, surrogates or code points past U+10FFFF."""
+    cdef Py_ssize_t i = 0
+    cdef uint8_t b, b1
+    while i < n:
+        b = s[i]
+        if b < 0x80:
+            i += 1
+            continue
+        if 0xC2 <= b <= 0xDF:
+            if i + 1 >= n or (s[i + 1] & 0xC0) != 0x80:
+                return False
+            i += 2
+        elif 0xE0 <= b <= 0xEF:
+            if i + 2 >= n or (s[i + 2] & 0xC0) != 0x80:
+                return False
+            b1 = s[i + 1]
+            if b == 0xE0:
+                if not 0xA0 <= b1 <= 0xBF:
+                    return False
+            elif b == 0xED:
+                if not 0x80 <= b1 <= 0x9F:
+                    return False
+            elif (b1 & 0xC0) != 0x80:
+                return False
+            i += 3
+        elif 0xF0 <= b <= 0xF4:
+            if i + 3 >= n or (s[i + 2] & 0xC0) != 0x80 or (s[i + 3] & 0xC0) != 0x80:
+                return False
+            b1 = s[i + 1]
+            if b == 0xF0:
+                if not 0x90 <= b1 <= 0xBF:
+                    return False
+            elif b == 0xF4:
+                if not 0x80 <= b1 <= 0x8F:
+                    return False
+            elif (b1 & 0xC0) != 0x80:
+                return False
+            i += 4
+        else:
+            return False
+    return True
+
+
+cdef inline bint utf8_text(Span s, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """span_utf8's rule: lo..hi bytes of valid UTF-8."""
+    return lo <= s.size <= hi and utf8_valid(s.data, s.size)
+
+
+cdef inline bint canonical_number(double v) noexcept nogil:
+    """canonical_f32's rule: not NaN, not negative zero."""
+    return not isnan(v) and not (v == 0 and signbit(v))
+
+
+cdef int compare_ids(const void* a, const void* b) noexcept nogil:
+    return memcmp((<const uint8_t**>a)[0], (<const uint8_t**>b)[0], ID_SIZE)
+
+
+cdef bint distinct_ids(const uint8_t* ids, Py_ssize_t count) noexcept nogil:
+    """No ID of ids[0:count * ID_SIZE] is listed twice (sorted pointers, neighbours compared)."""
+    cdef const uint8_t** order
+    cdef Py_ssize_t i
+    cdef bint distinct = True
+    if count < 2:
+        return True
+    order = <const uint8_t**>malloc(count * sizeof(uint8_t*))
+    if order == NULL:
+        return False  # refused: decoding the record then says what it holds
+    for i in range(count):
+        order[i] = ids + i * ID_SIZE
+    qsort(order, count, sizeof(uint8_t*), compare_ids)
+    for i in range(1, count):
+        if memcmp(order[i - 1], order[i], ID_SIZE) == 0:
+            distinct = False
+            break
+    free(order)
+    return distinct
+
+
+cdef bint judge_signers(const RecordFields* f) noexcept nogil:
+    """decode_signers: at most MAX_SIGNERS keys, none listed twice."""
+    cdef Py_ssize_t i, j, count = f.signers.size // KEY_SIZE
+    if count > MAX_SIGNERS:
+        return False
+    for i in range(count):
+        for j in range(i):
+            if memcmp(f.signers.data + i * KEY_SIZE, f.signers.data + j * KEY_SIZE, KEY_SIZE) == 0:
+                return False
+    return True
+
+
+cdef bint judge_object(const AssertionFields* a) noexcept nogil:
+    """decode_object."""
+    cdef double number
+    if a.object_tag == OBJECT_TEXT:
+        return utf8_text(a.value, 0, LIMIT_TEXT)
+    if a.object_tag == OBJECT_NUMBER:
+        number = get_f64(a.value.data)
+        return isfinite(number) and canonical_number(number)
+    if a.object_tag == OBJECT_BOOLEAN:
+        return a.value.data[0] <= 1
+    if a.object_tag == OBJECT_REFERENCE:
+        return utf8_text(a.value, 1, LIMIT_REFERENCE)
+    return a.value.size <= LIMIT_BYTES
+
+
+cdef bint judge_vector(Span vector) noexcept nogil:
+    """decode_vector: 1..LIMIT_VECTOR finite, canonical values."""
+    cdef Py_ssize_t i, n = vector.size // SIZE_F32
+    cdef float value
+    if n < 1 or n > LIMIT_VECTOR:
+        return False
+    for i in range(n):
+        value = get_f32(vector.data + i * SIZE_F32)
+        if not (canonical_number(value) and isfinite(value)):
+            return False
+    return True
+
+
+cdef bint judge_assertion(const AssertionFields* a) noexcept nogil:
+    """decode_assertion."""
+    return (utf8_text(a.subject, 1, LIMIT_SUBJECT) and utf8_text(a.predicate, 1, LIMIT_PREDICATE)
+            and judge_object(a)
+            and canonical_number(a.confidence) and 0 <= a.confidence <= 1
+            and a.source_class < SOURCE_CLASSES and a.lifecycle < LIFECYCLES
+            and not (a.optional_mask & OPTIONAL_RESERVED)
+            and (a.vector.data == NULL or judge_vector(a.vector)))
+
+
+cdef bint judge_vote(const VoteFields* v) noexcept nogil:
+    """decode_vote."""
+    return canonical_number(v.weight) and isfinite(v.weight)
+
+
+cdef bint judge_epoch(const EpochFields* e) noexcept nogil:
+    """decode_epoch."""
+    cdef Py_ssize_t count = e.supersedes.size // ID_SIZE
+    return (utf8_text(e.name, 1, LIMIT_EPOCH_NAME) and utf8_text(e.description, 0, LIMIT_DESCRIPTION)
+            and e.supersession_kind < SUPERSESSION_KINDS and count <= LIMIT_SUPERSEDES
+            and distinct_ids(e.supersedes.data, count))
+
+
+cdef bint judge_envelope(const RecordFields* f) noexcept nogil:
+    """decode_envelope: one signer, 1..LIMIT_MEMBERS members."""
+    cdef Py_ssize_t count = f.fields.envelope.members.size // ID_SIZE
+    return f.signers.size == KEY_SIZE and 1 <= count <= LIMIT_MEMBERS
+
+
+cdef bint judge_proof(const RecordFields* f) noexcept nogil:
+    """decode_proof: 1..signer-count signatures in ascending signer order; no envelope for an envelope."""
+    cdef const ProofFields* proof = &f.proof
+    cdef Py_ssize_t i, count, signers = f.signers.size // KEY_SIZE
+    cdef int index, last_index = -1
+    if proof.kind == PROOF_SIGNATURES:
+        count = signature_count(proof)
+        if count < 1 or count > signers:
+            return False
+        for i in range(count):
+            index = signature_index(proof, i)
+            if index <= last_index or index >= signers:
+                return False
+            last_index = index
+    elif proof.kind == PROOF_ENVELOPE:
+        return f.kind != KIND_ENVELOPE
+    return True
+
+
+cdef bint judge_record(const RecordFields* f) noexcept nogil:
+    """Every rule decode_at applies to a record whose walk succeeded."""
+    if not judge_signers(f):
+        return False
+    if f.kind == KIND_ASSERTION:
+        if not judge_assertion(&f.fields.assertion):
+            return False
+    elif f.kind == KIND_VOTE:
+        if not judge_vote(&f.fields.vote):
+            return False
+    elif f.kind == KIND_EPOCH:
+        if not judge_epoch(&f.fields.epoch):
+            return False
+    elif not judge_envelope(f):
+        return False
+    return judge_proof(f)
+
+
+cdef void refuse_record(const uint8_t* data, Py_ssize_t length, Py_ssize_t index) except *:
+    """Raise the InvalidRecord decode_many would raise for record `index` (judge_record refused it)."""
+    cdef Py_ssize_t consumed = 0
+    if length == 0:
+        raise InvalidRecord(f"record {index}: empty")
+    try:
+        decode_at(data, length, &consumed)
+    except InvalidRecord as exc:
+        raise InvalidRecord(f"record {index}: {exc}") from None
+    if consumed != length:
+        raise InvalidRecord(f"record {index}: trailing bytes: {length - consumed} after the proof")
+    raise InvalidRecord(f"record {index}: refused by the canonical checks, but it decodes "
+                        "(a bug: please report it with the record's bytes)")
+
+
+def validate_many(buffer, offsets):
+    """Check the encoded records at buffer[offsets[i]:offsets[i+1]] as decode_many would, without objects.
+
+    Returns (ids, columns): the (n, 32) uint8 IDs recomputed from the bytes
+    (BLAKE3 of each content prefix) and the COLUMNS arrays of the records (as
+    extract_columns gives them). Raises InvalidRecord with decode_many's
+    message for the first record decoding would refuse. One walk per
+    record, without the GIL; the IDs and the assertions' keys are hashed in
+    one stm_blake3_many call.
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
+    cdef Py_ssize_t n = offs.shape[0] - 1, i, length
+    cdef const uint8_t* base = &view[0] if view.shape[0] else NOTHING
+    cdef ColumnArrays c
+    cdef dict columns = new_columns(n, &c)
+    ids = np.zeros((n, ID_SIZE), dtype=np.uint8)
+    cdef uint8_t[:, ::1] idv = ids
+    cdef Reader r
+    cdef RecordFields f
+    cdef Py_ssize_t bad = -1, first_key
+    cdef KeyInputs keys
+    cdef uint8_t* digests = NULL
+    if n == 0:
+        return ids, columns
+    # inputs 0..n-1 are the records' contents (their IDs), then the assertions' keys
+    alloc_key_inputs(&keys, n, KEYS_PER_RECORD + 1)
+    try:
+        keys.count = n
+        with nogil:
+            for i in range(n):
+                length = offs[i + 1] - offs[i]
+                if (length == 0 or not walk_record(&r, &f, base + offs[i], length)
+                        or r.pos != length or not judge_record(&f)):
+                    bad = i
+                    break
+                keys.data[i] = f.content.data
+                keys.sizes[i] = f.content.size
+                fill_columns(&c, i, &f, &keys)
+        if bad >= 0:
+            refuse_record(base + offs[bad], offs[bad + 1] - offs[bad], bad)
+        digests = <uint8_t*>malloc(keys.count * ID_SIZE)
+        if digests == NULL:
+            raise MemoryError()
+        with nogil:
+            stm_blake3_many(keys.data, keys.sizes, keys.count, digests)
+            memcpy(&idv[0, 0], digests, n * ID_SIZE)
+            fill_keys(&c, n, &keys, digests)
+    finally:
+        free_key_inputs(&keys)
+        free(digests)
+    return ids, columns
+
+
+def signature_entries(buffer, offsets, rows):
+    """The signatures carried by the records rows[j] of buffer/offsets, for verifying them.
+
+    Returns (keys, signatures, owner, complete): for every signature of every
+    record, its signer's key ((m, 32) uint8), the signature ((m, 64) uint8)
+    and the position j of its record in `rows`; and per record j whether
+    every one of its declared signers (at least one) has a signature. The
+    records must have passed validate_many (or come from encode_many); one
+    whose header or proof does not walk raises InvalidRecord naming it.
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
+    cdef const int64_t[::1] chosen = np.ascontiguousarray(rows, dtype=np.int64)
+    cdef Py_ssize_t n = offs.shape[0] - 1, count = chosen.shape[0], j, k, row, total = 0
+    cdef Py_ssize_t signers, at = 0, signed
+    cdef const uint8_t* base = &view[0] if view.shape[0] else NOTHING
+    cdef Reader r
+    cdef RecordFields f
+    cdef uint8_t index
+    for j in range(count):
+        row = chosen[j]
+        if row < 0 or row >= n:
+            raise ValueError(f"rows[{j}] = {row} is not a record of the batch")
+        if not walk_header(&r, &f, base + offs[row], offs[row + 1] - offs[row]) or not walk_proof(&r, &f):
+            raise InvalidRecord(f"record {row}: {parse_failure(&r)}")
+        if f.proof.kind == PROOF_SIGNATURES:
+            total += signature_count(&f.proof)
+    keys = np.zeros((total, KEY_SIZE), dtype=np.uint8)
+    signatures = np.zeros((total, SIGNATURE_SIZE), dtype=np.uint8)
+    owner = np.zeros(total, dtype=np.int64)
+    complete = np.zeros(count, dtype=np.bool_)
+    cdef uint8_t[:, ::1] kv = keys
+    cdef uint8_t[:, ::1] sv = signatures
+    cdef int64_t[::1] ov = owner
+    cdef uint8_t[::1] cv = complete.view(np.uint8)
+    for j in range(count):
+        row = chosen[j]
+        walk_header(&r, &f, base + offs[row], offs[row + 1] - offs[row])
+        walk_proof(&r, &f)
+        signers = f.signers.size // KEY_SIZE
+        signed = 0
+        if f.proof.kind == PROOF_SIGNATURES:
+            for k in range(signature_count(&f.proof)):
+                index = signature_index(&f.proof, k)
+                if index >= signers:
+                    raise InvalidRecord(f"record {row}: signatures: signer index {index} is not "
+                                        f"below the signer count {signers}")
+                if index == signed:     # ascending indices: each signer in turn
+                    signed += 1
+                memcpy(&kv[at, 0], f.signers.data + index * KEY_SIZE, KEY_SIZE)
+                memcpy(&sv[at, 0], signature_bytes(&f.proof, k), SIGNATURE_SIZE)
+                ov[at] = j
+                at += 1
+        cv[j] = signers > 0 and signed == signers
+    return keys, signatures, owner, complete
+
+
+def record_heads(buffer, offsets):
+    """(kinds, first signer keys) of the encoded records: only their headers are read.
+
+    kinds is uint8 (RecordKind), first signer keys an (n, 32) uint8 array
+    (zeros for a record without signers). For a server's admission checks
+    (quotas, the kind a request allows) before the records are validated;
+    a header that does not parse raises InvalidRecord naming the record.
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
+    cdef Py_ssize_t n = offs.shape[0] - 1, i, length
+    cdef const uint8_t* base = &view[0] if view.shape[0] else NOTHING
+    cdef Reader r
+    cdef RecordFields f
+    kinds = np.zeros(n, dtype=np.uint8)
+    signers = np.zeros((n, KEY_SIZE), dtype=np.uint8)
+    cdef uint8_t[::1] kv = kinds
+    cdef uint8_t[:, ::1] sv = signers
+    for i in range(n):
+        length = offs[i + 1] - offs[i]
+        if length == 0:
+            raise InvalidRecord(f"record {i}: empty")
+        if not walk_header(&r, &f, base + offs[i], length):
+            raise InvalidRecord(f"record {i}: {parse_failure(&r)}")
+        kv[i] = f.kind
+        if f.signers.size:
+            memcpy(&sv[i, 0], f.signers.data, KEY_SIZE)
+    return kinds, signers
 
 
 def envelope_proofs(buffer, offsets):

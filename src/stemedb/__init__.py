@@ -6,8 +6,9 @@ classes, all exported here.
 """
 
 from stemedb.client import connect, connect_async
-from stemedb.engine import Database, FileLayer, VerifyReport, Writer
-from stemedb.engine import open as open  # noqa: A004 - stemedb.open(path) is the API
+from stemedb.database import Database
+from stemedb.database import open as open  # noqa: A004 - stemedb.open(path) is the API
+from stemedb.engine import FileLayer, VerifyReport, Writer
 from stemedb.errors import (
     AuthError,
     AuthRequired,

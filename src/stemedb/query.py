@@ -17,32 +17,51 @@ keys are 64-bit hashes: the decoded winner's subject and predicate are
 compared with the query's, and on a mismatch the candidates are confirmed
 one by one on their decoded records and the lens runs again.
 
+The store is read only through `db.view` (engine/view.py): consistent
+snapshots of the column arrays, posting lists, records by number. What a
+query sees ends at the query state's `visible` count (lenses/_state.py):
+the records whose write notification the query layer has processed.
+
 Resource handling: audit entries are appended to `audit.log` in the data
-directory through the Database's FileLayer (open, append, fdatasync, close
-per entry). Error handling: bad arguments raise ValueError / TypeError
-naming the parameter; a closed store raises StemeError; damaged records
-raise CorruptionError from the engine.
+directory (`db.side_file`: open, append, fdatasync, close per entry). The
+numba kernels are compiled (or loaded from numba's cache) on the first use
+of the query engine in a process, or by `warm_up()` (the server calls it at
+start). Error handling: bad arguments raise ValueError / TypeError naming
+the parameter; a closed store raises StemeError; damaged records raise
+CorruptionError from the engine.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 
 from stemedb import _codec
+from stemedb.engine.database import Database
 from stemedb.lenses import Lens, _kernels, get_lens
-from stemedb.lenses._state import QueryState, state_of
-from stemedb.lenses.base import HALF_LIVES, Candidates, Context, Filters, Outcome, conflict_score
+from stemedb.lenses._state import KeyIndex, QueryState, state_of
+from stemedb.lenses.base import (
+    HALF_LIVES,
+    Candidates,
+    Context,
+    EpochSpec,
+    Filters,
+    LensSpec,
+    LifecycleSpec,
+    Outcome,
+    conflict_score,
+)
 from stemedb.lenses.simple import Confidence, Recency
 from stemedb.lenses.weighted import Consensus
-from stemedb.records import Lifecycle, RecordKind, Ref, Signer
+from stemedb.records import Assertion, Lifecycle, ObjectValue, RecordKind, Ref, Signer
+
+AgentSpec: TypeAlias = "str | bytes | bytearray | memoryview | Signer | None"
 
 __all__ = [
     "Resolution", "Contribution", "PairConflict", "MaterializedView",
@@ -66,9 +85,10 @@ _warm_done = threading.Event()
 def warm_up(*, background: bool = False) -> None:
     """Compile (or load from numba's cache) every kernel, once per process.
 
-    Call at open so the first query does not pay the JIT. `background=True`
-    starts it in a daemon thread and returns at once; a query that arrives
-    before it finishes waits for it.
+    The first query of a process calls it (and waits); a server calls it at
+    start so that no client query pays the JIT. `background=True` starts it
+    in a daemon thread and returns at once; a query that arrives before it
+    finishes waits for it.
     """
     global _warm_started
     with _warm_lock:
@@ -113,12 +133,13 @@ class Contribution(NamedTuple):
 
 
 class _ContributionSource:
-    """What it takes to build the contributions later: the store, rows and weights."""
+    """What it takes to build the contributions later: the query's snapshot, rows and weights."""
 
-    __slots__ = ("db", "rows", "weights", "winner_object")
+    __slots__ = ("context", "rows", "weights", "winner_object")
 
-    def __init__(self, db: Any, rows: np.ndarray, weights: np.ndarray, winner_object: int | None) -> None:
-        self.db = db
+    def __init__(self, context: Context, rows: np.ndarray, weights: np.ndarray,
+                 winner_object: int | None) -> None:
+        self.context = context
         self.rows = rows
         self.weights = weights
         self.winner_object = winner_object
@@ -126,17 +147,16 @@ class _ContributionSource:
     def build(self) -> list[Contribution]:
         if not len(self.rows):
             return []
-        with self.db._state_lock:
-            arrays = self.db.state.columns.arrays
-            timestamps = arrays["timestamp"][self.rows]
-            ids = arrays["id"][self.rows]
-            objects = arrays["object"][self.rows]
+        arrays = self.context.arrays
+        timestamps = arrays["timestamp"][self.rows]
+        ids = arrays["id"][self.rows]
+        objects = arrays["object"][self.rows]
         # weight desc, then latest, then lowest ID (IDs are unique: a total order)
         id_order = np.lexsort(ids.T[::-1])
         rank = np.empty(len(id_order), dtype=np.int64)
         rank[id_order] = np.arange(len(id_order))
         order = np.lexsort((rank, -timestamps.astype(np.float64), -self.weights))
-        records = self.db.records_at(self.rows[order])
+        records = self.context.assertions(self.rows[order])
         return [Contribution(record.id, float(self.weights[i]), record.lifecycle, record.source_hash,
                              self.winner_object is not None and int(objects[i]) == self.winner_object)
                 for i, record in zip(order.tolist(), records)]
@@ -157,7 +177,7 @@ class Resolution:
                  "candidates_count", "filters", "_analysis", "_contributions", "_source",
                  "_recompute")
 
-    def __init__(self, subject: str, predicate: str | None, lens: str, winner: Any,
+    def __init__(self, subject: str, predicate: str | None, lens: str, winner: Assertion | None,
                  confidence: float, conflict_score: float, candidates_count: int, *,
                  analysis: Any = None, contributions: list[Contribution] | None = None,
                  filters: Filters | None = None, source: _ContributionSource | None = None,
@@ -197,7 +217,7 @@ class Resolution:
         return self._contributions
 
     @property
-    def value(self) -> Any:
+    def value(self) -> ObjectValue | None:
         """The winner's object, or None."""
         return self.winner.object if self.winner is not None else None
 
@@ -231,15 +251,18 @@ def _short(value: Any) -> str:
 
 # ---------------------------------------------------------------- planning
 
-def _context(db: Any, state: QueryState, filters: Filters) -> Context:
-    db._check_open()
-    with db._state_lock:
-        count = db.state.count
-        arrays = dict(db.state.columns.arrays)
-    return Context(db, state, count, arrays, filters)
+def _context(db: Database, state: QueryState, filters: Filters) -> Context:
+    snapshot = state.snapshot(db)
+    return Context(db, state, snapshot.count, snapshot.arrays, filters)
 
 
-def _key_rows(context: Context, index: Any, key: int) -> tuple[np.ndarray, int]:
+def _as_assertion(record: _codec.Record) -> Assertion:
+    if not isinstance(record, Assertion):
+        raise TypeError(f"expected an assertion, got a {type(record).__name__}")
+    return record
+
+
+def _key_rows(context: Context, index: KeyIndex, key: int) -> tuple[np.ndarray, int]:
     """(record numbers of the assertions with this key, unfiltered and ascending; key flags)."""
     a = context.arrays
     levels, scan_lo = index.snapshot(a, context.count)
@@ -317,7 +340,7 @@ def _confirmed(context: Context, raw: np.ndarray, subject: str, predicate: str |
     """The slow path after a key collision: keep the records whose fields really match."""
     keep = []
     epoch = context.filters.epoch
-    for row, record in zip(raw.tolist(), context.records(raw)):
+    for row, record in zip(raw.tolist(), context.assertions(raw)):
         if getattr(record, "subject", None) != subject:
             continue
         if predicate is not None and record.predicate != predicate:
@@ -328,27 +351,29 @@ def _confirmed(context: Context, raw: np.ndarray, subject: str, predicate: str |
     return _filter(context, np.array(keep, dtype=np.int64), 0, 0)
 
 
-def _matches(record: Any, subject: str, predicate: str | None, filters: Filters) -> bool:
+def _matches(record: _codec.Record, subject: str, predicate: str | None, filters: Filters) -> bool:
+    if not isinstance(record, Assertion):
+        return False
     if record.subject != subject or (predicate is not None and record.predicate != predicate):
         return False
     return filters.epoch is None or record.epoch == filters.epoch
 
 
 def _resolve(context: Context, lens: Lens, outcome: Outcome, subject: str, predicate: str | None,
-             confirm: Callable[[], np.ndarray]) -> tuple[Outcome, Any]:
+             confirm: Callable[[], np.ndarray]) -> tuple[Outcome, Assertion | None]:
     """Decode the winner of `outcome`; on a key collision, confirm the candidates and rerun."""
     row = outcome.winner_row
     if row is None:
         return outcome, None
-    winner = context.records([row])[0]
+    winner = context.assertions([row])[0]
     if _matches(winner, subject, predicate, context.filters):
         return outcome, winner
     outcome = lens.resolve(Candidates(context, confirm()))
     row = outcome.winner_row
-    return outcome, (context.records([row])[0] if row is not None else None)
+    return outcome, (context.assertions([row])[0] if row is not None else None)
 
 
-def _resolution(context: Context, lens: Lens, outcome: Outcome, winner: Any, subject: str,
+def _resolution(context: Context, lens: Lens, outcome: Outcome, winner: Assertion | None, subject: str,
                 predicate: str | None) -> Resolution:
     candidates = outcome.candidates
     conflict = outcome.conflict_score
@@ -357,7 +382,7 @@ def _resolution(context: Context, lens: Lens, outcome: Outcome, winner: Any, sub
     winner_object = None
     if outcome.winner is not None:
         winner_object = int(context.arrays["object"][candidates.rows[outcome.winner]])
-    source = _ContributionSource(context.db, candidates.rows,
+    source = _ContributionSource(context, candidates.rows,
                                  np.asarray(outcome.weights, dtype=np.float64), winner_object)
     return Resolution(subject, predicate, lens.describe(), winner, _unit(outcome.confidence),
                       _unit(conflict), len(candidates), analysis=outcome.analysis,
@@ -385,7 +410,8 @@ def _compute_pair(context: Context, lens: Lens, subject: str, predicate: str
 
 def _resolve_pair(context: Context, lens: Lens, subject: str, predicate: str) -> Resolution:
     views = context.state.views
-    view = views.get(lens.key()) if views and context.filters.is_default else None
+    found = views.get(lens.key()) if views and context.filters.is_default else None
+    view = found if isinstance(found, MaterializedView) else None
     if view is not None:
         served = view.serve(context, subject, predicate)
         if served is not None:
@@ -418,7 +444,7 @@ def _resolve_subject(context: Context, lens: Lens, subject: str) -> dict[str, Re
         sample = winner
         if sample is None:
             rows = outcome.candidates.rows if len(outcome.candidates) else cand
-            sample = context.records(rows[:1])[0]
+            sample = context.assertions(rows[:1])[0]
         if sample.subject != subject:
             continue
         out[sample.predicate] = _resolution(context, lens, outcome, winner, subject, sample.predicate)
@@ -435,7 +461,7 @@ def _resolve_fixed(context: Context, lens: Lens, subject: str, predicate: str | 
     parts = [_pair_candidates(context, subject, name) for name in names]
     cand = np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
     outcome = lens.resolve(Candidates(context, cand))
-    winner = context.records([outcome.winner_row])[0] if outcome.winner_row is not None else None
+    winner = context.assertions([outcome.winner_row])[0] if outcome.winner_row is not None else None
     return _resolution(context, lens, outcome, winner, subject, predicate)
 
 
@@ -448,10 +474,10 @@ def _check_names(subject: Any, predicate: Any) -> None:
 
 # ------------------------------------------------------------------ the API
 
-def query(db: Any, subject: str, predicate: str | None = None, *, lens: Any = "recency",
-          lifecycle: Any = "any", epoch: Any = None, as_of: int | None = None, decay: bool = False,
-          now: int | None = None, audit: bool = False, agent: Any = None
-          ) -> Resolution | dict[str, Resolution]:
+def query(db: Database, subject: str, predicate: str | None = None, *, lens: LensSpec = "recency",
+          lifecycle: LifecycleSpec = "any", epoch: EpochSpec = None, as_of: int | None = None,
+          decay: bool = False, now: int | None = None, audit: bool = False,
+          agent: AgentSpec = None) -> Resolution | dict[str, Resolution]:
     """Resolve what the store says about `subject` / `predicate` through `lens`.
 
     lens: a name ("recency", "confidence", "consensus", "vote_consensus",
@@ -481,12 +507,12 @@ def query(db: Any, subject: str, predicate: str | None = None, *, lens: Any = "r
     else:
         result = _resolve_pair(context, chosen, subject, predicate)
     if audit:
-        _write_audit(db, context.state, agent, subject, predicate, chosen, filters, result)
+        _write_audit(db, agent, subject, predicate, chosen, filters, result)
     return result
 
 
-def query_many(db: Any, pairs: Iterable[tuple[str, str]], *, lens: Any = "recency",
-               lifecycle: Any = "any", epoch: Any = None, as_of: int | None = None,
+def query_many(db: Database, pairs: Iterable[tuple[str, str]], *, lens: LensSpec = "recency",
+               lifecycle: LifecycleSpec = "any", epoch: EpochSpec = None, as_of: int | None = None,
                decay: bool = False, now: int | None = None) -> list[Resolution]:
     """`query` for many (subject, predicate) pairs over one snapshot of the store (in order).
 
@@ -530,7 +556,7 @@ def _resolve_batch(context: Context, lens: Lens, pairs: list[tuple[str, str]]) -
     f = context.filters
     winners, shares, scores, sizes = _batch_kernel(context, lens, pairs)
     found = winners >= 0
-    decoded = iter(context.records(winners[found]))
+    decoded = iter(context.assertions(winners[found]))
     name = lens.describe()
     out = []
     for j, (subject, predicate) in enumerate(pairs):
@@ -571,14 +597,15 @@ class EncodedResolutions:
     def encoded(self, index: int) -> bytes:
         return self.blob[self.offsets[index]:self.offsets[index + 1]]
 
-    def winner(self, index: int) -> Any:
+    def winner(self, index: int) -> Assertion | None:
         """The decoded winner of pair `index`, or None."""
-        return _codec.decode(self.encoded(index)) if self.found[index] else None
+        return _as_assertion(_codec.decode(self.encoded(index))) if self.found[index] else None
 
 
-def query_encoded(db: Any, pairs: Iterable[tuple[str, str]], *, lens: Any = "recency",
-                  lifecycle: Any = "any", epoch: Any = None, as_of: int | None = None,
-                  decay: bool = False, now: int | None = None) -> EncodedResolutions:
+def query_encoded(db: Database, pairs: Iterable[tuple[str, str]], *, lens: LensSpec = "recency",
+                  lifecycle: LifecycleSpec = "any", epoch: EpochSpec = None,
+                  as_of: int | None = None, decay: bool = False,
+                  now: int | None = None) -> EncodedResolutions:
     """Resolve many (subject, predicate) pairs; winners stay encoded (no decoding).
 
     Recency, Confidence and Consensus run as one kernel call over all pairs.
@@ -598,8 +625,7 @@ def query_encoded(db: Any, pairs: Iterable[tuple[str, str]], *, lens: Any = "rec
     else:
         results = query_many(db, pairs, lens=chosen, lifecycle=lifecycle, epoch=epoch, as_of=as_of,
                              decay=decay, now=now)
-        with db._state_lock:
-            rows = db.state.lookup_many(_id_rows([r.winner.id for r in results if r.winner]))
+        rows = db.view.lookup(_id_rows([r.winner.id for r in results if r.winner]))
         winners = np.full(len(results), -1, dtype=np.int64)
         winners[[i for i, r in enumerate(results) if r.winner is not None]] = rows
         shares = np.array([r.confidence for r in results], dtype=np.float64)
@@ -609,7 +635,7 @@ def query_encoded(db: Any, pairs: Iterable[tuple[str, str]], *, lens: Any = "rec
     found = winners >= 0
     winner_ids = np.zeros((len(pairs), 32), dtype=np.uint8)
     winner_ids[found] = context.arrays["id"][winners[found]]
-    blob, offsets, _ = db.get_encoded_many(winner_ids[found])
+    blob, offsets = context.gather(winners[found])
     full = np.zeros(len(pairs) + 1, dtype=np.int64)
     full[1:][found] = np.diff(offsets)
     return EncodedResolutions(found, winner_ids, np.minimum(np.maximum(shares, 0.0), 1.0),
@@ -641,8 +667,8 @@ class PairConflict:
                 "claims_count": self.claims_count}
 
 
-def conflicts(db: Any, top: int | None = None, *, lifecycle: Any = "any", as_of: int | None = None,
-              min_score: float = 0.0) -> list[PairConflict]:
+def conflicts(db: Database, top: int | None = None, *, lifecycle: LifecycleSpec = "any",
+              as_of: int | None = None, min_score: float = 0.0) -> list[PairConflict]:
     """Every (subject, predicate) whose claims disagree, most contested first.
 
     The conflict score is the Skeptic / Consensus one (normalised entropy of
@@ -664,13 +690,13 @@ def conflicts(db: Any, top: int | None = None, *, lifecycle: Any = "any", as_of:
     order = keep[np.lexsort((level.keys[keep], -sizes[keep], -scores[keep]))]
     if top is not None:
         order = order[:top]
-    records = context.records(sample[order])
+    records = context.assertions(sample[order])
     return [PairConflict(record.subject, record.predicate, float(scores[i]), int(sizes[i]),
                          int(claims[i]))
             for i, record in zip(order.tolist(), records)]
 
 
-def trust_ranks(db: Any) -> dict[str, float]:
+def trust_ranks(db: Database) -> dict[str, float]:
     """Trust rank per agent with one (key: first 8 bytes of the agent's public key, hex).
 
     Agents absent from the result have the starting rank, 0.5.
@@ -695,9 +721,8 @@ class MaterializedView:
     `db.query(s, p, lens=...)` with default filters answers from the view.
     """
 
-    def __init__(self, db: Any, state: QueryState, lens: Lens) -> None:
+    def __init__(self, state: QueryState, lens: Lens) -> None:
         self.lens = lens
-        self._db_path = db.path
         self._state = state
         self._lock = threading.Lock()
         # pair key -> (winner record or -1, confidence, conflict, candidates, store count it was
@@ -715,7 +740,7 @@ class MaterializedView:
     def dirty_pairs(self) -> int:
         return len(self._dirty)
 
-    def refresh(self, db: Any) -> None:
+    def refresh(self, db: Database) -> None:
         """Recompute every pair (also clears `stale`)."""
         with self._lock:
             self._ready = False
@@ -763,8 +788,9 @@ class MaterializedView:
                             len(outcome.candidates), context.count)
         return entries
 
-    # called by the QueryState's write listener, under the engine's state lock
-    def on_write(self, recnos: np.ndarray, columns: dict[str, np.ndarray], assertions: np.ndarray) -> None:
+    # called by the QueryState's write listener (after each durable batch, before it is visible)
+    def on_write(self, recnos: np.ndarray, columns: Mapping[str, np.ndarray],
+                 assertions: np.ndarray) -> None:
         reads = self.lens.dependencies()
         kind = columns["kind"]
         if (("trust" in reads and assertions.any()) or ("votes" in reads and (kind == RecordKind.VOTE).any())
@@ -787,7 +813,7 @@ class MaterializedView:
         if entry is None:
             entry = (-1, 0.0, 0.0, 0, 0)
         row, confidence, conflict, count, _ = entry
-        winner = context.records([row])[0] if row >= 0 else None
+        winner = context.assertions([row])[0] if row >= 0 else None
         if winner is not None and not _matches(winner, subject, predicate, context.filters):
             return None
         lens = self.lens
@@ -823,7 +849,7 @@ class MaterializedView:
                 f"{' stale' if self.stale else ''}>")
 
 
-def materialize(db: Any, lens: Any) -> MaterializedView:
+def materialize(db: Database, lens: LensSpec) -> MaterializedView:
     """Cache the winner of every (subject, predicate) under `lens`; returns the view.
 
     Materialising the same lens again rebuilds its view. Queries with that
@@ -835,20 +861,19 @@ def materialize(db: Any, lens: Any) -> MaterializedView:
         raise ValueError(f"materialize: the {chosen.name} lens is per subject, not per pair")
     state = state_of(db)
     key: Hashable = chosen.key()
-    view = state.views.get(key)
+    found = state.views.get(key)
+    view = found if isinstance(found, MaterializedView) else None
     if view is None:
-        view = MaterializedView(db, state, chosen)
-        with db._state_lock:  # registered before the snapshot: no write can slip between
-            state.views[key] = view
+        view = MaterializedView(state, chosen)
+        # registered before the snapshot it is built from: no write can slip between
+        state.register_view(key, view)
     view.refresh(db)
-    return view  # type: ignore[no-any-return]
+    return view
 
 
-def drop_view(db: Any, lens: Any) -> bool:
+def drop_view(db: Database, lens: LensSpec) -> bool:
     """Forget the materialised view of `lens`; True if there was one."""
-    state = state_of(db)
-    with db._state_lock:
-        return state.views.pop(get_lens(lens).key(), None) is not None
+    return state_of(db).drop_view(get_lens(lens).key())
 
 
 # ---------------------------------------------------------------- printing
@@ -921,7 +946,7 @@ def _render_resolution(r: Resolution, contributions: int) -> str:
 
 # ------------------------------------------------------------------- audit
 
-def _agent_name(agent: Any) -> str | None:
+def _agent_name(agent: AgentSpec) -> str | None:
     if agent is None:
         return None
     if isinstance(agent, Signer):
@@ -954,7 +979,7 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def _write_audit(db: Any, state: QueryState, agent: Any, subject: str, predicate: str | None,
+def _write_audit(db: Database, agent: AgentSpec, subject: str, predicate: str | None,
                  lens: Lens, filters: Filters, result: Resolution | dict[str, Resolution]) -> None:
     if isinstance(result, dict):
         results = {name: _audit_result(r) for name, r in result.items()}
@@ -963,40 +988,23 @@ def _write_audit(db: Any, state: QueryState, agent: Any, subject: str, predicate
     entry = {"v": AUDIT_VERSION, "at": time.time_ns() // 1000, "agent": _agent_name(agent),
              "subject": subject, "predicate": predicate, "lens": lens.describe(),
              "filters": filters.as_dict(), "results": results}
-    data = (json.dumps(entry, separators=(",", ":"), sort_keys=True) + "\n").encode()
-    path = os.path.join(db.path, AUDIT_FILE)
-    files = db.files
-    with state.audit_lock:
-        created = not files.exists(path)
-        fd = files.open(path, create=created)
-        try:
-            size = files.size(fd)
-            if size and files.read(fd, 1, size - 1) != b"\n":
-                data = b"\n" + data  # a torn last line (crash mid-append) stays on its own line
-            files.pwrite(fd, data, size)
-            files.fdatasync(fd)
-        finally:
-            files.close(fd)
-        if created:
-            files.fsync_dir(db.path)
+    db.side_file(AUDIT_FILE).append((json.dumps(entry, separators=(",", ":"), sort_keys=True)
+                                     + "\n").encode())
 
 
-def audit_log(db: Any, agent: Any = None, since: int | None = None, limit: int | None = 100
-              ) -> list[dict[str, Any]]:
+def audit_log(db: Database, agent: AgentSpec = None, since: int | None = None,
+              limit: int | None = 100) -> list[dict[str, Any]]:
     """Audit entries, oldest first: the last `limit` (None: all) by `agent`, at or after `since` µs.
 
     Each entry is the JSON object written by `query(..., audit=True)` (see
     docs/query.md). A torn last line (a crash during an append) is skipped.
     """
-    db._check_open()
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit: expected a count >= 0 or None, got {limit!r}")
-    path = os.path.join(db.path, AUDIT_FILE)
-    if not db.files.exists(path):
-        return []
+    lines = db.side_file(AUDIT_FILE).lines()
     name = _agent_name(agent)
     out = []
-    for line in db.files.read_file(path).splitlines():
+    for line in lines:
         try:
             entry = json.loads(line)
         except ValueError:

@@ -3,15 +3,16 @@
 Owns: the queue of pending writes, leader election (the LevelDB way: the
 first waiting writer becomes the leader, takes everything queued, writes it,
 syncs once, then wakes everyone it served), batch-size and fsync-latency
-metrics, and the poisoned state after a failed sync. Must never: acknowledge a
+metrics, and the poisoned state after a failed sync. What the leader writes
+is engine/writes.py's business: this module only schedules it. Must never: acknowledge a
 write before the fdatasync that covers it returned successfully, or retry a
 failed fsync (after "fsyncgate" a failed fsync means the page cache may
 already have dropped the data).
 
 Error handling: the leader's exception is delivered to every writer of its
-batch, so a writer must have its own input checked before it submits (the
-database does: nothing that depends on one writer's records may fail in the
-leader). A failed write or sync poisons the committer: every later submit
+batch, so a writer must have its own input checked before it submits
+(engine/verify.py and WritePath.check_fits do: nothing that depends on one
+writer's records may fail in the leader). A failed write or sync poisons the committer: every later submit
 raises DurabilityError until the store is closed and reopened.
 """
 
@@ -19,30 +20,24 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
+from typing import Any, Generic, TypeVar
 
 from stemedb.errors import DurabilityError
 
+Work = TypeVar("Work")
 
-class Pending:
-    """One writer's contribution to a group commit.
+
+class Pending(Generic[Work]):
+    """One writer's contribution to a group commit: its work, then its outcome.
 
     A plain slotted class: one is made per write call, so its cost is on the
     hot path of every small durable write.
     """
 
-    __slots__ = ("blob", "offsets", "ids", "records", "signer", "done", "error", "result", "wakeup")
+    __slots__ = ("work", "done", "error", "result", "wakeup")
 
-    def __init__(self, blob: bytes = b"", offsets: np.ndarray | None = None,
-                 ids: np.ndarray | None = None, records: list[Any] | None = None,
-                 signer: Any = None) -> None:
-        self.blob = blob
-        self.offsets = offsets
-        self.ids = ids
-        self.records = records          # a group-signing writer's members, checked and encoded
-        self.signer = signer            # that writer's Signer (ids: the members' IDs)
+    def __init__(self, work: Work) -> None:
+        self.work = work                # what the leader writes for this writer
         self.done = False
         self.error: BaseException | None = None
         self.result: Any = None
@@ -94,13 +89,13 @@ class Metrics:
         }
 
 
-class GroupCommit:
+class GroupCommit(Generic[Work]):
     """Serialises writes into batches; `write_group` does the I/O for one batch."""
 
-    def __init__(self, write_group: Callable[[list[Pending]], None]) -> None:
+    def __init__(self, write_group: Callable[[list[Pending[Work]]], None]) -> None:
         self._write_group = write_group
         self._lock = threading.Lock()
-        self._queue: list[Pending] = []
+        self._queue: list[Pending[Work]] = []
         self._leader_active = False
         self.failure: DurabilityError | None = None
 
@@ -109,7 +104,13 @@ class GroupCommit:
             if self.failure is None:
                 self.failure = error
 
-    def submit(self, pending: Pending) -> Any:
+    def while_healthy(self, action: Callable[[], None]) -> None:
+        """Run `action` unless the committer is poisoned, with no poisoning meanwhile."""
+        with self._lock:
+            if self.failure is None:
+                action()
+
+    def submit(self, pending: Pending[Work]) -> Any:
         """Queue `pending` and return once it is durable (or raise why it is not).
 
         The first writer to find no leader becomes the leader: it takes the
@@ -132,7 +133,7 @@ class GroupCommit:
             raise pending.error
         return pending.result
 
-    def _lead_once(self, pending: Pending) -> None:
+    def _lead_once(self, pending: Pending[Work]) -> None:
         """Serve the whole queue (which includes `pending`), then hand over or step down."""
         with self._lock:
             group, self._queue = self._queue, []
@@ -146,14 +147,15 @@ class GroupCommit:
             else:
                 self._leader_active = False
 
-    def _lead(self, group: list[Pending]) -> None:
+    def _lead(self, group: list[Pending[Work]]) -> None:
+        error: BaseException | None
         if self.failure is not None:
-            error: BaseException = DurabilityError(
+            error = DurabilityError(
                 f"store refuses writes after an earlier failure: {self.failure}")
         else:
             try:
                 self._write_group(group)
-                error = None  # type: ignore[assignment]
+                error = None
             except BaseException as exc:  # delivered to every writer of the batch
                 error = exc
         for pending in group:

@@ -9,7 +9,7 @@ subclassing `Lens` (see docs/query.md).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from stemedb.lenses.base import (
     HALF_LIVES_DAYS,
@@ -18,6 +18,7 @@ from stemedb.lenses.base import (
     Context,
     Filters,
     Lens,
+    LensSpec,
     Outcome,
     claims_of,
     conflict_score,
@@ -49,7 +50,8 @@ __all__ = [
     "claims_of", "conflict_score", "pick", "get_lens", "register", "lens_names",
 ]
 
-_REGISTRY: dict[str, Any] = {}
+LensFactory = Callable[[], Lens]
+_REGISTRY: dict[str, tuple[str, LensFactory]] = {}
 
 
 def _normal(name: str) -> str:
@@ -59,7 +61,7 @@ def _normal(name: str) -> str:
 _BY_NAME: dict[str, Lens] = {}
 
 
-def register(name: str, factory: Any) -> None:
+def register(name: str, factory: LensFactory) -> None:
     """Make `get_lens(name)` (and `db.query(..., lens=name)`) build a lens with `factory()`."""
     _REGISTRY[_normal(name)] = (name, factory)
     _BY_NAME.clear()
@@ -75,7 +77,7 @@ def lens_names() -> list[str]:
     return [name for name, _ in _REGISTRY.values()]
 
 
-def get_lens(spec: Any) -> Lens:
+def get_lens(spec: LensSpec) -> Lens:
     """A Lens from a name, a Lens subclass, or a Lens (returned as is)."""
     if isinstance(spec, Lens):
         return spec

@@ -22,14 +22,23 @@ candidates are int64 record numbers into them.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from numba import njit
 
-# nopython (njit), the GIL released while it runs, compiled code cached on disk next to
-# this module (__pycache__), so a new process loads instead of compiling.
-kernel: Any = njit(nogil=True, cache=True)
+from stemedb.records import RecordKind
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+_compile = njit(nogil=True, cache=True)
+
+
+def kernel(function: Function) -> Function:
+    """nopython (njit), the GIL released while it runs, compiled code cached on disk next to
+    this module (__pycache__), so a new process loads instead of compiling. Typed as the
+    function it wraps, so callers keep its signature."""
+    return _compile(function)  # type: ignore[return-value]
 
 # Lens modes understood by `resolve` and `resolve_all`.
 RECENCY = 0        # latest timestamp, then lowest ID
@@ -43,6 +52,7 @@ DAY_US = 86_400_000_000.0
 NO_LIMIT = np.uint64(0xFFFFFFFFFFFFFFFF)
 FLAG_REVISED = 1              # index key flag: some record of the key has a parent (revisions)
 FLAG_MIXED = 2                # index key flag: its records differ in subject / predicate key
+KIND_VOTE = np.uint8(RecordKind.VOTE)   # the kind column of a Vote (a compile-time constant here)
 
 
 # ----------------------------------------------------------------- helpers
@@ -146,7 +156,7 @@ def csr_rows(key: Any, keys: Any, starts: Any, rows: Any, flags: Any) -> Any:
 def filter_candidates(raw: Any, count: int, flags: int, subject: Any, predicate: Any,
                       subject_key: Any, predicate_key: Any, timestamp: Any, as_of: Any,
                       target: Any, ids: Any, epoch: Any, epoch_key: Any, lifecycle: Any,
-                      lifecycle_mask: int) -> Any:
+                      lifecycle_mask: int) -> np.ndarray:
     """Candidates among raw[:count] (assertion record numbers, ascending).
 
     Steps, in order: confirm the subject / predicate keys (0 = do not check;
@@ -251,7 +261,7 @@ def select_pair(key: Any, base_keys: Any, base_starts: Any, base_rows: Any, base
                 tail_keys: Any, tail_starts: Any, tail_rows: Any, tail_flags: Any, scan_lo: int,
                 scan_hi: int, key_column: Any, subject: Any, predicate: Any, subject_key: Any,
                 predicate_key: Any, timestamp: Any, as_of: Any, target: Any, ids: Any,
-                epoch: Any, epoch_key: Any, lifecycle: Any, lifecycle_mask: int) -> Any:
+                epoch: Any, epoch_key: Any, lifecycle: Any, lifecycle_mask: int) -> np.ndarray:
     """key_rows then filter_candidates, in one call."""
     raw, flags = key_rows(key, base_keys, base_starts, base_rows, base_flags, tail_keys,
                           tail_starts, tail_rows, tail_flags, scan_lo, scan_hi, key_column, target)
@@ -264,7 +274,7 @@ def select_pair(key: Any, base_keys: Any, base_starts: Any, base_rows: Any, base
 
 @kernel
 def effective_confidence(cand: Any, confidence: Any, timestamp: Any, source_class: Any,
-                         decay: bool, now: float, half_lives: Any) -> Any:
+                         decay: bool, now: float, half_lives: Any) -> np.ndarray:
     """confidence x 0.5 ** (age_days / half_life[source_class]) (no decay: the confidence)."""
     n = len(cand)
     out = np.empty(n, dtype=np.float64)
@@ -284,7 +294,7 @@ def effective_confidence(cand: Any, confidence: Any, timestamp: Any, source_clas
 @kernel
 def authority_weights(cand: Any, effective: Any, source_class: Any, signer: Any,
                       multipliers: Any, trust_keys: Any, trust_values: Any,
-                      default_trust: float) -> Any:
+                      default_trust: float) -> np.ndarray:
     """effective confidence x source-class multiplier x trust rank of the signer."""
     out = np.empty(len(cand), dtype=np.float64)
     for i in range(len(cand)):
@@ -299,7 +309,7 @@ def authority_weights(cand: Any, effective: Any, source_class: Any, signer: Any,
 
 @kernel
 def net_votes(cand: Any, flat: Any, offsets: Any, kind: Any, timestamp: Any, as_of: Any,
-              weight: Any, signer: Any, ids: Any) -> Any:
+              weight: Any, signer: Any, ids: Any) -> np.ndarray:
     """Per candidate: the summed weight of the latest vote of each agent, floored at 0.
 
     flat[offsets[i]:offsets[i+1]] are the records whose target is candidate
@@ -315,7 +325,7 @@ def net_votes(cand: Any, flat: Any, offsets: Any, kind: Any, timestamp: Any, as_
         m = 0
         for j in range(lo, hi):
             r = np.int64(flat[j])
-            if kind[r] == 2 and timestamp[r] <= as_of:
+            if kind[r] == KIND_VOTE and timestamp[r] <= as_of:
                 votes[m] = r
                 m += 1
         if m == 0:
@@ -445,7 +455,7 @@ def better_claim(cand: Any, units: Any, latest: Any, timestamp: Any, ids: Any, a
 
 
 @kernel
-def rank_claims(cand: Any, units: Any, latest: Any, timestamp: Any, ids: Any) -> Any:
+def rank_claims(cand: Any, units: Any, latest: Any, timestamp: Any, ids: Any) -> np.ndarray:
     """Claim indices, best first (a merge sort with better_claim)."""
     n = len(units)
     order = np.arange(n)

@@ -4,9 +4,13 @@ Owns: for each open Database, (1) a CSR index of assertion record numbers by
 (subject, predicate) key and by subject key, kept in three levels (base,
 tail, and a short unindexed run of the newest records that queries scan) so
 that writes never wait for it; (2) the cached trust ranks and epoch
-supersession answers, invalidated by generation counters that the engine's
-write listener bumps; (3) the registry of materialised views. Must never:
-write to the store, or hold the engine's state lock while it sorts.
+supersession answers, invalidated by generation counters that its write
+listener bumps; (3) the registry of materialised views; (4) `visible`, the
+record count up to which the listener has seen every batch. Queries read
+only records below `visible`, so a cache or view is never asked about a
+record whose write it has not been told of yet (notifications arrive just
+after the engine indexes a batch, before its writers are acknowledged).
+Must never: write to the store, or read it other than through `db.view`.
 
 Why a second index: the engine's posting lists are linked chains through a
 `prev` array (O(1) append, ~120 ns per entry to walk: a cache miss each), so
@@ -15,24 +19,27 @@ microseconds per query. The CSR levels give them as one contiguous slice.
 Memory: 4 bytes per assertion plus 16 bytes per distinct key, per index.
 
 Resource handling: nothing but memory; the state lives as long as its
-Database (a WeakKeyDictionary entry) and its listener is in the Database's
-write_listeners.
+Database (a WeakKeyDictionary entry), subscribed to its write notifications.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
+from stemedb.engine.view import Snapshot
 from stemedb.lenses import _kernels
-from stemedb.records import RecordKind
+from stemedb.records import Epoch, RecordKind
 
 if TYPE_CHECKING:
+    from stemedb.engine.database import Database
     from stemedb.lenses.base import Context
+
+Arrays = Mapping[str, np.ndarray]
 
 SCAN_MAX = 4096          # newest records a query scans linearly before the tail is rebuilt
 TAIL_MIN = 65536         # the tail is merged into the base above max(TAIL_MIN, base / 8) records
@@ -63,7 +70,7 @@ def empty_level(at: int = 0) -> Level:
 
 
 def _from_sorted(sorted_keys: np.ndarray, rows: np.ndarray, lo: int, hi: int,
-                 arrays: dict[str, np.ndarray], confirm: tuple[str, ...]) -> Level:
+                 arrays: Arrays, confirm: tuple[str, ...]) -> Level:
     if not len(sorted_keys):
         return empty_level(hi)._replace(lo=lo)
     boundaries = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
@@ -73,7 +80,7 @@ def _from_sorted(sorted_keys: np.ndarray, rows: np.ndarray, lo: int, hi: int,
                  _key_flags(arrays, rows, starts, confirm), lo, hi)
 
 
-def _key_flags(arrays: dict[str, np.ndarray], rows: np.ndarray, starts: np.ndarray,
+def _key_flags(arrays: Arrays, rows: np.ndarray, starts: np.ndarray,
                confirm: tuple[str, ...]) -> np.ndarray:
     """Per key: FLAG_REVISED if a record has a parent; FLAG_MIXED if records differ in `confirm`.
 
@@ -91,7 +98,7 @@ def _key_flags(arrays: dict[str, np.ndarray], rows: np.ndarray, starts: np.ndarr
     return flags.astype(np.uint8)
 
 
-def build_level(arrays: dict[str, np.ndarray], column: str, lo: int, hi: int,
+def build_level(arrays: Arrays, column: str, lo: int, hi: int,
                 confirm: tuple[str, ...]) -> Level:
     """The CSR of the non-zero keys of arrays[column][lo:hi]."""
     keys = arrays[column][lo:hi]
@@ -101,7 +108,7 @@ def build_level(arrays: dict[str, np.ndarray], column: str, lo: int, hi: int,
     return _from_sorted(present_keys[order], present[order] + lo, lo, hi, arrays, confirm)
 
 
-def merge_levels(first: Level, second: Level, arrays: dict[str, np.ndarray],
+def merge_levels(first: Level, second: Level, arrays: Arrays,
                  confirm: tuple[str, ...]) -> Level:
     """One level over first.lo..second.hi (second follows first)."""
     if not second.size:
@@ -133,21 +140,21 @@ class KeyIndex:
         self.levels = Levels(empty_level(), empty_level())
         self._lock = threading.Lock()
 
-    def snapshot(self, arrays: dict[str, np.ndarray], count: int) -> tuple[Levels, int]:
+    def snapshot(self, arrays: Arrays, count: int) -> tuple[Levels, int]:
         """(levels, first unindexed record): records [tail.hi, count) must be scanned."""
         levels = self.levels
         if count - levels.tail.hi > SCAN_MAX:
             levels = self._catch_up(arrays, count, full=False)
         return levels, min(levels.tail.hi, count)
 
-    def full(self, arrays: dict[str, np.ndarray], count: int) -> Level:
+    def full(self, arrays: Arrays, count: int) -> Level:
         """One level covering every record below `count` (merging the levels if needed)."""
         levels = self.levels
         if levels.base.hi < count or levels.tail.size:
             levels = self._catch_up(arrays, count, full=True)
         return levels.base
 
-    def _catch_up(self, arrays: dict[str, np.ndarray], count: int, *, full: bool) -> Levels:
+    def _catch_up(self, arrays: Arrays, count: int, *, full: bool) -> Levels:
         with self._lock:
             base, tail = self.levels
             if full and base.hi >= count and not tail.size:
@@ -167,17 +174,24 @@ class KeyIndex:
         return sum(sum(a.nbytes for a in level.arrays) for level in self.levels)
 
 
+class CachedView(Protocol):
+    """What the registry needs of a materialised view (stemedb.query.MaterializedView)."""
+
+    def on_write(self, record_numbers: np.ndarray, columns: Arrays, assertions: np.ndarray) -> None: ...
+
+
 class QueryState:
     """Everything the query layer derives from one store (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, visible: int = 0) -> None:
         self.pairs = KeyIndex("pair", ("subject", "predicate"))
         self.subjects = KeyIndex("subject", ("subject",))
         self.assertion_generation = 0
         self.vote_generation = 0
         self.epoch_generation = 0
-        self.views: dict[Hashable, Any] = {}
-        self.audit_lock = threading.Lock()
+        self.views: dict[Hashable, CachedView] = {}
+        self.visible = visible          # every batch below this count was notified
+        self._notify_lock = threading.Lock()
         self._trust: tuple[int, np.ndarray, np.ndarray] | None = None
         self._trust_lock = threading.Lock()
         self._epochs: tuple[int, dict[tuple[int, int], bool]] = (0, {})
@@ -185,19 +199,44 @@ class QueryState:
         self._links_upto = 0
         self._links_lock = threading.Lock()
 
-    # -- the engine's write listener (called under its state lock after each durable batch)
+    def snapshot(self, db: Database) -> Snapshot:
+        """The store's columns as far as this state has been told of them (see the module doc)."""
+        visible = self.visible       # read first: the engine's count is at least this afterwards
+        snapshot = db.view.snapshot()
+        if snapshot.count > visible:
+            snapshot.count = visible
+        return snapshot
 
-    def on_write(self, recnos: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+    # -- the write listener (engine/view.py: called after each durable batch is indexed)
+
+    def on_write(self, record_numbers: np.ndarray, columns: Arrays) -> None:
         kind = columns["kind"]
         assertions = kind == RecordKind.ASSERTION
-        if assertions.any():
-            self.assertion_generation += 1
-        if (kind == RecordKind.VOTE).any():
-            self.vote_generation += 1
-        if (kind == RecordKind.EPOCH).any():
-            self.epoch_generation += 1
-        for view in list(self.views.values()):
-            view.on_write(recnos, columns, assertions)
+        with self._notify_lock:
+            if assertions.any():
+                self.assertion_generation += 1
+            if (kind == RecordKind.VOTE).any():
+                self.vote_generation += 1
+            if (kind == RecordKind.EPOCH).any():
+                self.epoch_generation += 1
+            for view in list(self.views.values()):
+                view.on_write(record_numbers, columns, assertions)
+            if len(record_numbers):
+                self.visible = max(self.visible, int(record_numbers[-1]) + 1)
+
+    def seen_up_to(self, count: int) -> None:
+        """Every record below `count` is known (the count a subscription started from)."""
+        with self._notify_lock:
+            self.visible = max(self.visible, count)
+
+    def register_view(self, key: Hashable, view: CachedView) -> None:
+        """Add a view; every batch not yet visible will reach it (so none falls between)."""
+        with self._notify_lock:
+            self.views[key] = view
+
+    def drop_view(self, key: Hashable) -> bool:
+        with self._notify_lock:
+            return self.views.pop(key, None) is not None
 
     # -- trust ranks
 
@@ -211,11 +250,9 @@ class QueryState:
             cached = self._trust
             if cached is not None and cached[0] == generation:
                 return cached[1], cached[2]
-            db = context.db
-            with db._state_lock:
-                count = db.state.count
-                arrays = dict(db.state.columns.arrays)
-            keys, values = trust_ranks(self.pairs.full(arrays, count), arrays)
+            snapshot = self.snapshot(context.db)
+            arrays = snapshot.arrays
+            keys, values = trust_ranks(self.pairs.full(arrays, snapshot.count), arrays)
             self._trust = (generation, keys, values)
             return keys, values
 
@@ -235,6 +272,7 @@ class QueryState:
                     kind = context.arrays["kind"][start:context.count]
                     rows = np.flatnonzero(kind == RecordKind.EPOCH) + start
                     for row, epoch in zip(rows.tolist(), context.records(rows)):
+                        assert isinstance(epoch, Epoch), "the kind column says Epoch"
                         for superseded in epoch.supersedes:
                             key = int.from_bytes(superseded[:8], "little")
                             self._links.setdefault(key, []).append(row)
@@ -258,7 +296,7 @@ class QueryState:
         return out
 
 
-def trust_ranks(level: Level, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def trust_ranks(level: Level, arrays: Arrays) -> tuple[np.ndarray, np.ndarray]:
     """FEATURES.md §3: 0.5 + 0.05 per agreeing pair - 0.1 per disagreeing pair, clamped to [0, 1]."""
     signers, marks = _kernels.trust_votes(
         *level.arrays, arrays["timestamp"], arrays["target"], arrays["id"], arrays["lifecycle"],
@@ -314,12 +352,12 @@ def _inverted(data: bytes) -> bytes:
     return bytes(255 - b for b in data)
 
 
-_STATES: weakref.WeakKeyDictionary[Any, QueryState] = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary[Database, QueryState] = weakref.WeakKeyDictionary()
 _STATES_LOCK = threading.Lock()
 
 
-def state_of(db: Any) -> QueryState:
-    """The QueryState of this Database, created (and its write listener registered) on first use."""
+def state_of(db: Database) -> QueryState:
+    """The QueryState of this Database, created (and subscribed to its writes) on first use."""
     found = _STATES.get(db)
     if found is not None:
         return found
@@ -327,7 +365,6 @@ def state_of(db: Any) -> QueryState:
         found = _STATES.get(db)
         if found is None:
             found = QueryState()
-            with db._state_lock:
-                db.write_listeners.append(found.on_write)
+            found.seen_up_to(db.view.subscribe(found.on_write))
             _STATES[db] = found
         return found

@@ -15,18 +15,26 @@ ones use timestamp, then ID). See docs/query.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import numpy as np
 
 from stemedb import _codec
+from stemedb._codec import Record
 from stemedb.lenses import _kernels
-from stemedb.records import Lifecycle, SourceClass
+from stemedb.records import Assertion, Epoch, Lifecycle, SourceClass
 
 if TYPE_CHECKING:
+    from stemedb.engine.database import Database
     from stemedb.lenses._state import QueryState
+
+# What the query API accepts for a lens, a lifecycle filter and an epoch filter.
+LensSpec: TypeAlias = "str | Lens | type[Lens]"
+Stage: TypeAlias = "str | int | Lifecycle"
+LifecycleSpec: TypeAlias = "Stage | Collection[Stage]"
+EpochSpec: TypeAlias = "Epoch | bytes | bytearray | memoryview | str | None"
 
 LIFECYCLE_ANY = 0xFF
 NO_LIMIT = int(_kernels.NO_LIMIT)
@@ -80,7 +88,7 @@ class Filters:
                 and not self.decay)
 
     @staticmethod
-    def make(lifecycle: Any = "any", epoch: Any = None, as_of: int | None = None,
+    def make(lifecycle: LifecycleSpec = "any", epoch: EpochSpec = None, as_of: int | None = None,
              decay: bool = False, now: int | None = None) -> Filters:
         if lifecycle == "any" and epoch is None and as_of is None and not decay and now is None:
             return DEFAULT_FILTERS
@@ -121,17 +129,17 @@ def _now_us() -> int:
 def _microseconds(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name}: expected microseconds since the Unix epoch (int), got {value!r}")
-    value = int(value)
-    if not 0 <= value <= NO_LIMIT:
-        raise ValueError(f"{name}: {value} is outside 0..2**64-1")
-    return value
+    micros = int(value)
+    if not 0 <= micros <= NO_LIMIT:
+        raise ValueError(f"{name}: {micros} is outside 0..2**64-1")
+    return micros
 
 
-def lifecycle_mask(value: Any) -> tuple[int, str]:
+def lifecycle_mask(value: LifecycleSpec) -> tuple[int, str]:
     """("any" | "approved" | a stage name, number or Lifecycle | a list of them) -> (bit mask, label)."""
     if isinstance(value, str) and value.lower() == "any":
         return LIFECYCLE_ANY, "any"
-    stages = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    stages: Collection[object] = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
     mask = 0
     names = []
     for stage in stages:
@@ -139,7 +147,7 @@ def lifecycle_mask(value: Any) -> tuple[int, str]:
             if isinstance(stage, str):
                 member = Lifecycle[stage.upper().replace("-", "_")]
             else:
-                member = Lifecycle(stage)
+                member = Lifecycle(stage)  # type: ignore[arg-type]
         except (KeyError, ValueError):
             choices = ", ".join(["any"] + [m.name.lower() for m in Lifecycle])
             raise ValueError(f"lifecycle: {stage!r}, expected one of {choices}") from None
@@ -159,7 +167,7 @@ class Context:
 
     __slots__ = ("db", "state", "count", "arrays", "filters")
 
-    def __init__(self, db: Any, state: QueryState, count: int, arrays: dict[str, np.ndarray],
+    def __init__(self, db: Database, state: QueryState, count: int, arrays: Mapping[str, np.ndarray],
                  filters: Filters) -> None:
         self.db = db
         self.state = state
@@ -171,9 +179,21 @@ class Context:
         """The full engine column (rows below `count` are valid)."""
         return self.arrays[name]
 
-    def records(self, rows: Any) -> list[Any]:
+    def records(self, rows: np.ndarray | Sequence[int]) -> list[Record]:
         """Decode these record numbers (checksums checked)."""
-        return self.db.records_at(rows)
+        return self.db.view.records_at(rows)
+
+    def gather(self, rows: np.ndarray | Sequence[int]) -> tuple[bytes, np.ndarray]:
+        """(blob, offsets) of these record numbers, encoded (checksums checked)."""
+        return self.db.view.gather(rows)
+
+    def assertions(self, rows: np.ndarray | Sequence[int]) -> list[Assertion]:
+        """Decode record numbers the query selected by the kind column: assertions, all of them."""
+        records = self.records(rows)
+        for record in records:
+            if not isinstance(record, Assertion):
+                raise TypeError(f"expected an assertion, got a {type(record).__name__}")
+        return records  # type: ignore[return-value]
 
     def effective_confidence(self, rows: np.ndarray) -> np.ndarray:
         f = self.filters
@@ -190,8 +210,8 @@ class Context:
         if not len(rows):
             return np.zeros(0)
         keys = np.ascontiguousarray(self.arrays["id"][rows, :8]).view("<u8").ravel()
-        with self.db._state_lock:
-            flat, offsets = self.db.state.postings["target"].get_many(keys)
+        # Votes written after this snapshot are in the posting lists but not in its arrays.
+        flat, offsets = self.db.view.postings("target").get_many(keys, below=self.count)
         a = self.arrays
         return _kernels.net_votes(rows, flat, offsets, a["kind"], a["timestamp"],
                                   self.filters.as_of_limit, a["confidence"], a["signer"], a["id"])
@@ -281,13 +301,13 @@ class Candidates:
         at = np.minimum(np.searchsorted(keys, signers), len(keys) - 1)
         return np.where(keys[at] == signers, values[at], DEFAULT_TRUST)
 
-    def subset(self, selector: Any) -> Candidates:
+    def subset(self, selector: np.ndarray) -> Candidates:
         """Candidates at a boolean mask or ascending indices."""
         return Candidates(self.context, self.rows[selector])
 
-    def records(self) -> list[Any]:
+    def records(self) -> list[Assertion]:
         """The decoded assertions (costly: prefer the columns)."""
-        return self.context.records(self.rows)
+        return self.context.assertions(self.rows)
 
     def outcome(self, winner: int | None, confidence: float, weights: np.ndarray,
                 conflict_score: float | None = None, analysis: Any = None) -> Outcome:

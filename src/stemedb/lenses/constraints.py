@@ -79,7 +79,7 @@ class Constraints(Lens):
         if not len(candidates):
             return {}
         group, units, _, latest, order = claims_of(candidates, weights)
-        records = candidates.context.records(candidates.rows[latest[order]])
+        records = candidates.context.assertions(candidates.rows[latest[order]])
         ids = candidates.ids
         objects = candidates.object_key
         rules = {}

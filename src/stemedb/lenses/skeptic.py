@@ -111,7 +111,7 @@ class Skeptic(Lens):
         basis = units if total > 0 else counts
         denominator = total if total > 0 else int(counts.sum())
         latest_rows = candidates.rows[latest[order]]
-        records = candidates.context.records(latest_rows)
+        records = candidates.context.assertions(latest_rows)
         claims = [Claim(value=record.object, share=float(basis[g]) / denominator,
                         weight=float(units[g]) / _kernels.WEIGHT_SCALE, assertions=int(counts[g]),
                         latest=record)

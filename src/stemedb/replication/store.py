@@ -12,7 +12,7 @@ batch in which any record is forged, or serve a held-back member.
 
 This adapter is interim: the engine will keep the trees beside its ID index
 (docs/replication.md, "Interface requests"). Until then it reads the engine's
-columns (`db.state.columns`) and registers a write listener.
+columns (read through `db.view`) and subscribes to its write notifications.
 
 Threads: every method may be called from a worker thread. `lock` guards the
 trees; hold it while a reconciliation step reads `items()` (the listener
@@ -80,16 +80,15 @@ class EngineStore:
         self.lock = threading.RLock()
         self._trees: dict[int, _reconcile.RangeTree] = {WHOLE_STORE: _reconcile.RangeTree()}
         with self.lock:
-            columns = db.state.columns
-            count = columns.count
-            if count:
-                self._add_rows(np.arange(count, dtype=np.uint32), columns.view("kind"),
-                               columns.view("subject"))
-            db.write_listeners.append(self._on_write)
+            # Batches numbered from `start` on reach _on_write; the rows below it are read here.
+            start = db.view.subscribe(self._on_write)
+            if start:
+                snapshot = db.view.snapshot()
+                self._add_rows(np.arange(start, dtype=np.uint32),
+                               snapshot.arrays["kind"][:start], snapshot.arrays["subject"][:start])
 
     def close(self) -> None:
-        if self._on_write in self.db.write_listeners:
-            self.db.write_listeners.remove(self._on_write)
+        self.db.view.unsubscribe(self._on_write)
 
     # ---------------------------------------------------------------- items
 
@@ -108,8 +107,8 @@ class EngineStore:
             tree.add(np.ascontiguousarray(rows[scopes == scope]), timestamps, ids)
 
     def _columns(self) -> tuple[np.ndarray, np.ndarray]:
-        columns = self.db.state.columns
-        return columns.arrays["timestamp"], columns.arrays["id"]
+        arrays = self.db.view.snapshot().arrays
+        return arrays["timestamp"], arrays["id"]
 
     def items(self, scope: int) -> tuple[_reconcile.RangeTree, np.ndarray, np.ndarray]:
         """(tree, timestamps, ids) of a scope; call with `lock` held."""
@@ -147,7 +146,7 @@ class EngineStore:
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return RecordBatch.empty()
-        ids = np.ascontiguousarray(self.db.state.columns.arrays["id"][rows])
+        ids = np.ascontiguousarray(self.db.view.snapshot().arrays["id"][rows])
         blob, offsets, found = self.db.get_encoded_many(ids)
         if (found < 0).any():
             missing = bytes(ids[int(np.argmax(found < 0))]).hex()
@@ -156,8 +155,8 @@ class EngineStore:
 
     def record_sizes(self, rows: np.ndarray) -> np.ndarray:
         """Encoded bytes of each record number (from the engine's `length` column)."""
-        return np.asarray(self.db.state.columns.arrays["length"][np.asarray(rows, dtype=np.int64)],
-                          dtype=np.int64)
+        lengths = self.db.view.snapshot().arrays["length"]
+        return np.asarray(lengths[np.asarray(rows, dtype=np.int64)], dtype=np.int64)
 
     def read_ids(self, ids: list[bytes]) -> RecordBatch:
         """The stored records with these IDs (NotFound naming the first one absent)."""

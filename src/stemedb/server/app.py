@@ -37,7 +37,7 @@ from typing import Any
 import trio
 
 from stemedb import _protocol, engine
-from stemedb.engine import Database
+from stemedb.database import Database
 from stemedb.errors import ConfigError, StemeError, TooManyConnections
 from stemedb.server.auth import Authenticator, Peer, describe_peer
 from stemedb.server.buffers import BufferBudget

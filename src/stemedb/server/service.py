@@ -1,9 +1,9 @@
 """The operations both front doors serve, run against the embedded Database.
 
 Owns: what a PUT / GET / QUERY / SCAN / STATS / AUDIT does with the store
-(decoding records, splitting envelopes from members, charging write quotas,
-calling `db.put_many`, turning a Resolution into JSON). Every method here
-blocks (it decodes, verifies or waits for a group commit): the request
+(reading the headers of written records for their kind and write quotas,
+handing the bytes to `db.put_encoded`, turning a Resolution into JSON). Every
+method here blocks (it verifies or waits for a group commit): the request
 pipeline (stemedb.server.pipeline) runs them in worker threads, never on the
 event loop. Must never: know which door a request came through, or keep an
 error code of its own (refusals are the classes of stemedb.errors).
@@ -28,9 +28,9 @@ import numpy as np
 
 from stemedb import _codec
 from stemedb._codec import Record
-from stemedb.engine import Database
+from stemedb.database import Database
 from stemedb.errors import InvalidRequest, StemeError
-from stemedb.records import Assertion, Envelope, Epoch, RecordKind, Vote
+from stemedb.records import RecordKind
 from stemedb.server.limits import RequestLimits
 
 KIND_CODES: dict[str, int] = {"assertion": RecordKind.ASSERTION, "vote": RecordKind.VOTE,
@@ -56,48 +56,34 @@ class Service:
                     expect_kind: int | None = None) -> np.ndarray:
         """Store a batch of encoded records; returns their IDs (n, 32) in request order.
 
-        Envelopes in the batch prove the members that name them; other records
-        must be individually signed or members of an envelope already stored.
-        Acknowledged (returned) only once durable.
+        The bytes go to the engine as they arrived (`Database.put_encoded`):
+        one durable batch, or nothing if any record is refused. Envelopes in
+        the batch prove the members that name them; other records must be
+        individually signed or members of an envelope already stored. Before
+        that, only the records' headers are read here: for the kind a VOTE /
+        EPOCH request allows, and for the signers' write quotas. Acknowledged
+        (returned) only once durable.
         """
-        records = _codec.decode_many(blob, offsets)
-        if not records:
-            return np.zeros((0, 32), dtype=np.uint8)
-        envelopes = [r for r in records if isinstance(r, Envelope)]
-        if expect_kind is not None:
-            for index, record in enumerate(records):
-                if not isinstance(record, Envelope) and _kind_of(record) != expect_kind:
+        if expect_kind is not None or self.limits.has_quotas:
+            kinds, signers = _codec.record_heads(blob, offsets)
+            others = kinds != RecordKind.ENVELOPE
+            if expect_kind is not None:
+                wrong = np.flatnonzero(others & (kinds != expect_kind))
+                if len(wrong):
+                    index = int(wrong[0])
                     raise InvalidRequest(f"records[{index}]: expected {_a(KIND_NAMES[expect_kind])}, "
-                                         f"got {_a(KIND_NAMES.get(_kind_of(record), 'unknown kind'))}")
-        if self.limits.has_quotas:
-            counts: dict[bytes, int] = {}
-            for record in records:
-                if not isinstance(record, Envelope):
-                    signer = record.signers[0] if record.signers else b""
-                    counts[signer] = counts.get(signer, 0) + 1
-            self.limits.charge_writes(counts, now)
-        if not envelopes:
-            ids = self.db.put_many(records)
-        else:
-            # Members of the batch's envelopes go in one put_many with them; anything else
-            # (individually signed, or members of envelopes stored earlier) in a second one.
-            envelope_ids = {e.id for e in envelopes}
-            groups: dict[bool, list[int]] = {True: [], False: []}
-            for index, record in enumerate(records):
-                if not isinstance(record, Envelope):
-                    groups[record.envelope in envelope_ids].append(index)
-            ids = [b""] * len(records)
-            for index, record in enumerate(records):
-                if isinstance(record, Envelope):
-                    ids[index] = record.id
-            members = [records[i] for i in groups[True]]
-            stored = self.db.put_many(members, envelope=envelopes) if members else self.db.put_many(envelopes)
-            for index, record_id in zip(groups[True], stored if members else ()):
-                ids[index] = record_id
-            if groups[False]:
-                for index, record_id in zip(groups[False], self.db.put_many([records[i] for i in groups[False]])):
-                    ids[index] = record_id
-        return np.frombuffer(b"".join(ids), dtype=np.uint8).reshape(-1, 32)
+                                         f"got {_a(KIND_NAMES.get(int(kinds[index]), 'unknown kind'))}")
+            if self.limits.has_quotas:
+                self._charge(signers[others], now)
+        kind = RecordKind(expect_kind) if expect_kind is not None else None
+        ids: np.ndarray = self.db.put_encoded(blob, offsets, kind=kind)
+        return ids
+
+    def _charge(self, signers: np.ndarray, now: float) -> None:
+        """Charge each first signer's records to its write quota (a record without signers: b"")."""
+        keys, counts = np.unique(signers, axis=0, return_counts=True)
+        by_signer = {(bytes(key) if key.any() else b""): int(count) for key, count in zip(keys, counts)}
+        self.limits.charge_writes(by_signer, now)  # raises QuotaExceeded
 
     # ----------------------------------------------------------------- reads
 
@@ -108,17 +94,7 @@ class Service:
 
     def encoded_lengths(self, ids: IdArray) -> np.ndarray:
         """Bytes of the stored record for each of `ids` (0 where absent), without reading any."""
-        array = np.ascontiguousarray(ids, dtype=np.uint8).reshape(-1, 32)
-        # ENGINE-PRIVATE, the one place the server reads engine internals: the lengths come
-        # from the store's in-memory columns, under the lock its own reads take. To be
-        # replaced by a public `Database.encoded_lengths(ids)` (-1 where absent), asked of
-        # the engine in issue 9.
-        db = self.db
-        with db._state_lock:
-            state = db.state
-            rows = np.asarray(state.lookup_many(array), dtype=np.int64)
-            lengths: np.ndarray = state.columns.arrays["length"][np.maximum(rows, 0)].astype(np.int64)
-        lengths[rows < 0] = 0
+        lengths: np.ndarray = np.maximum(self.db.encoded_lengths(ids), 0)
         return lengths
 
     def plan_get(self, ids: IdArray, target: int, max_frame: int) -> list[tuple[int, int, int]]:
@@ -220,14 +196,6 @@ def frame_spans(lengths: np.ndarray, target: int, max_frame: int) -> list[tuple[
 def _a(noun: str) -> str:
     """The noun with its indefinite article: "a vote", "an epoch", "an assertion"."""
     return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
-
-
-def _kind_of(record: Record) -> int:
-    for cls, code in ((Assertion, RecordKind.ASSERTION), (Vote, RecordKind.VOTE),
-                      (Epoch, RecordKind.EPOCH), (Envelope, RecordKind.ENVELOPE)):
-        if isinstance(record, cls):
-            return code
-    return 0
 
 
 def record_json(record: Record) -> JSON:
