@@ -24,6 +24,7 @@ from stemedb.cli.core import (
     EXIT_OK,
     CliError,
     Interrupted,
+    UsageError,
     add_json_option,
     add_target_options,
     describe,
@@ -157,8 +158,15 @@ def _prepare(batch: list[Line],
 
 def run_put(args: argparse.Namespace, context: Any) -> int:
     """Store JSON Lines of assertions, signed in batches with one envelope each."""
-    signer = load_signer(args.key) if args.key else None
+    key = args.key if args.key is not None else context.default_key
+    signer = load_signer(key) if key else None
+    inline = getattr(args, "inline_input", None)  # put {json} typed in the shell
+    if inline is not None:
+        return _put_stream(args, context, signer, inline)
     if args.input in (None, "-"):
+        if context.interactive_stdin:
+            raise UsageError("put in the shell reads a file (put FILE) or JSON after it "
+                             "(put {\"subject\": …})")
         return _put_stream(args, context, signer, getattr(sys.stdin, "buffer", sys.stdin))
     with open(args.input, "rb") as stream:
         return _put_stream(args, context, signer, stream)

@@ -2,8 +2,8 @@
 
 Owns: choosing the target (a command-line option beats STEMEDB_URL /
 STEMEDB_DATA / STEMEDB_TOKEN, which beat the default data directory),
-opening it on first use and keeping it open until the command is done,
-and the operations the commands need — each built only on
+opening it on first use and keeping it open (the shell runs many commands
+on one), and the operations the commands need — each built only on
 `stemedb.open(...)` and the blocking client `stemedb.connect(...)`. Where
 those APIs lack something, the simplest correct version is built here from
 what they offer; each such place is marked INTERFACE REQUEST with the
@@ -78,7 +78,7 @@ def choose(options: argparse.Namespace, environ: Any = None) -> Target:
 
 
 class Context:
-    """The target of one command line, opened on first use."""
+    """The target of one command line (or of a whole shell session), opened on first use."""
 
     def __init__(self, options: argparse.Namespace, environ: Any = None) -> None:
         self._options = options
@@ -86,6 +86,8 @@ class Context:
         self._target: Target | None = None
         self._store: Store | None = None
         self.warnings: list[str] = []     # printed to stderr when the command has finished
+        self.default_key: str | None = None     # the shell's --key, for put
+        self.interactive_stdin = False          # stdin is the shell's: put must not read it
 
     @property
     def target(self) -> Target:
