@@ -140,17 +140,8 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     assert cycles(graph) == [["stemedb.a", "stemedb.b", "stemedb.sub.c"], ["stemedb.sub.d"]]
 
 
-# Cycles that are someone else's to remove, kept here so that any other cycle fails
-# this test, and so does the removal of one of these (then delete its entry).
-OWNED_ELSEWHERE = [
-    # lenses/base.py and lenses/_state.py import each other under TYPE_CHECKING; lenses/
-    # is being restructured with the engine (issue 9, item 1).
-    ["stemedb.lenses._state", "stemedb.lenses.base"],
-]
-
-
 def test_no_import_cycles_in_src():
     graph = import_graph()
     assert "stemedb.server.app" in graph and "stemedb.engine.database" in graph
     found = cycles(graph)
-    assert found == OWNED_ELSEWHERE, "import cycles:\n" + "\n".join(describe(graph, g) for g in found)
+    assert found == [], "import cycles:\n" + "\n".join(describe(graph, g) for g in found)

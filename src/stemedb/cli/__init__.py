@@ -47,6 +47,9 @@ def build_parser() -> Parser:
                     "data directory (--data) or a running server (--url); see docs/cli.md.")
     parser.add_argument("--version", action="version", version=f"stemedb {stemedb.__version__}")
     add_target_options(parser)
+    # The shell runs the CLI's own commands; it gets the builder here rather than importing
+    # this package (which imports it).
+    parser.set_defaults(parser_factory=build_parser)
     parser.commands = Commands(parser)
     for group in COMMAND_GROUPS:
         group.register(parser.commands)

@@ -49,9 +49,7 @@ def register(commands: Any) -> None:
 
 
 def run_shell(args: argparse.Namespace, context: Any) -> int:
-    from stemedb.cli import build_parser  # the shell's commands are the CLI's own
-
-    parser = build_parser()
+    parser = args.parser_factory()  # the shell's commands are the CLI's own
     context.default_key = args.key
     context.interactive_stdin = True
     interactive = sys.stdin.isatty()

@@ -36,10 +36,33 @@ from stemedb.lenses import _kernels
 from stemedb.records import Epoch, RecordKind
 
 if TYPE_CHECKING:
+    from stemedb._codec import Record
     from stemedb.engine.database import Database
-    from stemedb.lenses.base import Context
 
 Arrays = Mapping[str, np.ndarray]
+
+
+class _AsOf(Protocol):
+    @property
+    def as_of_limit(self) -> np.uint64: ...
+
+
+class Context(Protocol):
+    """What the query state reads of a query's context (lenses/base.Context).
+
+    A protocol, not an import: base.py refers to QueryState, so importing its
+    Context here would make the two modules import each other.
+    """
+
+    db: Database
+    state: QueryState
+    count: int
+    arrays: Arrays
+
+    @property
+    def filters(self) -> _AsOf: ...
+
+    def records(self, rows: np.ndarray | Sequence[int]) -> list[Record]: ...
 
 SCAN_MAX = 4096          # newest records a query scans linearly before the tail is rebuilt
 TAIL_MIN = 65536         # the tail is merged into the base above max(TAIL_MIN, base / 8) records

@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from stemedb import _protocol, engine
+from stemedb import _protocol, database
 from stemedb.database import Database
 from stemedb.errors import ConfigError, StemeError, TooManyConnections
 from stemedb.server.auth import Authenticator, Peer, describe_peer
@@ -305,7 +305,7 @@ def serve(data_dir: str | os.PathLike[str], listen: str | None = None, http: str
     if http is not None:
         settings.http = http or None
     try:
-        db = engine.open(data_dir, **settings.database)
+        db = database.open(data_dir, **settings.database)
     except TypeError as exc:  # an unknown [database] option
         raise ConfigError(f"[database]: {exc}") from None
     try:
