@@ -308,7 +308,7 @@ class HttpConnection:
             self.input.expect(0)
         outcome = await self.pipeline.run(caller, operation,
                                           partial(self._respond, operation, method, path, query,
-                                                  caller, body))
+                                                  caller, body), size=len(body))
         if isinstance(outcome, Refusal):
             return error_response(outcome), False
         return outcome, False
