@@ -48,7 +48,7 @@ from stemedb.server.config import LOG_FORMATS, LOG_LEVELS, ServerConfig, parse_a
 from stemedb.server.connection import Connection
 from stemedb.server.http import HttpConnection
 from stemedb.server.limits import RequestLimits
-from stemedb.server.metrics import ServerMetrics
+from stemedb.server.metrics import ServerMetrics, stemedb_version
 from stemedb.server.pipeline import DoorContext, Pipeline
 from stemedb.server.service import JSON, Service
 
@@ -349,17 +349,11 @@ def start_line(server: Server, data_dir: str, durability: str) -> tuple[str, dic
     JSON format makes them keys of the line.
     """
     fields: dict[str, Any] = {
-        "version": _version(), "data": data_dir, "durability": durability,
+        "version": stemedb_version(), "data": data_dir, "durability": durability,
         "listen": server.listen_address, "http": server.http_address, "tls": server.config.tls,
         "protected_mode": server.auth.protected_mode, "tokens": len(server.config.tokens),
     }
     return f"stemedb {fields['version']} serving {data_dir}", fields
-
-
-def _version() -> str:
-    import stemedb
-
-    return str(getattr(stemedb, "__version__", "unknown"))
 
 
 async def _main(db: Database, config: ServerConfig) -> None:
