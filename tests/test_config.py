@@ -79,6 +79,7 @@ def test_every_setting_can_come_from_its_environment_variable(tmp_path):
         "quotas.default_tier": "basic", "quotas.tiers": "{ basic = { rate = 5.0 } }",
         "quotas.signers": '{ "' + "ab" * 32 + '" = "basic" }',
         "tls.cert": str(cert), "tls.key": str(key),
+        "http.metrics_token_sha256": digest,
         "log.level": "debug", "log.format": "json", "log.access": "yes",
     }
     assert set(values) == {s.key for s in SETTINGS}, "a setting this test does not cover"
@@ -97,6 +98,7 @@ def test_every_setting_can_come_from_its_environment_variable(tmp_path):
     assert [(t.name, t.sha256.hex()) for t in config.tokens] == [("env", digest)]
     assert config.quota_default_tier == "basic" and config.signer_tiers == {b"\xab" * 32: "basic"}
     assert (config.tls_cert, config.tls_key) == (str(cert), str(key))
+    assert config.metrics_tokens == [bytes.fromhex(digest)]
     assert (config.log_level, config.log_format, config.access_log) == ("debug", "json", True)
 
 
@@ -140,6 +142,9 @@ def test_registry_defaults_are_the_real_defaults(tmp_path):
      "tokens[0].role: expected one of read, write, admin (set by STEMEDB_TOKENS)"),
     ({"STEMEDB_RATE_LIMITS_CLIENT": "fast"},
      "STEMEDB_RATE_LIMITS_CLIENT (rate_limits.client): expected a TOML inline table or array"),
+    ({"STEMEDB_HTTP_METRICS_TOKEN_SHA256": "abc"},
+     "http.metrics_token_sha256: expected 64 hex digits (the sha256 `stemedb token` prints) "
+     "(set by STEMEDB_HTTP_METRICS_TOKEN_SHA256)"),
     ({"STEMEDB_DATABASE_DURABILITY": "fast"},
      "database.durability: expected one of sync, batch, none, got 'fast' "
      "(set by STEMEDB_DATABASE_DURABILITY)"),
@@ -225,7 +230,7 @@ def test_example_holds_no_token_that_works_as_written():
     text = EXAMPLE.read_text()
     settings = ServerConfig.load(EXAMPLE)
     assert "token =" not in text.replace("metrics_token", ""), "a plaintext [[tokens]] token"
-    digests = [t.sha256 for t in settings.tokens]
+    digests = [t.sha256 for t in settings.tokens] + settings.metrics_tokens
     assert digests
     candidates = set(re.findall(r"[\w\-.~+/=]+", text)) | set(re.findall(r'"([^"]*)"', text)) | {""}
     for candidate in candidates:

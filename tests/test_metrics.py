@@ -1,24 +1,34 @@
 """Metric hygiene (issue 13, item 7): what a live server's /metrics exports, under which names and
 labels; no `_created` series; process and Python collectors; build info; the engine figures the
-collector forwards; the registration API of archival and the cluster; the documented list."""
+collector forwards; the registration API of archival and the cluster; the documented list.
+And the side door's security (item 9): TLS on the HTTP door, the /metrics token, tokens never
+named to unauthenticated peers, new tokens."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import json
+import logging
 import pathlib
 import platform
 import re
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
-from test_server_support import SIGNER, background_server, claims, record_batch, served
+from test_server_support import SIGNER, background_server, claims, error_of, record_batch, served
 
 import stemedb
 from stemedb import _protocol
 from stemedb.client import connect
 from stemedb.server import Server, ServerConfig, Token, hash_token
+from stemedb.server.auth import Authenticator, new_token
 from stemedb.server.metrics import ArchiveStatus, DatabaseCollector, PeerStatus, ServerMetrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -233,3 +243,140 @@ def test_a_failing_source_is_left_out_of_the_scrape(caplog):
     samples = parse(metrics.render().decode())[1]
     assert "stemedb_archive_lag_seconds" not in samples and "stemedb_build_info" in samples
     assert "archive's metrics source failed" in caplog.text
+
+
+# ------------------------------------------------------------------ side-door security (item 9)
+
+METRICS_TOKEN = "metrics-scraper-token-0123456789"
+
+
+def http_get(address: str, path: str, *, token: str | None = None,
+             context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], str]:
+    host, _, port = address.rpartition(":")
+    connection: http.client.HTTPConnection
+    if context is not None:
+        connection = http.client.HTTPSConnection(host, int(port), timeout=10, context=context)
+    else:
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read().decode())
+    finally:
+        connection.close()
+
+
+def tls_settings(tmp_path: pathlib.Path, **document: Any) -> tuple[ServerConfig, trustme.CA]:
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    certificate.private_key_pem.write_to_path(str(key))
+    settings = ServerConfig.from_dict({"server": {"listen": "127.0.0.1:0", "http": "127.0.0.1:0"},
+                                       "tls": {"cert": str(cert), "key": str(key)}, **document})
+    return settings, authority
+
+
+def test_with_tls_configured_the_http_door_serves_tls_only(tmp_path):
+    settings, authority = tls_settings(tmp_path)
+    context = ssl.create_default_context()
+    authority.configure_trust(context)
+    with background_server(tmp_path / "data", settings) as running:
+        address = running.server.http_address
+        status, _, body = http_get(address, "/health", context=context)
+        assert status == 200 and json.loads(body) == {"status": "ok", "records": 0}
+        status, _, text = http_get(address, "/metrics", context=context)
+        assert status == 200 and "stemedb_build_info" in text
+        with pytest.raises((http.client.HTTPException, OSError)):  # a clear request gets nothing
+            http_get(address, "/health")
+        assert running.server.describe()["tls"] is True
+        untrusted = ssl.create_default_context()  # a client that does not trust the server's CA
+        with pytest.raises(ssl.SSLCertVerificationError):
+            http_get(address, "/health", context=untrusted)
+        status, _, _ = http_get(address, "/ready", context=context)  # the door still serves
+        assert status == 200
+
+
+def test_metrics_token_required_when_configured(tmp_path):
+    api_token = "ingest-api-token-0123456789"
+    settings = ServerConfig.from_dict({
+        "server": {"listen": "127.0.0.1:0", "http": "127.0.0.1:0"},
+        "tokens": [{"name": "ingest-secret-name", "role": "admin", "sha256": hash_token(api_token).hex()}],
+        "http": {"metrics_token_sha256": [hash_token(METRICS_TOKEN).hex()]}})
+    with background_server(tmp_path / "data", settings) as running:
+        address = running.server.http_address
+        status, headers, body = http_get(address, "/metrics")
+        assert status == 401 and headers["www-authenticate"] == 'Bearer realm="stemedb"'
+        assert json.loads(body)["error"] == "auth_required"
+        for wrong in ("wrong-token-0123456789", api_token):  # an API token is not a metrics token
+            status, _, body = http_get(address, "/metrics", token=wrong)
+            assert status == 401 and json.loads(body)["error"] == "auth_failed", body
+            assert json.loads(body)["message"] == "unknown token"
+        status, _, text = http_get(address, "/metrics", token=METRICS_TOKEN)
+        assert status == 200
+        _, samples = parse(text)
+        assert value(samples, "stemedb_requests_rejected_total", reason="auth_required") == 1
+        assert value(samples, "stemedb_requests_rejected_total", reason="auth_failed") == 2
+        status, _, _ = http_get(address, "/health")  # the other open routes stay open
+        assert status == 200
+    assert "ingest-secret-name" not in body
+
+
+def test_metrics_token_failures_are_throttled_per_address(tmp_path):
+    settings = ServerConfig.from_dict({"server": {"listen": None, "http": "127.0.0.1:0"},
+                                       "http": {"metrics_token_sha256": hash_token(METRICS_TOKEN).hex()}})
+    clock = trio.testing.MockClock(rate=0)  # time stands still: no failure is forgiven meanwhile
+    with background_server(tmp_path / "data", settings, clock=clock) as running:
+        address = running.server.http_address
+        for _ in range(10):
+            assert http_get(address, "/metrics", token="guess-0123456789abcdef")[0] == 401
+        status, headers, body = http_get(address, "/metrics", token=METRICS_TOKEN)
+        assert status == 429 and json.loads(body)["error"] == "rate_limited" and "retry-after" in headers
+        running.advance(2.0)
+        assert http_get(address, "/metrics", token=METRICS_TOKEN)[0] == 200
+
+
+def test_metrics_open_without_a_configured_token(live):
+    assert http_get(live.server.http_address, "/metrics")[0] == 200
+
+
+@pytest.mark.trio
+async def test_an_expired_token_is_not_named_to_the_peer(tmp_path, caplog):
+    expired = "expired-token-0123456789"
+    settings = ServerConfig(listen=None, http=None, tokens=[
+        Token("payroll-importer", _protocol.ROLE_WRITE, hash_token(expired), expires=1.0)])
+    with stemedb.open(tmp_path / "data") as db, caplog.at_level(logging.INFO):
+        server = Server(db, settings)
+        async with served(server, ("10.1.2.3", 5555)) as client:
+            await client.send(_protocol.HELLO, _protocol.encode_hello(1, 1, "test", expired))
+            frames = await client.rest()
+        code, _, message = error_of(frames[-1])
+        assert code == _protocol.E_AUTH_FAILED and message == "token has expired"
+        client_side, server_side = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.handle_http, server_side, ("10.1.2.3", 5556))
+            await client_side.send_all(b"GET /v1/stats HTTP/1.1\r\nHost: x\r\n"
+                                       b"Authorization: Bearer " + expired.encode() + b"\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += await client_side.receive_some(65536)
+            await client_side.aclose()
+    assert answer.startswith(b"HTTP/1.1 401 ") and b'"message": "token has expired"' in answer
+    assert b"payroll" not in answer
+    assert "refused the expired token 'payroll-importer'" in caplog.text  # the operator learns it
+
+
+def test_new_token_and_its_sha256_work_in_a_config():
+    token, digest = new_token()
+    other, _ = new_token()
+    assert token != other and token.startswith("sdb_") and len(token) >= 40
+    assert digest == hashlib.sha256(token.encode()).hexdigest()
+    settings = ServerConfig.from_dict({"tokens": [{"name": "new", "role": "read", "sha256": digest}],
+                                       "http": {"metrics_token_sha256": digest}})
+    auth = Authenticator(settings.tokens, metrics_tokens=settings.metrics_tokens)
+    assert auth.authenticate(token).name == "new"
+    auth.authenticate_scraper(token)
+    with pytest.raises(stemedb.AuthError, match="unknown token"):
+        auth.authenticate_scraper(other)

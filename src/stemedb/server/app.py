@@ -65,7 +65,7 @@ class Server:
         self.db = db
         self.config = config or ServerConfig()
         self.config.limits.check_budget()
-        self.auth = Authenticator(self.config.tokens)
+        self.auth = Authenticator(self.config.tokens, metrics_tokens=self.config.metrics_tokens)
         self.limits = RequestLimits(self.config)
         self.service = Service(db, self.limits)
         self.budget = BufferBudget(self.config.limits.buffer_budget)
@@ -194,6 +194,8 @@ class Server:
             if len(self.http_connections) >= self.config.limits.max_connections or self.draining:
                 self.metrics.rejected.labels("too_many_connections").inc()
                 return
+            if self.ssl_context is not None:  # the side door is as private as the front door
+                stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
             conn = HttpConnection(self.door, stream, peer)
             self.http_connections.add(conn)
             self.metrics.connections.labels("http").inc()
@@ -352,6 +354,7 @@ def start_line(server: Server, data_dir: str, durability: str) -> tuple[str, dic
         "version": stemedb_version(), "data": data_dir, "durability": durability,
         "listen": server.listen_address, "http": server.http_address, "tls": server.config.tls,
         "protected_mode": server.auth.protected_mode, "tokens": len(server.config.tokens),
+        "metrics_token": bool(server.config.metrics_tokens),
     }
     return f"stemedb {fields['version']} serving {data_dir}", fields
 

@@ -1,7 +1,7 @@
 """Server configuration: every setting, its defaults, the TOML file, the environment.
 
 Owns: ServerConfig and its parts (limits, rate limits, tokens, quotas, TLS,
-database options, logging); SETTINGS, the one list of
+database options, logging, the /metrics token); SETTINGS, the one list of
 every setting (TOML key, environment variable, default, meaning) that the
 loader, the table in docs/operations.md and the tests all derive from; and
 `resolve()`, which combines the command line, the `STEMEDB_<SECTION>_<KEY>`
@@ -102,6 +102,7 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     database: dict[str, Any] = field(default_factory=dict)
+    metrics_tokens: list[bytes] = field(default_factory=list)  # SHA-256s; empty: /metrics is open
     log_level: str = "info"
     log_format: str = "text"
     access_log: bool = False
@@ -185,6 +186,10 @@ class ServerConfig:
         if "cert" in tls:
             config.tls_cert = os.path.join(base, _string(tls, "tls.cert"))
             config.tls_key = os.path.join(base, _string(tls, "tls.key"))
+        http = _table(document, "http")
+        _known(http, "http.", _keys_of("http"))
+        config.metrics_tokens = _digests(http.get("metrics_token_sha256", []),
+                                         "http.metrics_token_sha256")
         log = _table(document, "log")
         _known(log, "log.", _keys_of("log"))
         config.log_level = _choice(log, "log.level", config.log_level, LOG_LEVELS)
@@ -226,7 +231,7 @@ SETTINGS: tuple[Setting, ...] = (
             'binary protocol address `host:port` (port 0: any free port); `""` turns it off',
             "--listen"),
     Setting("server.http", "text", "off", "HTTP side door address `host:port` (health, ready, "
-            "metrics, JSON API)", "--http"),
+            "metrics, JSON API); TLS when [tls] is set", "--http"),
     Setting("server.name", "text", '"stemedb"', "server name in HELLO answers and STATS"),
     Setting("server.write_threads", "integer", "32", "worker threads for small writes (they "
             "mostly wait on group commits)"),
@@ -274,9 +279,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quotas.tiers", "toml", "none", "`{ tier = { rate = …, burst = … }, … }`: records/s "
             "per signer key"),
     Setting("quotas.signers", "toml", "none", '`{ "<public key hex>" = "tier", … }`'),
-    Setting("tls.cert", "text", "none", "PEM certificate chain; with tls.key, the binary "
-            "protocol serves TLS only (path relative to the config file)"),
+    Setting("tls.cert", "text", "none", "PEM certificate chain; with tls.key, both doors serve "
+            "TLS only (path relative to the config file)"),
     Setting("tls.key", "text", "none", "PEM private key of tls.cert"),
+    Setting("http.metrics_token_sha256", "texts", "none (open)", "SHA-256 (hex) of the token, "
+            "or an array of them, that GET /metrics must present as `Authorization: Bearer`"),
     Setting("log.level", "text", '"info"', "`debug`, `info`, `warning` or `error`",
             "--log-level"),
     Setting("log.format", "text", '"text"', "`text` (one readable line) or `json` (one JSON "
@@ -457,6 +464,24 @@ def _boolean(table: Mapping[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     return value
+
+
+def _digests(value: Any, key: str) -> list[bytes]:
+    """SHA-256 digests from one hex string or an array of them."""
+    entries = [value] if isinstance(value, str) else value
+    if not isinstance(entries, list):
+        raise ConfigError(f"{key}: expected the hex SHA-256 of a token, or an array of them")
+    digests = []
+    for index, entry in enumerate(entries):
+        try:
+            digest = bytes.fromhex(entry) if isinstance(entry, str) else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            where = key if isinstance(value, str) else f"{key}[{index}]"
+            raise ConfigError(f"{where}: expected 64 hex digits (the sha256 `stemedb token` prints)")
+        digests.append(digest)
+    return digests
 
 
 def _database(table: Mapping[str, Any]) -> dict[str, Any]:
