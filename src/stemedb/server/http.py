@@ -5,10 +5,10 @@ pipelining — h11 parses, this module never does; under TLS when the server
 has [tls], the stream it is given is already a TLS stream), routing,
 bearer-token authentication with the same tokens, roles and rate limits as
 the binary protocol, the /metrics token ([http] metrics_token_sha256: the
-scrape route is open without one), and the JSON shapes of docs/protocol.md ("HTTP side door"). A
-request is decided from its head: size (16 KiB), framing, route, token, role
-and rate limit are all checked before one byte of its body is read. Must
-never: parse HTTP itself, call the database or parse a body on the event
+scrape route is open without one), and the JSON shapes of docs/protocol.md
+("HTTP side door"). A request is decided from its head: size (16 KiB),
+framing, route, token, role and rate limit are all checked before one byte
+of its body is read. Must never: parse HTTP itself, call the database or parse a body on the event
 loop, read a body it is going to refuse, accept a body larger than
 `limits.max_http_body` (refused from Content-Length, before reading it, when
 declared), or hold body bytes beyond its free allowance that it has not
