@@ -7,9 +7,10 @@ Service and ServerMetrics, and the BufferBudget (the memory all connections
 may hold, stemedb.server.buffers), handed to each connection as one
 DoorContext, never the Server itself — and the shutdown sequence (stop
 accepting → stop reading → answer what is in flight → close). `serve()`
-adds the process around it: opening and closing the store, signals, the
-query kernels' warm-up, and the one-line announcement of the bound
-addresses on stdout. Must never: close the Database it was handed (whoever opened it
+adds the process around it: the configuration's precedence (command line >
+environment > file), logging, opening and closing the store, signals, the
+query kernels' warm-up, the start line in the log and the one-line
+announcement of the bound addresses on stdout. Must never: close the Database it was handed (whoever opened it
 closes it; `serve()` does, after the last commit was answered).
 
 Resource handling: `Server.run()` owns its listeners and every accepted
@@ -31,6 +32,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -39,13 +41,14 @@ import trio
 from stemedb import _protocol, database
 from stemedb.database import Database
 from stemedb.errors import ConfigError, StemeError, TooManyConnections
+from stemedb.logs import configure_logging
 from stemedb.server.auth import Authenticator, Peer, describe_peer
 from stemedb.server.buffers import BufferBudget
-from stemedb.server.config import ServerConfig, parse_address
+from stemedb.server.config import LOG_FORMATS, LOG_LEVELS, ServerConfig, parse_address
 from stemedb.server.connection import Connection
 from stemedb.server.http import HttpConnection
 from stemedb.server.limits import RequestLimits
-from stemedb.server.metrics import ServerMetrics
+from stemedb.server.metrics import ServerMetrics, stemedb_version
 from stemedb.server.pipeline import DoorContext, Pipeline
 from stemedb.server.service import JSON, Service
 
@@ -62,7 +65,7 @@ class Server:
         self.db = db
         self.config = config or ServerConfig()
         self.config.limits.check_budget()
-        self.auth = Authenticator(self.config.tokens)
+        self.auth = Authenticator(self.config.tokens, metrics_tokens=self.config.metrics_tokens)
         self.limits = RequestLimits(self.config)
         self.service = Service(db, self.limits)
         self.budget = BufferBudget(self.config.limits.buffer_budget)
@@ -71,7 +74,8 @@ class Server:
         self.pipeline = Pipeline(self.service, self.auth, self.limits, self.metrics,
                                  write_threads=self.config.write_threads,
                                  bulk_threads=self.config.bulk_threads,
-                                 read_threads=self.config.read_threads, describe=self.describe)
+                                 read_threads=self.config.read_threads, describe=self.describe,
+                                 access=self.config.access_log)
         self.door = DoorContext(self.pipeline, self.config.limits, self.budget, self.metrics,
                                 server_name=self.config.name, tls=self.config.tls)
         self.ssl_context = _ssl_context(self.config) if self.config.tls else None
@@ -190,6 +194,8 @@ class Server:
             if len(self.http_connections) >= self.config.limits.max_connections or self.draining:
                 self.metrics.rejected.labels("too_many_connections").inc()
                 return
+            if self.ssl_context is not None:  # the side door is as private as the front door
+                stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
             conn = HttpConnection(self.door, stream, peer)
             self.http_connections.add(conn)
             self.metrics.connections.labels("http").inc()
@@ -275,38 +281,60 @@ def _ssl_context(config: ServerConfig) -> ssl.SSLContext:
 # ------------------------------------------------------------------ process
 
 
-def load_config(config: ServerConfig | str | os.PathLike[str] | dict[str, Any] | None) -> ServerConfig:
-    if config is None:
-        return ServerConfig()
-    if isinstance(config, ServerConfig):
-        return config
-    if isinstance(config, dict):
-        return ServerConfig.from_dict(config)
-    return ServerConfig.load(config)
+def load_config(config: ServerConfig | str | os.PathLike[str] | dict[str, Any] | None, *,
+                overrides: dict[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """The configuration to serve with.
+
+    A file path or None: `ServerConfig.resolve` (command line `overrides` >
+    STEMEDB_* environment > file > defaults). A ServerConfig or dict is
+    taken as given (programs and tests that build their own), with only the
+    `overrides` applied on top.
+    """
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return ServerConfig.resolve(config, environ=environ, overrides=overrides)
+    settings = config if isinstance(config, ServerConfig) else ServerConfig.from_dict(config)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in ("server.listen", "server.http"):
+            if value:
+                parse_address(value, key)
+            setattr(settings, key.split(".", 1)[1], value or None)
+        elif key in ("log.level", "log.format"):
+            setattr(settings, "log_" + key.split(".", 1)[1], value)
+        else:
+            raise ConfigError(f"{key}: not a setting the command line gives")
+    return settings
 
 
 def serve(data_dir: str | os.PathLike[str], listen: str | None = None, http: str | None = None,
-          config: ServerConfig | str | os.PathLike[str] | dict[str, Any] | None = None) -> int:
+          config: ServerConfig | str | os.PathLike[str] | dict[str, Any] | None = None, *,
+          log_level: str | None = None, log_format: str | None = None,
+          environ: Mapping[str, str] | None = None) -> int:
     """Run a server on the store at `data_dir` until SIGINT or SIGTERM; returns an exit code.
 
-    `listen` / `http` ("host:port", port 0 = any free port) override the
-    config file's [server] listen / http; the binary protocol listens on
-    127.0.0.1:7440 when neither gives an address. Once bound, one JSON line
-    goes to stdout: {"listen": "host:port", "http": …, "protected_mode": …,
-    "tls": …, "pid": …}. On a signal the server stops accepting, answers
-    every request in flight (their commits finish and are acknowledged),
-    closes connections, and closes the store (writing an index snapshot).
-    A second signal during shutdown cancels what is left; acknowledged writes
-    are durable either way.
+    `listen` / `http` ("host:port", port 0 = any free port; "" turns the
+    door off), `log_level` and `log_format` are the command line's: they
+    beat the STEMEDB_* environment variables, which beat the config file
+    (docs/operations.md, "Configuration"); the binary protocol listens on
+    127.0.0.1:7440 when nothing gives an address. Logging is configured
+    from the result (stemedb.logs) before the store is opened. Once bound,
+    the server logs its start line (version, data directory, durability,
+    listeners, TLS, tokens) and writes one JSON line to stdout: {"version",
+    "data", "durability", "listen", "http", "protected_mode", "tls", "pid"}.
+    On a signal the server stops accepting, answers every request in flight
+    (their commits finish and are acknowledged), closes connections, and
+    closes the store (writing an index snapshot). A second signal during
+    shutdown cancels what is left; acknowledged writes are durable either way.
     """
-    settings = load_config(config)
-    if listen is not None:
-        settings.listen = listen
-    if http is not None:
-        settings.http = http or None
+    settings = load_config(config, environ=environ, overrides={
+        "server.listen": listen, "server.http": http, "log.level": log_level,
+        "log.format": log_format})
+    configure_logging(settings.log_level, settings.log_format, access=settings.access_log)
     try:
         db = database.open(data_dir, **settings.database)
-    except TypeError as exc:  # an unknown [database] option
+    except TypeError as exc:  # an option the engine does not take
         raise ConfigError(f"[database]: {exc}") from None
     try:
         trio.run(_main, db, settings)
@@ -316,14 +344,31 @@ def serve(data_dir: str | os.PathLike[str], listen: str | None = None, http: str
     return 0
 
 
+def start_line(server: Server, data_dir: str, durability: str) -> tuple[str, dict[str, Any]]:
+    """The start line's message and fields: version, data directory, durability, doors, TLS.
+
+    The text log format appends the fields to the message as key=value, the
+    JSON format makes them keys of the line.
+    """
+    fields: dict[str, Any] = {
+        "version": stemedb_version(), "data": data_dir, "durability": durability,
+        "listen": server.listen_address, "http": server.http_address, "tls": server.config.tls,
+        "protected_mode": server.auth.protected_mode, "tokens": len(server.config.tokens),
+        "metrics_token": bool(server.config.metrics_tokens),
+    }
+    return f"stemedb {fields['version']} serving {data_dir}", fields
+
+
 async def _main(db: Database, config: ServerConfig) -> None:
     server = Server(db, config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
-            announcement = {"listen": server.listen_address, "http": server.http_address,
-                            "protected_mode": server.auth.protected_mode, "tls": config.tls,
-                            "pid": os.getpid()}
+            text, fields = start_line(server, db.path, db.durability)
+            log.info(text, extra=fields)
+            announcement = {key: fields[key] for key in ("version", "data", "durability", "listen",
+                                                          "http", "protected_mode", "tls")}
+            announcement["pid"] = os.getpid()
             print(json.dumps(announcement), flush=True)
 
             async def watch_signals() -> None:
@@ -360,7 +405,8 @@ async def _warm_up_queries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m stemedb.server --data DIR [--listen H:P] [--http H:P] [--config FILE]`."""
+    """`python -m stemedb.server --data DIR [--listen H:P] [--http H:P] [--config FILE]
+    [--log-level L] [--log-format text|json]`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m stemedb.server",
@@ -369,12 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", help="binary protocol address host:port (default 127.0.0.1:7440)")
     parser.add_argument("--http", help="HTTP side door address host:port (default: off)")
     parser.add_argument("--config", help="TOML configuration file (see examples/stemedb.toml)")
-    parser.add_argument("--log-level", default=os.environ.get("STEMEDB_LOG", "INFO"))
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS,
+                        help="debug, info, warning or error (default: [log] level, else info)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS,
+                        help="text or json lines (default: [log] format, else text)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return serve(args.data, listen=args.listen, http=args.http, config=args.config)
+        return serve(args.data, listen=args.listen, http=args.http, config=args.config,
+                     log_level=args.log_level, log_format=args.log_format)
     except StemeError as exc:
         print(f"stemedb serve: error: {exc}", file=sys.stderr)
         return 1

@@ -3,8 +3,11 @@
 Owns: checking a presented API token against the configured ones (by
 SHA-256, compared in constant time, with expiry), the role each operation
 needs, and protected mode (no tokens configured: loopback clients only).
-Must never: log or store a presented token, or say which part of a failed
-credential was wrong beyond "unknown" / "expired".
+`new_token()` makes the secrets operators hand out (`stemedb token` prints
+one and the sha256 the config stores). Must never: log or store a presented
+token, say which part of a failed credential was wrong beyond "unknown" /
+"expired", or name a configured token to a peer that has not authenticated
+(an expired token's name goes to the server log only).
 
 Error handling: a refused credential raises AuthError (auth_failed), a role
 too low for the operation Forbidden; the request pipeline answers them
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +28,11 @@ from typing import Any, TypeAlias
 from stemedb import _protocol
 from stemedb.errors import AuthError, Forbidden, PeerRefused
 from stemedb.server.config import Token, hash_token
+
+log = logging.getLogger("stemedb.server.auth")
+
+TOKEN_PREFIX = "sdb_"  # marks a StemeDB secret for secret scanners and for whoever finds one
+TOKEN_BYTES = 32
 
 Peer: TypeAlias = "tuple[Any, ...] | str | bytes | None"
 """A client's address: a socket address tuple, an AF_UNIX path (bytes: Linux's abstract
@@ -40,6 +50,12 @@ REQUIRED_ROLE = {
     _protocol.EPOCH: _protocol.ROLE_WRITE,
     _protocol.AUDIT: _protocol.ROLE_ADMIN,
 }
+
+
+def new_token() -> tuple[str, str]:
+    """(a new random API token, the hex SHA-256 the config's `sha256` field takes)."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+    return token, hash_token(token).hex()
 
 
 def required_role(opcode: int) -> int:
@@ -85,8 +101,10 @@ def describe_peer(peer: Peer) -> str:
 class Authenticator:
     """Maps presented tokens to principals; decides who may connect without one."""
 
-    def __init__(self, tokens: list[Token], *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, tokens: list[Token], *, metrics_tokens: list[bytes] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.tokens = list(tokens)
+        self.metrics_tokens = list(metrics_tokens or [])  # SHA-256s ([http] metrics_token_sha256)
         self.clock = clock
 
     @property
@@ -103,8 +121,25 @@ class Authenticator:
         if found is None:
             raise AuthError("unknown token")
         if found.expires is not None and self.clock() >= found.expires:
-            raise AuthError(f"token {found.name!r} has expired")
+            log.info("refused the expired token %r (expired at %s)", found.name,
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(found.expires)),
+                     extra={"token_name": found.name})
+            raise AuthError("token has expired")
         return Principal(found.name, found.role)
+
+    @property
+    def metrics_protected(self) -> bool:
+        """True when /metrics needs one of the configured metrics tokens."""
+        return bool(self.metrics_tokens)
+
+    def authenticate_scraper(self, token: str) -> None:
+        """Nothing if `token` is a configured metrics token; AuthError ("unknown token") otherwise."""
+        digest = hash_token(token)
+        matched = False
+        for entry in self.metrics_tokens:  # every entry compared: time does not depend on which
+            matched |= hmac.compare_digest(entry, digest)
+        if not matched:
+            raise AuthError("unknown token")
 
     def anonymous(self, peer: Peer) -> Principal | None:
         """The principal of a client that presented no token, or None if it must authenticate.

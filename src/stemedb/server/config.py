@@ -1,11 +1,19 @@
-"""Server configuration: the TOML file, its defaults and its validation.
+"""Server configuration: every setting, its defaults, the TOML file, the environment.
 
 Owns: ServerConfig and its parts (limits, rate limits, tokens, quotas, TLS,
-database options), loaded from a TOML file (see examples/stemedb.toml) or a
-dict. Must never: open sockets or the database. Unknown keys are refused, so a
-typo in a limit is an error at start, not a silently absent limit.
+database options, logging, the /metrics token); SETTINGS, the one list of
+every setting (TOML key, environment variable, default, meaning) that the
+loader, the table in docs/operations.md and the tests all derive from; and
+`resolve()`, which combines the command line, the `STEMEDB_<SECTION>_<KEY>`
+environment variables and the TOML file (see examples/stemedb.toml), in that
+order of precedence, over the defaults. Must never: open sockets or the
+database. Unknown keys and unknown variables of a configuration section are
+refused, so a typo in a limit is an error at start, not a silently absent limit.
 
-Error handling: every problem raises ConfigError (stemedb.errors) naming the key.
+Error handling: every problem raises ConfigError (stemedb.errors) naming the
+key and, when the value came from the environment or the command line, the
+variable or option that set it; nothing is returned for a configuration with
+any mistake.
 """
 
 from __future__ import annotations
@@ -94,6 +102,10 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     database: dict[str, Any] = field(default_factory=dict)
+    metrics_tokens: list[bytes] = field(default_factory=list)  # SHA-256s; empty: /metrics is open
+    log_level: str = "info"
+    log_format: str = "text"
+    access_log: bool = False
 
     @property
     def protected_mode(self) -> bool:
@@ -106,34 +118,58 @@ class ServerConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ServerConfig:
-        """Read a TOML file."""
+        """Read a TOML file (the environment is not consulted: see `resolve`)."""
+        document = _read_toml(path)
         try:
-            with open(path, "rb") as handle:
-                document = tomllib.load(handle)
-        except OSError as exc:
-            raise ConfigError(f"{path}: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-        return cls.from_dict(document, base=os.path.dirname(os.path.abspath(path)))
+            return cls.from_dict(document, base=os.path.dirname(os.path.abspath(path)))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike[str] | None = None, *,
+                environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> ServerConfig:
+        """The configuration a server process runs with: command line > environment > file > default.
+
+        `path` is the TOML file (None: none); `environ` the process
+        environment (default os.environ), of which the `STEMEDB_<SECTION>_<KEY>`
+        variables of SETTINGS are read; `overrides` maps setting keys
+        ("server.listen", "log.level", …) to command-line values (None: not
+        given). A setting given in a higher place replaces the whole value of
+        a lower one (a table such as rate_limits.client is replaced, not merged).
+        """
+        document: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        base = "."
+        if path is not None:
+            document = _read_toml(path)
+            base = os.path.dirname(os.path.abspath(path))
+        for key, (value, origin) in {**environment_settings(os.environ if environ is None else environ),
+                                     **_command_line(overrides or {})}.items():
+            _assign(document, key, value)
+            origins[key] = origin
+        try:
+            return cls.from_dict(document, base=base)
+        except ConfigError as exc:
+            raise ConfigError(_attribute(str(exc), origins, path)) from None
 
     @classmethod
     def from_dict(cls, document: Mapping[str, Any], *, base: str = ".") -> ServerConfig:
         """Build from the parsed TOML structure (relative TLS paths are relative to `base`)."""
-        _known(document, "", {"server", "database", "limits", "rate_limits", "tokens", "quotas", "tls"})
+        _known(document, "", set(SECTIONS))
         config = cls()
         server = _table(document, "server")
-        _known(server, "server.", {"listen", "http", "name", "write_threads", "bulk_threads",
-                                   "read_threads"})
+        _known(server, "server.", _keys_of("server"))
         config.listen = _opt_str(server, "server.listen", DEFAULT_LISTEN)
         config.http = _opt_str(server, "server.http", None)
         config.name = str(server.get("name", config.name))
         config.write_threads = _positive_int(server, "server.write_threads", config.write_threads)
         config.bulk_threads = _positive_int(server, "server.bulk_threads", config.bulk_threads)
         config.read_threads = _positive_int(server, "server.read_threads", config.read_threads)
-        config.database = dict(_table(document, "database"))
+        config.database = _database(_table(document, "database"))
         config.limits = _limits(_table(document, "limits"))
         rates = _table(document, "rate_limits")
-        _known(rates, "rate_limits.", {"client", "operations"})
+        _known(rates, "rate_limits.", _keys_of("rate_limits"))
         if "client" in rates:
             config.client_rate = _rate(rates["client"], "rate_limits.client")
         for op, spec in _table(rates, "operations", "rate_limits.").items():
@@ -144,13 +180,226 @@ class ServerConfig:
         config.tokens = _tokens(document.get("tokens", []))
         _quotas(config, _table(document, "quotas"))
         tls = _table(document, "tls")
-        _known(tls, "tls.", {"cert", "key"})
+        _known(tls, "tls.", _keys_of("tls"))
         if ("cert" in tls) != ("key" in tls):
             raise ConfigError("tls: give both cert and key, or neither")
         if "cert" in tls:
-            config.tls_cert = os.path.join(base, str(tls["cert"]))
-            config.tls_key = os.path.join(base, str(tls["key"]))
+            config.tls_cert = os.path.join(base, _string(tls, "tls.cert"))
+            config.tls_key = os.path.join(base, _string(tls, "tls.key"))
+        http = _table(document, "http")
+        _known(http, "http.", _keys_of("http"))
+        config.metrics_tokens = _digests(http.get("metrics_token_sha256", []),
+                                         "http.metrics_token_sha256")
+        log = _table(document, "log")
+        _known(log, "log.", _keys_of("log"))
+        config.log_level = _choice(log, "log.level", config.log_level, LOG_LEVELS)
+        config.log_format = _choice(log, "log.format", config.log_format, LOG_FORMATS)
+        config.access_log = _boolean(log, "log.access", config.access_log)
         return config
+
+
+# ------------------------------------------------------------------ every setting
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+DURABILITY_MODES = ("sync", "batch", "none")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration setting: where it is written, what it is, and its default.
+
+    `kind` says how a value is read from the environment (where every value
+    is text): "text" as it is, "integer" / "number" / "boolean" parsed, "toml"
+    as a TOML inline value (a table or an array), "texts" as one string or,
+    when it starts with "[", a TOML array of strings.
+    """
+
+    key: str           # dotted TOML key: section.name (tokens: the array itself)
+    kind: str
+    default: str       # as the documentation shows it
+    meaning: str
+    option: str = ""   # the command-line option that overrides it, if any
+
+    @property
+    def environment(self) -> str:
+        return "STEMEDB_" + self.key.upper().replace(".", "_")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server.listen", "text", '"127.0.0.1:7440"',
+            'binary protocol address `host:port` (port 0: any free port); `""` turns it off',
+            "--listen"),
+    Setting("server.http", "text", "off", "HTTP side door address `host:port` (health, ready, "
+            "metrics, JSON API); TLS when [tls] is set", "--http"),
+    Setting("server.name", "text", '"stemedb"', "server name in HELLO answers and STATS"),
+    Setting("server.write_threads", "integer", "32", "worker threads for small writes (they "
+            "mostly wait on group commits)"),
+    Setting("server.bulk_threads", "integer", "2", "worker threads for write batches of 256+ "
+            "records (CPU-bound)"),
+    Setting("server.read_threads", "integer", "4", "worker threads for GET, QUERY, SCAN, STATS"),
+    Setting("database.durability", "text", '"sync"', "when a write is acknowledged: `sync`, "
+            "`batch` or `none` (\"Durability modes\")"),
+    Setting("database.segment_size", "integer", "67108864", "bytes per segment file of a new "
+            "store (an existing store keeps its own)"),
+    Setting("database.batch_interval_ms", "number", "10", "`batch` mode: milliseconds between "
+            "background fsyncs"),
+    Setting("database.snapshot_every", "integer", "1000000", "records between automatic index "
+            "snapshots"),
+    Setting("database.verify_threads", "integer", "CPU count", "threads verifying signatures "
+            "of large write batches"),
+    Setting("limits.max_frame", "integer", "16777216", "payload bytes per frame after "
+            "authentication"),
+    Setting("limits.preauth_frame", "integer", "4096", "payload bytes per frame before "
+            "authentication (at least 1100)"),
+    Setting("limits.handshake_timeout", "number", "10.0", "seconds from accept to an "
+            "authenticated HELLO (HTTP: to the first request head)"),
+    Setting("limits.idle_timeout", "number", "300.0", "seconds without a complete frame while "
+            "nothing is in flight"),
+    Setting("limits.max_connections", "integer", "1024", "open connections per door"),
+    Setting("limits.max_inflight", "integer", "128", "unanswered requests per connection "
+            "(backpressure)"),
+    Setting("limits.shutdown_grace", "number", "30.0", "seconds to answer requests in flight "
+            "on SIGTERM"),
+    Setting("limits.max_http_body", "integer", "16777216", "bytes of an HTTP request body"),
+    Setting("limits.buffer_budget", "integer", "268435456", "bytes held for all clients: half "
+            "requests, half answers"),
+    Setting("limits.output_buffer", "integer", "4194304", "answer bytes queued per connection "
+            "before its requests wait"),
+    Setting("limits.send_timeout", "number", "30.0", "seconds a client may take no answer "
+            "bytes before it is disconnected"),
+    Setting("rate_limits.client", "toml", "none", "`{ rate = …, burst = … }`: requests/s per "
+            "client (token name)"),
+    Setting("rate_limits.operations", "toml", "none", "`{ put = { rate = …, burst = … }, … }`: "
+            "requests/s per client and operation"),
+    Setting("tokens", "toml", "none (protected mode)", "`[[tokens]]`: `name`, `role` (read, "
+            "write, admin), `sha256` of the secret (`stemedb token`), optional `expires`"),
+    Setting("quotas.default_tier", "text", "none", "the tier of signers not in "
+            "quotas.signers"),
+    Setting("quotas.tiers", "toml", "none", "`{ tier = { rate = …, burst = … }, … }`: records/s "
+            "per signer key"),
+    Setting("quotas.signers", "toml", "none", '`{ "<public key hex>" = "tier", … }`'),
+    Setting("tls.cert", "text", "none", "PEM certificate chain; with tls.key, both doors serve "
+            "TLS only (path relative to the config file)"),
+    Setting("tls.key", "text", "none", "PEM private key of tls.cert"),
+    Setting("http.metrics_token_sha256", "texts", "none (open)", "SHA-256 (hex) of the token, "
+            "or an array of them, that GET /metrics must present as `Authorization: Bearer`"),
+    Setting("log.level", "text", '"info"', "`debug`, `info`, `warning` or `error`",
+            "--log-level"),
+    Setting("log.format", "text", '"text"', "`text` (one readable line) or `json` (one JSON "
+            "object per line)", "--log-format"),
+    Setting("log.access", "boolean", "false", "one `stemedb.access` log line per request: door, "
+            "op, peer, principal, status, bytes, duration"),
+)
+SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
+SETTINGS_BY_VARIABLE = {setting.environment: setting for setting in SETTINGS}
+SECTIONS = tuple(dict.fromkeys(setting.key.split(".", 1)[0] for setting in SETTINGS))
+# A variable that starts with one of these and is not a setting is a typo: refused.
+RESERVED_PREFIXES = tuple(f"STEMEDB_{section.upper()}" + ("" if section == "tokens" else "_")
+                          for section in SECTIONS)
+
+
+def _keys_of(section: str) -> set[str]:
+    return {s.key.split(".", 1)[1] for s in SETTINGS if s.key.startswith(section + ".")}
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, as docs/operations.md shows it."""
+    rows = ["| TOML key | environment variable | command line | default | meaning |",
+            "|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        option = f"`{setting.option}`" if setting.option else ""
+        rows.append(f"| `{setting.key}` | `{setting.environment}` | {option} | {setting.default} "
+                    f"| {setting.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def environment_settings(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """{setting key: (value, variable)} of the STEMEDB_* variables that name settings.
+
+    ConfigError for a variable in a settings section that names no setting
+    (STEMEDB_LIMITS_MAX_FRAMES) or whose text does not parse as its kind.
+    Other STEMEDB_* variables (STEMEDB_DATA, STEMEDB_SEGMENT_SIZE) are not
+    configuration-file settings and are left alone.
+    """
+    found: dict[str, tuple[Any, str]] = {}
+    for variable in sorted(environ):
+        setting = SETTINGS_BY_VARIABLE.get(variable)
+        if setting is None:
+            if variable.startswith(RESERVED_PREFIXES):
+                section = next(p for p in RESERVED_PREFIXES if variable.startswith(p))
+                known = sorted(v for v in SETTINGS_BY_VARIABLE if v.startswith(section))
+                raise ConfigError(f"{variable}: not a setting (known: {', '.join(known)})")
+            continue
+        found[setting.key] = (_parse_text(setting, environ[variable], variable), variable)
+    return found
+
+
+def _parse_text(setting: Setting, text: str, origin: str) -> Any:
+    """A setting's value from the text of an environment variable."""
+    try:
+        if setting.kind == "integer":
+            return int(text.strip())
+        if setting.kind == "number":
+            return float(text.strip())
+        if setting.kind == "boolean":
+            word = text.strip().lower()
+            if word in ("1", "true", "yes", "on"):
+                return True
+            if word in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if setting.kind == "toml" or (setting.kind == "texts" and text.lstrip().startswith("[")):
+            return tomllib.loads(f"value = {text}")["value"]
+    except (ValueError, tomllib.TOMLDecodeError):
+        expected = {"integer": "an integer", "number": "a number",
+                    "boolean": "true or false (1, 0, yes, no)"}.get(
+            setting.kind, "a TOML inline table or array")
+        raise ConfigError(f"{origin} ({setting.key}): expected {expected}, got {text!r}") from None
+    if setting.key in ("tls.cert", "tls.key") and text:
+        return os.path.abspath(text)  # not relative to the config file: to where it was given
+    return text
+
+
+def _command_line(overrides: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
+    found: dict[str, tuple[Any, str]] = {}
+    for key, value in overrides.items():
+        setting = SETTINGS_BY_KEY.get(key)
+        if setting is None:
+            raise ConfigError(f"{key}: not a setting")
+        if value is not None:
+            found[key] = (value, setting.option or key)
+    return found
+
+
+def _assign(document: dict[str, Any], key: str, value: Any) -> None:
+    if "." not in key:
+        document[key] = value
+        return
+    section, name = key.split(".", 1)
+    table = document.get(section)
+    if not isinstance(table, dict):
+        table = document[section] = {}
+    table[name] = value
+
+
+def _attribute(message: str, origins: Mapping[str, str], path: Any) -> str:
+    """The message, saying which variable or option set the key it names (else the file)."""
+    named = message.split(":", 1)[0].split(" ", 1)[0]
+    for key in sorted(origins, key=len, reverse=True):
+        if named == key or named.startswith((key + ".", key + "[")):
+            return f"{message} (set by {origins[key]})"
+    return f"{path}: {message}" if path is not None else message
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
 
 
 def hash_token(token: str) -> bytes:
@@ -193,6 +442,60 @@ def _positive_number(table: Mapping[str, Any], key: str, default: float) -> floa
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"{key}: expected a positive number, got {value!r}")
     return float(value)
+
+
+def _string(table: Mapping[str, Any], key: str) -> str:
+    value = table.get(key.rsplit(".", 1)[-1])
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(table: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = table.get(key.rsplit(".", 1)[-1], default)
+    word = value.lower() if isinstance(value, str) else value
+    if word not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return str(word)
+
+
+def _boolean(table: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = table.get(key.rsplit(".", 1)[-1], default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _digests(value: Any, key: str) -> list[bytes]:
+    """SHA-256 digests from one hex string or an array of them."""
+    entries = [value] if isinstance(value, str) else value
+    if not isinstance(entries, list):
+        raise ConfigError(f"{key}: expected the hex SHA-256 of a token, or an array of them")
+    digests = []
+    for index, entry in enumerate(entries):
+        try:
+            digest = bytes.fromhex(entry) if isinstance(entry, str) else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            where = key if isinstance(value, str) else f"{key}[{index}]"
+            raise ConfigError(f"{where}: expected 64 hex digits (the sha256 `stemedb token` prints)")
+        digests.append(digest)
+    return digests
+
+
+def _database(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The [database] options for stemedb.open(), each checked here so its error names the key."""
+    _known(table, "database.", _keys_of("database"))
+    options: dict[str, Any] = {}
+    if "durability" in table:
+        options["durability"] = _choice(table, "database.durability", "sync", DURABILITY_MODES)
+    for name in ("segment_size", "snapshot_every", "verify_threads"):
+        if name in table:
+            options[name] = _positive_int(table, f"database.{name}", 1)
+    if "batch_interval_ms" in table:
+        options["batch_interval_ms"] = _positive_number(table, "database.batch_interval_ms", 1.0)
+    return options
 
 
 def _limits(table: Mapping[str, Any]) -> Limits:

@@ -291,7 +291,8 @@ class Connection:
                      size: int) -> None:
         try:
             outcome = await self.pipeline.run(self.caller, operation,
-                                              partial(handler, self, operation, request_id, args))
+                                              partial(handler, self, operation, request_id, args),
+                                              size=size)
             if isinstance(outcome, Refusal):
                 await self.reply_refusal(request_id, outcome)
         finally:

@@ -1,12 +1,14 @@
 """The HTTP side door: /health, /ready, /metrics and a small JSON API, on h11.
 
 Owns: one HTTP/1.1 connection at a time per task (keep-alive, no
-pipelining — h11 parses, this module never does), routing, bearer-token
-authentication with the same tokens, roles and rate limits as the binary
-protocol, and the JSON shapes of docs/protocol.md ("HTTP side door"). A
-request is decided from its head: size (16 KiB), framing, route, token, role
-and rate limit are all checked before one byte of its body is read. Must
-never: parse HTTP itself, call the database or parse a body on the event
+pipelining — h11 parses, this module never does; under TLS when the server
+has [tls], the stream it is given is already a TLS stream), routing,
+bearer-token authentication with the same tokens, roles and rate limits as
+the binary protocol, the /metrics token ([http] metrics_token_sha256: the
+scrape route is open without one), and the JSON shapes of docs/protocol.md
+("HTTP side door"). A request is decided from its head: size (16 KiB),
+framing, route, token, role and rate limit are all checked before one byte
+of its body is read. Must never: parse HTTP itself, call the database or parse a body on the event
 loop, read a body it is going to refuse, accept a body larger than
 `limits.max_http_body` (refused from Content-Length, before reading it, when
 declared), or hold body bytes beyond its free allowance that it has not
@@ -308,7 +310,7 @@ class HttpConnection:
             self.input.expect(0)
         outcome = await self.pipeline.run(caller, operation,
                                           partial(self._respond, operation, method, path, query,
-                                                  caller, body))
+                                                  caller, body), size=len(body))
         if isinstance(outcome, Refusal):
             return error_response(outcome), False
         return outcome, False
@@ -323,6 +325,8 @@ class HttpConnection:
             if self.pipeline.protected_mode:
                 self.pipeline.anonymous(self.peer)  # refuses non-loopback peers on every route
             operation = _route(method, path)
+            if operation is METRICS and self.pipeline.auth.metrics_protected:
+                self._scraper(headers)
             principal = self._principal(headers) if operation.opcode is not None else None
         except StemeError as exc:
             self._count_refusal(refusal(exc))
@@ -332,16 +336,32 @@ class HttpConnection:
         return operation, caller
 
     def _principal(self, headers: dict[str, str]) -> Principal:
-        credentials = headers.get("authorization", "")
-        scheme, _, token = credentials.partition(" ")
-        if credentials:
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthError("expected Authorization: Bearer <token>")
-            return self.pipeline.authenticate(self.peer, token.strip())
+        token = _bearer_token(headers)
+        if token is not None:
+            return self.pipeline.authenticate(self.peer, token)
         principal = self.pipeline.anonymous(self.peer)
         if principal is None:
             raise AuthRequired("send Authorization: Bearer <token>")
         return principal
+
+    def _scraper(self, headers: dict[str, str]) -> None:
+        """Admit a /metrics request that must carry a metrics token ([http] metrics_token_sha256).
+
+        AuthRequired without a token, AuthError for a wrong one; failures are
+        throttled per address like every other authentication. The messages
+        name no configured token.
+        """
+        token = _bearer_token(headers)
+        if token is None:
+            raise AuthRequired("/metrics needs Authorization: Bearer <metrics token>")
+        limits = self.pipeline.limits
+        now = trio.current_time()
+        limits.check_auth_failures(self.peer, now)
+        try:
+            self.pipeline.auth.authenticate_scraper(token)
+        except AuthError:
+            limits.auth_failed(self.peer, now)
+            raise
 
     async def _send(self, response: Response, *, close: bool = False, head: bool = False) -> bool:
         status, headers, body = response
@@ -465,6 +485,17 @@ def _route(method: str, path: str) -> Operation:
             raise MethodNotAllowed(f"{method} is not allowed on {path}")
         raise NotFound(f"no route {path}")
     return operation
+
+
+def _bearer_token(headers: dict[str, str]) -> str | None:
+    """The token of an `Authorization: Bearer` header; None without one; AuthError if malformed."""
+    credentials = headers.get("authorization", "")
+    if not credentials:
+        return None
+    scheme, _, token = credentials.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("expected Authorization: Bearer <token>")
+    return token.strip()
 
 
 def _header(headers: Any, name: bytes) -> str | None:

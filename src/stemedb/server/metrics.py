@@ -1,37 +1,118 @@
-"""Prometheus metrics of one server: its own counters plus the database's.
+"""Prometheus metrics of one server: its own counters plus the database's and the process's.
 
 Owns: a private CollectorRegistry (several servers can live in one test
-process), the request / rejection / connection / query-latency metrics the
-request pipeline and the front doors update (requests are labelled by `door`
-— binary, http — and `op`, the operation), and a collector that turns `db.stats()` into the storage
-metrics (WAL fsync latency histogram, group-commit batches, writes, bytes,
-errors, segments, disk usage, recovery) at scrape time. Must never: block the
-event loop — `render()` takes the database's state lock, so the HTTP side door
-calls it from a worker thread.
+process) holding the request / rejection / connection / query-latency metrics
+the request pipeline and the front doors update — one request counter, one
+latency histogram and one error counter, all labelled by `door` (binary,
+http) and `op` (the operation) — the process and Python collectors,
+`stemedb_build_info`, a collector that turns `db.stats()` into the storage
+metrics (WAL fsync latency histogram, group commits, writes, bytes, errors,
+segments, disk, recovery) at scrape time, and the registration API through
+which archival and the cluster publish theirs (`track_archive`,
+`track_cluster`): those metrics exist only once something registered them.
+No `_created` series are exported (prometheus_client's are turned off for the
+process when this module is imported). Must never: block the event loop —
+`render()` takes the database's state lock, so the HTTP side door calls it
+from a worker thread.
+
+Error handling: a store whose stats() raises is reported as
+stemedb_store_up 0 and the rest of the scrape still answers; a registered
+source that raises is logged and left out of that scrape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+import os
+import platform
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
+from stemedb import _protocol
 from stemedb.server.buffers import BufferBudget
+
+log = logging.getLogger("stemedb.server.metrics")
+
+# A `_created` series per counter and histogram doubles the series count and no
+# dashboard or alert of ours reads it. The switch is process-wide in prometheus_client.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
+@dataclass(frozen=True)
+class ArchiveStatus:
+    """What continuous archival reports at each scrape (`ServerMetrics.track_archive`)."""
+
+    lag_seconds: float                # age of the oldest durable write not archived yet; 0: caught up
+    last_success_unix: float | None   # when the last upload finished (Unix seconds); None: none yet
+    archived_bytes: int               # bytes uploaded since the server started
+    failures: int                     # failed uploads since the server started
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """What the cluster reports of one peer at each scrape (`ServerMetrics.track_cluster`)."""
+
+    up: bool                          # False once the peer is down (docs/replication.md, liveness)
+    lag_seconds: float | None         # age of the oldest record not yet pushed to it; None: unknown
+
+
+def _histogram_buckets(histogram: Mapping[str, int], scale: float) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets from {upper bound: count in that bucket} (engine stats)."""
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for bound, count in histogram.items():
+        cumulative += count
+        upper = float(bound)
+        buckets.append(("+Inf" if upper == float("inf") else repr(upper * scale), cumulative))
+    if not buckets or buckets[-1][0] != "+Inf":
+        buckets.append(("+Inf", cumulative))
+    return buckets
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, doc)
+    gauge.add_metric([], float(value))
+    return gauge
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    counter = CounterMetricFamily(name, doc)
+    counter.add_metric([], value)
+    return counter
+
+
 class DatabaseCollector:
-    """Reads db.stats() on every scrape."""
+    """Reads db.stats() on every scrape.
+
+    Engine figures it does not find are left out rather than invented: the
+    group-commit size histogram (`writes["batch_records_histogram"]`,
+    {upper bound: batches}) replaces the lifetime mean once the engine
+    reports it, and `writes["envelopes_written"]` splits envelopes from the
+    other records written.
+    """
 
     def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
         self._stats = stats
@@ -43,42 +124,19 @@ class DatabaseCollector:
         try:
             stats = self._stats()
         except Exception:  # a closed or failing store still lets the scrape answer
-            up = GaugeMetricFamily("stemedb_store_up", "1 when the store answered stats()")
-            up.add_metric([], 0)
-            yield up
+            yield _gauge("stemedb_store_up", "1 when the store answered stats()", 0)
             return
-        up = GaugeMetricFamily("stemedb_store_up", "1 when the store answered stats()")
-        up.add_metric([], 1)
-        yield up
+        yield _gauge("stemedb_store_up", "1 when the store answered stats()", 1)
         writes = stats["writes"]
-        buckets, cumulative = [], 0
-        for bound, count in writes["fsync_histogram_ms"].items():
-            cumulative += count
-            upper = float(bound)
-            buckets.append(("+Inf" if upper == float("inf") else repr(upper / 1000.0), cumulative))
-        if not buckets or buckets[-1][0] != "+Inf":
-            buckets.append(("+Inf", cumulative))
-        fsync = HistogramMetricFamily("stemedb_wal_fsync_seconds", "WAL fdatasync latency",
-                                      buckets=buckets,
-                                      sum_value=writes["fsync_mean_ms"] * writes["fsyncs"] / 1000.0)
-        yield fsync
-        for name, doc, value in (
-            ("stemedb_group_commit_batches", "Group commits (one append + fsync each)", writes["batches"]),
-            ("stemedb_writes", "Records written durably", writes["records_written"]),
-            ("stemedb_written_bytes", "Bytes appended to the WAL", writes["bytes_written"]),
-            ("stemedb_write_errors", "Failed appends or fsyncs", writes["write_errors"]),
-            ("stemedb_fsyncs", "fdatasync calls", writes["fsyncs"]),
-        ):
-            counter = CounterMetricFamily(name, doc)
-            counter.add_metric([], value)
-            yield counter
-        batches = writes["batches"] or 0
-        mean = writes["records_written"] / batches if batches else 0.0
+        yield HistogramMetricFamily(
+            "stemedb_wal_fsync_seconds", "WAL fdatasync latency",
+            buckets=_histogram_buckets(writes["fsync_histogram_ms"], 1 / 1000.0),
+            sum_value=writes["fsync_mean_ms"] * writes["fsyncs"] / 1000.0)
+        yield from self._writes(writes)
         index_bytes = stats["index_bytes"]
         if isinstance(index_bytes, dict):
             index_bytes = sum(index_bytes.values())
         for name, doc, value in (
-            ("stemedb_group_commit_batch_records_mean", "Mean records per group commit", mean),
             ("stemedb_group_commit_batch_records_max", "Largest group commit, in records",
              writes["max_records_per_batch"]),
             ("stemedb_group_commit_batch_writers_max", "Most writers served by one group commit",
@@ -97,13 +155,97 @@ class DatabaseCollector:
             ("stemedb_store_failed", "1 after a failed fsync (writes refused until reopen)",
              1 if stats["failed"] else 0),
         ):
-            gauge = GaugeMetricFamily(name, doc)
-            gauge.add_metric([], float(value))
-            yield gauge
+            yield _gauge(name, doc, value)
+        yield from _filesystem(stats.get("path"))
         by_kind = GaugeMetricFamily("stemedb_records_by_kind", "Records stored, by kind", labels=["kind"])
         for kind, count in stats["by_kind"].items():
             by_kind.add_metric([kind], count)
         yield by_kind
+
+    @staticmethod
+    def _writes(writes: Mapping[str, Any]) -> Iterator[Metric]:
+        envelopes = writes.get("envelopes_written")
+        records = writes["records_written"] - (envelopes or 0)
+        yield _counter("stemedb_group_commit_batches", "Group commits (one append + fsync each)",
+                       writes["batches"])
+        yield _counter("stemedb_writes", "Records written durably (envelopes apart, once the "
+                       "engine counts them: stemedb_envelopes_written_total)", records)
+        if envelopes is not None:
+            yield _counter("stemedb_envelopes_written", "Batch envelopes written durably",
+                           envelopes)
+        yield _counter("stemedb_written_bytes", "Bytes appended to the WAL", writes["bytes_written"])
+        yield _counter("stemedb_write_errors", "Failed appends or fsyncs", writes["write_errors"])
+        yield _counter("stemedb_fsyncs", "fdatasync calls", writes["fsyncs"])
+        sizes = writes.get("batch_records_histogram")
+        if sizes is not None:
+            yield HistogramMetricFamily(
+                "stemedb_group_commit_batch_records", "Records per group commit",
+                buckets=_histogram_buckets(sizes, 1.0), sum_value=writes["records_written"])
+        else:
+            batches = writes["batches"] or 0
+            yield _gauge("stemedb_group_commit_batch_records_mean",
+                         "Mean records per group commit since the store opened (until the engine "
+                         "reports a histogram)",
+                         writes["records_written"] / batches if batches else 0.0)
+
+
+def _filesystem(path: str | None) -> Iterator[Metric]:
+    """Size and free space of the filesystem holding the data directory (for the disk alerts)."""
+    if not path:
+        return
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return
+    yield _gauge("stemedb_filesystem_size_bytes", "Size of the filesystem holding the data "
+                 "directory", fs.f_blocks * fs.f_frsize)
+    yield _gauge("stemedb_filesystem_avail_bytes", "Bytes of that filesystem the server may "
+                 "still allocate", fs.f_bavail * fs.f_frsize)
+
+
+class FeatureCollector:
+    """The metrics of archival and of the cluster, read from their registered sources."""
+
+    def __init__(self) -> None:
+        self.archive: Callable[[], ArchiveStatus] | None = None
+        self.node: str | None = None
+        self.peers: Callable[[], Mapping[str, PeerStatus]] | None = None
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        if self.archive is not None:
+            try:
+                archive = self.archive()
+            except Exception:
+                log.exception("the archive's metrics source failed; left out of this scrape")
+            else:
+                yield _gauge("stemedb_archive_lag_seconds", "Age of the oldest durable write not "
+                             "archived yet (0: caught up)", archive.lag_seconds)
+                if archive.last_success_unix is not None:
+                    yield _gauge("stemedb_archive_last_success_timestamp_seconds",
+                                 "When the last archive upload finished", archive.last_success_unix)
+                yield _counter("stemedb_archived_bytes", "Bytes archived", archive.archived_bytes)
+                yield _counter("stemedb_archive_failures", "Failed archive uploads",
+                               archive.failures)
+        if self.peers is not None and self.node is not None:
+            try:
+                peers = dict(self.peers())
+            except Exception:
+                log.exception("the cluster's metrics source failed; left out of this scrape")
+                return
+            up = GaugeMetricFamily("stemedb_node_up", "1 while a cluster node is up, as this node "
+                                   "sees it (itself included)", labels=["node"])
+            up.add_metric([self.node], 1)
+            lag = GaugeMetricFamily("stemedb_replication_lag_seconds", "Age of the oldest record "
+                                    "not yet pushed to a peer", labels=["peer"])
+            for peer, status in sorted(peers.items()):
+                up.add_metric([peer], 1 if status.up else 0)
+                if status.lag_seconds is not None:
+                    lag.add_metric([peer], status.lag_seconds)
+            yield up
+            yield lag
 
 
 class ServerMetrics:
@@ -112,6 +254,12 @@ class ServerMetrics:
     def __init__(self, stats: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         registry = self.registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        build = Gauge("stemedb_build_info", "The running StemeDB: version, Python, protocol",
+                      ["version", "python", "protocol"], registry=registry)
+        build.labels(stemedb_version(), platform.python_version(), str(_protocol.PROTOCOL_VERSION)).set(1)
         self.requests = Counter("stemedb_requests", "Requests answered, by door and operation",
                                 ["door", "op"], registry=registry)
         self.request_errors = Counter("stemedb_request_errors",
@@ -141,6 +289,11 @@ class ServerMetrics:
         self.buffer_waiting = Gauge("stemedb_buffer_waiting",
                                     "Readers or answers waiting for the buffer budget, by pool",
                                     ["pool"], registry=registry)
+        for door in ("binary", "http"):  # both doors' series exist from the first scrape
+            self.connections.labels(door)
+            self.connections_accepted.labels(door)
+        self._features = FeatureCollector()
+        registry.register(self._features)
         if stats is not None:
             registry.register(DatabaseCollector(stats))
 
@@ -150,6 +303,31 @@ class ServerMetrics:
             self.buffer_bytes.labels(pool.name).set_function(partial(getattr, pool, "used"))
             self.buffer_waiting.labels(pool.name).set_function(partial(getattr, pool, "waiting"))
 
+    def track_archive(self, status: Callable[[], ArchiveStatus]) -> None:
+        """Export continuous archival's metrics, read from `status()` at every scrape.
+
+        Called once by the archiver when it starts: stemedb_archive_lag_seconds,
+        stemedb_archive_last_success_timestamp_seconds, stemedb_archived_bytes_total,
+        stemedb_archive_failures_total. `status` runs in the scrape's worker thread.
+        """
+        self._features.archive = status
+
+    def track_cluster(self, node: str, peers: Callable[[], Mapping[str, PeerStatus]]) -> None:
+        """Export the cluster's metrics: this node's id, and its peers read from `peers()` per scrape.
+
+        stemedb_node_up{node} (this node 1, each peer as it is seen) and
+        stemedb_replication_lag_seconds{peer}. `peers` runs in the scrape's worker thread.
+        """
+        self._features.node = node
+        self._features.peers = peers
+
     def render(self) -> bytes:
         """The Prometheus text format (blocking: call from a worker thread)."""
         return bytes(generate_latest(self.registry))
+
+
+def stemedb_version() -> str:
+    """The running package's version (stemedb.__version__)."""
+    import stemedb
+
+    return str(getattr(stemedb, "__version__", "unknown"))

@@ -31,6 +31,7 @@ answered `internal` without its details.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,8 +52,9 @@ from stemedb.errors import (
     Unsupported,
     refusal,
 )
+from stemedb.logs import ACCESS_LOGGER
 from stemedb.records import RecordKind
-from stemedb.server.auth import Authenticator, Peer, Principal
+from stemedb.server.auth import Authenticator, Peer, Principal, describe_peer
 from stemedb.server.buffers import BufferBudget
 from stemedb.server.config import Limits
 from stemedb.server.limits import RequestLimits
@@ -61,6 +63,9 @@ from stemedb.server.service import JSON, Blob, Service
 
 Door = Literal["binary", "http"]
 T = TypeVar("T")
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+CANCELLED = "cancelled"  # the access log's status of a request whose work was cancelled: no answer
 
 # Write batches at least this large are decoded and verified by at most `bulk_threads`
 # threads: that work holds the GIL, and more threads only contend for it (measured: 16
@@ -119,8 +124,9 @@ class Pipeline:
 
     def __init__(self, service: Service, auth: Authenticator, limits: RequestLimits,
                  metrics: ServerMetrics, *, write_threads: int, bulk_threads: int,
-                 read_threads: int, describe: Callable[[], JSON]) -> None:
+                 read_threads: int, describe: Callable[[], JSON], access: bool = False) -> None:
         self.service = service
+        self.access = access
         self.auth = auth
         self.limits = limits
         self.metrics = metrics
@@ -168,27 +174,48 @@ class Pipeline:
             self.limits.admit(caller.principal.name, operation.name, trio.current_time())
         except StemeError as exc:
             self.metrics.rejected.labels(exc.name).inc()
+            self._answered(caller, operation, exc.name, None, 0)
             raise
 
     # --------------------------------------------------------------- running
 
     async def run(self, caller: Caller, operation: Operation,
-                  work: Callable[[], Awaitable[T]]) -> T | Refusal:
-        """Do an admitted request's `work`: its answer, or the Refusal of what it raised."""
+                  work: Callable[[], Awaitable[T]], *, size: int = 0) -> T | Refusal:
+        """Do an admitted request's `work`: its answer, or the Refusal of what it raised.
+
+        `size` is the request's payload in bytes (the access log's `bytes`).
+        """
         started = time.perf_counter()
-        labels = {"door": caller.door, "op": operation.name}
+        status = CANCELLED  # replaced unless the work is cancelled (shutdown, client gone)
         try:
-            return await work()
-        except Exception as exc:
-            answer = refusal(exc)
-            self.metrics.request_errors.labels(error=answer.name, **labels).inc()
-            if issubclass(answer.error, RateLimited):
-                self.metrics.rejected.labels(
-                    "quota" if issubclass(answer.error, QuotaExceeded) else answer.name).inc()
+            answer = await work()
+            status = "ok"
             return answer
+        except Exception as exc:
+            failure = refusal(exc)
+            status = failure.name
+            if issubclass(failure.error, RateLimited):
+                self.metrics.rejected.labels(
+                    "quota" if issubclass(failure.error, QuotaExceeded) else failure.name).inc()
+            return failure
         finally:
-            self.metrics.requests.labels(**labels).inc()
-            self.metrics.request_seconds.labels(**labels).observe(time.perf_counter() - started)
+            self._answered(caller, operation, status, time.perf_counter() - started, size)
+
+    def _answered(self, caller: Caller, operation: Operation, status: str, seconds: float | None,
+                  size: int) -> None:
+        """Count a request (seconds None: refused before it ran) and write its access-log line."""
+        labels = {"door": caller.door, "op": operation.name}
+        self.metrics.requests.labels(**labels).inc()
+        if status not in ("ok", CANCELLED):
+            self.metrics.request_errors.labels(error=status, **labels).inc()
+        if seconds is not None:
+            self.metrics.request_seconds.labels(**labels).observe(seconds)
+        if self.access:
+            principal = caller.principal.name if caller.principal is not None else "-"
+            access_log.info("%s %s %s", caller.door, operation.name, status, extra={
+                "door": caller.door, "op": operation.name, "peer": describe_peer(caller.peer),
+                "principal": principal, "status": status, "bytes": size,
+                "duration_ms": round((seconds or 0.0) * 1000, 3)})
 
     async def call(self, operation: Operation, function: Callable[..., T], *args: Any,
                    records: int = 0) -> T:
