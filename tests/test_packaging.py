@@ -11,6 +11,9 @@
   `server` extra, and nothing is pinned from above.
 - Current trio and anyio: an error is reported as itself, not wrapped in the
   ExceptionGroup that strict task groups (trio >= 0.25, anyio 4) raise.
+
+The wheel itself (manylinux tag, stripped extensions, a clean-venv install
+with and without the extra) is checked by .ci/run.
 """
 
 from __future__ import annotations
