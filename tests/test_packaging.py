@@ -89,8 +89,8 @@ import sys
 import stemedb
 assert "stemedb.engine" not in sys.modules
 open_ = stemedb.open
-import stemedb.engine
-assert open_ is stemedb.engine.open and stemedb.Database is stemedb.engine.Database
+import stemedb.database
+assert open_ is stemedb.database.open and stemedb.Database is stemedb.database.Database
 with stemedb.open({str(tmp_path / "db")!r}) as db:
     claim = stemedb.Assertion("aspirin", "treats", stemedb.Ref("headache")).sign(stemedb.Signer.generate())
     db.put(claim)
@@ -103,13 +103,15 @@ with stemedb.open({str(tmp_path / "db")!r}) as db:
 
 def test_every_public_name_resolves_to_its_defining_module():
     import stemedb.client
+    import stemedb.database
     import stemedb.engine
     import stemedb.lenses
     import stemedb.query
 
     for name in stemedb.__all__:
         assert getattr(stemedb, name) is not None, name
-    assert stemedb.open is stemedb.engine.open and stemedb.Writer is stemedb.engine.Writer
+    assert stemedb.open is stemedb.database.open and stemedb.Database is stemedb.database.Database
+    assert stemedb.Writer is stemedb.engine.Writer
     assert stemedb.connect is stemedb.client.connect
     assert stemedb.connect_async is stemedb.client.connect_async
     assert stemedb.Resolution is stemedb.query.Resolution
@@ -122,7 +124,7 @@ def test_every_public_name_resolves_to_its_defining_module():
 def test_star_import_gives_every_name_in_all():
     result = run_python("from stemedb import *\nprint(open.__module__, Recency.__name__, connect.__name__)")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["stemedb.engine.database", "Recency", "connect"]
+    assert result.stdout.split() == ["stemedb.database", "Recency", "connect"]
 
 
 def test_an_unknown_name_is_an_attribute_error():
