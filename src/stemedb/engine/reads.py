@@ -122,8 +122,12 @@ class Reads:
         return lengths
 
     def contains(self, record_id: bytes) -> bool:
+        # The single-ID probe get_encoded uses: no (1, 32) array built for one lookup.
+        if type(record_id) is not bytes or len(record_id) != 32:
+            record_id = bytes(id_array([record_id])[0])
         with self.lock:
-            return bool(self.state.lookup_many(id_array([record_id]))[0] >= 0)
+            state = self.state
+            return bool(state.ids.lookup(record_id, state.all_ids()) >= 0)
 
     def scan(self, subject: str | None, predicate: str | None, kind: str | None) -> Iterator[Record]:
         """Stored records in write order, by subject and/or predicate and/or kind name."""
