@@ -107,7 +107,8 @@ class Database:
         self._writes = WritePath(self.log, self._state, self._state_lock, self.files,
                                  durability=durability, metrics=self.metrics, notifier=notifier,
                                  checkpointer=self._checkpointer,
-                                 before_write=self._recovery.finish_set_aside)
+                                 before_write=self._recovery.finish_set_aside,
+                                 subjects=self._reads.subject_keys)
         self._commit = self._writes.commit
         if durability == "batch":
             self._writes.start_flusher(self.batch_interval)
@@ -208,7 +209,7 @@ class Database:
     def _commit_batch(self, batch: verify.EncodedBatch, kind: RecordKind | None) -> None:
         """Check in the caller's thread (size, proofs), then one group commit."""
         self._writes.check_fits(np.diff(batch.offsets), batch.ids)
-        self._verifier.prove(batch, self._reads.stored, kind=kind)
+        self._verifier.prove(batch, self._reads.stored, kind=kind, subjects=self._reads.subject_keys)
         self._writes.submit(batch)
 
     def vote(self, vote: Vote) -> bytes:

@@ -42,6 +42,8 @@ KIND_NAMES = {RecordKind.ASSERTION: "an assertion", RecordKind.VOTE: "a vote",
               RecordKind.EPOCH: "an epoch", RecordKind.ENVELOPE: "an envelope"}
 
 StoredRecord = Callable[[bytes], "Record | None"]
+# (kind, subject key) of each stored record of an (n, 32) array of IDs; kind 0 where absent.
+StoredSubjects = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 
 @dataclass
@@ -100,16 +102,20 @@ class Verifier:
         self._pool.shutdown()
 
     def prove(self, batch: EncodedBatch, stored: StoredRecord, *,
-              kind: RecordKind | None = None) -> None:
+              kind: RecordKind | None = None, subjects: StoredSubjects | None = None) -> None:
         """Raise unless every record of the batch is of `kind` (envelopes aside) and proven.
 
         Proven: carries valid signatures of all its declared signers, or is
         a member (envelope proof) of an envelope in the batch or of one that
-        `stored(envelope_id)` returns.
+        `stored(envelope_id)` returns. A version-2 vote must name the subject
+        of the assertion it votes on when that assertion is in the batch or
+        stored (`subjects` reads the stored ones).
         """
         kinds, proofs = batch.columns["kind"], batch.columns["proof"]
         if kind is not None:
             _check_kind(batch, kinds, kind)
+        if subjects is not None:
+            check_vote_subjects(batch, subjects)
         members = np.flatnonzero(proofs == PROOF_ENVELOPE)
         if len(members):
             claimed, signers, single = _codec.envelope_proofs(batch.blob, batch.offsets)
@@ -177,6 +183,49 @@ def _check_kind(batch: EncodedBatch, kinds: np.ndarray, kind: RecordKind) -> Non
         index = int(wrong[0])
         raise InvalidRecord(f"{batch.label(index)}: expected {KIND_NAMES[kind]}, got "
                             f"{KIND_NAMES[RecordKind(int(kinds[index]))]}")
+
+
+def check_vote_subjects(batch: EncodedBatch, subjects: StoredSubjects) -> None:
+    """A version-2 vote names the subject of the assertion it votes on, where that is known here.
+
+    Compared by subject key (docs/format.md, "Columns and indexes"): the
+    vote's `place` column against the assertion's `subject` column.
+    """
+    kinds, places = batch.columns["kind"], batch.columns["place"]
+    votes = np.flatnonzero((kinds == RecordKind.VOTE) & (places != 0))
+    if not len(votes):
+        return
+    targets = _codec.vote_assertions(batch.blob, batch.offsets, votes)
+    target_kinds = np.zeros(len(votes), dtype=np.uint8)
+    target_subjects = np.zeros(len(votes), dtype=np.uint64)
+    assertions = np.flatnonzero(kinds == RecordKind.ASSERTION)
+    here = np.zeros(len(votes), dtype=bool)
+    if len(assertions):
+        assertion_ids = np.ascontiguousarray(batch.ids[assertions])
+        table = _index.IdIndex(capacity=2 * len(assertions))
+        table.insert_many(assertion_ids, np.arange(len(assertions), dtype=np.uint32), assertion_ids)
+        owner = np.asarray(table.lookup_many(targets, assertion_ids))
+        here = owner >= 0
+        target_kinds[here] = RecordKind.ASSERTION
+        target_subjects[here] = batch.columns["subject"][assertions[owner[here]]]
+    if not here.all():
+        stored_kinds, stored_subjects = subjects(np.ascontiguousarray(targets[~here]))
+        target_kinds[~here] = stored_kinds
+        target_subjects[~here] = stored_subjects
+    wrong = np.flatnonzero((target_kinds != 0) & ((target_kinds != RecordKind.ASSERTION)
+                                                  | (target_subjects != places[votes])))
+    if not len(wrong):
+        return
+    position = int(wrong[0])
+    index = int(votes[position])
+    named = batch.record(index).subject  # type: ignore[attr-defined]
+    voted = bytes(targets[position]).hex()
+    if target_kinds[position] != RecordKind.ASSERTION:
+        raise InvalidRecord(f"{batch.label(index)}: subject: the vote names subject {named!r}, but the "
+                            f"record it votes on, {voted}, is {KIND_NAMES[RecordKind(int(target_kinds[position]))]}, "
+                            "not an assertion")
+    raise InvalidRecord(f"{batch.label(index)}: subject: {named!r} is not the subject of assertion "
+                        f"{voted}, the one it votes on; write the vote with Vote(assertion, weight)")
 
 
 @dataclass
