@@ -179,37 +179,43 @@ async def serve_peer(stream: trio.abc.Stream, hello: Hello, accept: Callable[[He
         async with send_lock:
             await stream.send_all(framing.encode_frame(kind, frame.request_id, payload, response=True))
 
-    async def one(peer_id: str, frame: Frame) -> None:
+    async def one(peer_id: str, frame: Frame, connection: trio.CancelScope) -> None:
         try:
-            payload = await handler(peer_id, frame)
-        except StemeError as exc:
-            await answer(frame, framing.encode_error(framing.error_code(exc), str(exc)), framing.ERROR)
-            return
-        await answer(frame, payload, frame.kind)
+            try:
+                payload = await handler(peer_id, frame)
+            except StemeError as exc:
+                await answer(frame, framing.encode_error(framing.error_code(exc), str(exc)), framing.ERROR)
+                return
+            await answer(frame, payload, frame.kind)
+        except STREAM_ERRORS:
+            connection.cancel()  # the stream broke: the connection ends, as when a read fails
 
+    # Every error is handled inside the nursery: one that left it would arrive wrapped in an
+    # ExceptionGroup (trio's strict exception groups), where `except` cannot match it.
     try:
         async with trio.open_nursery() as nursery:
             try:
-                while True:
-                    data = await stream.receive_some(RECEIVE_BYTES)
-                    if not data:
-                        break
-                    parser.feed(data)
-                    for frame in parser.frames():
-                        if frame.is_response:
-                            raise ProtocolError("a peer sent an answer where requests are expected")
-                        if peer is None:
-                            peer = await _greet(frame, hello, accept, answer)
-                            continue
-                        on_frame(peer)
-                        nursery.start_soon(one, peer, frame)
-            except StemeError as exc:
-                log.warning("peer %s refused: %s; disconnected", peer or "?", exc)
-                await answer(Frame(framing.ERROR, 0, 0, b""),
-                             framing.encode_error(framing.error_code(exc), str(exc)), framing.ERROR)
+                try:
+                    while True:
+                        data = await stream.receive_some(RECEIVE_BYTES)
+                        if not data:
+                            break
+                        parser.feed(data)
+                        for frame in parser.frames():
+                            if frame.is_response:
+                                raise ProtocolError("a peer sent an answer where requests are expected")
+                            if peer is None:
+                                peer = await _greet(frame, hello, accept, answer)
+                                continue
+                            on_frame(peer)
+                            nursery.start_soon(one, peer, frame, nursery.cancel_scope)
+                except StemeError as exc:
+                    log.warning("peer %s refused: %s; disconnected", peer or "?", exc)
+                    await answer(Frame(framing.ERROR, 0, 0, b""),
+                                 framing.encode_error(framing.error_code(exc), str(exc)), framing.ERROR)
+            except (_Refused, *STREAM_ERRORS):
+                pass
             nursery.cancel_scope.cancel()
-    except (_Refused, *STREAM_ERRORS):
-        pass
     finally:
         await trio.aclose_forcefully(stream)
 
