@@ -57,7 +57,9 @@ def test_trees_follow_writes_and_are_rebuilt_at_open(tmp_path):
     members, envelope = SIGNER.sign_batch(claims("x", 30), timestamp=5)
     db.put_many(members, envelope=envelope)
     store = EngineStore(db, PLACEMENT)
-    db.put(stemedb.Vote(members[0], 1.0, timestamp=7).sign(SIGNER))
+    voted = stemedb.Vote(members[0], 1.0, timestamp=7).sign(SIGNER)          # version 2
+    bare = stemedb.Vote(members[1].id, 1.0, timestamp=8).sign(SIGNER)        # version 1
+    db.put_many([voted, bare])
     db.put_many([c.sign(SIGNER) for c in claims("y", 12, 100)])
     wanted = expected_scopes(db)
     assert set(store.scopes()) == set(wanted)
@@ -65,15 +67,18 @@ def test_trees_follow_writes_and_are_rebuilt_at_open(tmp_path):
         assert store.ids_of_scope(scope) == ids and store.count(scope) == len(ids)
         tree, timestamps, column_ids = store.items(scope)
         tree.check(timestamps, column_ids)
-    assert store.count(scope_of(GLOBAL)) == 2          # the envelope and the vote
+    assert store.ids_of_scope(scope_of(GLOBAL)) == {envelope.id, bare.id}
+    assert voted.id in store.ids_of_scope(scope_of(PLACEMENT.subject_partition(members[0].subject)))
     store.close()
     db.put(claims("z", 1, 500)[0].sign(SIGNER))
-    assert store.count(WHOLE_STORE) == 44 and len(db) == 45   # closed: no longer follows writes
+    assert store.count(WHOLE_STORE) == 46 and len(db) == 46   # the engine's trees: kept while open
     db.close()
     reopened = open_store(tmp_path / "a")
+    assert reopened.partitions == PLACEMENT.partitions         # recorded in the MANIFEST
     again = EngineStore(reopened, PLACEMENT)
-    assert again.count(WHOLE_STORE) == 45 and again.ids_of_scope(WHOLE_STORE) == expected_scopes(
-        reopened)[WHOLE_STORE]
+    assert again.count(WHOLE_STORE) == 46
+    for scope, ids in expected_scopes(reopened).items():
+        assert again.ids_of_scope(scope) == ids
     reopened.close()
 
 

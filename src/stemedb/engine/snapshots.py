@@ -37,7 +37,7 @@ from stemedb.engine.indexes import State
 from stemedb.engine.segments import SegmentLog
 from stemedb.errors import CorruptionError, StemeError, StorageFull
 
-SNAPSHOT_VERSION = 4  # 4: the `place` column; 3: MANIFEST.json carries its own CRC-32C
+SNAPSHOT_VERSION = 5  # 5: the range trees; 4: the `place` column; 3: MANIFEST.json carries its own CRC-32C
 
 
 class Checkpointer:
