@@ -98,7 +98,8 @@ class Database:
             self.log = SegmentLog(os.path.join(self.path, "segments"), self.files,
                                   manifest.segment_size, manifest)
             self._ensure_directories()
-            self._recovery = Recovery(self.path, self.files, self.log, self.recovery)
+            self._recovery = Recovery(self.path, self.files, self.log, self.recovery,
+                                      partitions=manifest.partitions)
             self._state = self._recovery.run()
         except BaseException:
             if hasattr(self, "log"):

@@ -107,13 +107,13 @@ class EpochLinks:
 class State:
     """Everything derived from the segments that reads need."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: int = 0) -> None:
         self.columns = Columns()
         self.ids = _index.IdIndex()
         self.postings = {name: _index.PostingIndex() for name in POSTINGS}
         self.superseded_by = EpochLinks()
         self.kind_counts = np.zeros(KIND_SLOTS, dtype=np.int64)
-        self.trees = _reconcile.ScopeTrees(0)
+        self.trees = _reconcile.ScopeTrees(partitions)
         # Where the indexed records end in the log: the next frame after the last
         # indexed batch (segment, offset), and that batch's sequence number.
         self.position: tuple[int, int] = (0, 0)
@@ -201,7 +201,8 @@ class State:
         return out
 
     @classmethod
-    def from_snapshot(cls, arrays: dict[str, np.ndarray]) -> State:
+    def from_snapshot(cls, arrays: dict[str, np.ndarray], partitions: int = 0) -> State:
+        """The state a snapshot holds, range trees kept for `partitions` (split in the same pass)."""
         state = cls()
         count = len(arrays["column.id"])
         state.columns.reserve(count)
@@ -226,7 +227,7 @@ class State:
         state.kind_counts = np.array(arrays["kind_counts"], dtype=np.int64)
         columns = state.columns.arrays
         state.trees = _reconcile.ScopeTrees.from_state(
-            index_state("trees"), 0, count, columns["kind"], columns["place"], columns["timestamp"],
+            index_state("trees"), partitions, count, columns["kind"], columns["place"], columns["timestamp"],
             columns["id"])
         return state
 
