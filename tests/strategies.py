@@ -46,8 +46,9 @@ def assertions(draw: st.DrawFn) -> stemedb.Assertion:
 
 @st.composite
 def votes(draw: st.DrawFn) -> stemedb.Vote:
+    # subject None: a format version 1 vote; else version 2 (it carries its assertion's subject)
     return stemedb.Vote(draw(hash32), draw(st.floats(width=32, allow_nan=False, allow_infinity=False)),
-                        timestamp=draw(timestamps))
+                        timestamp=draw(timestamps), subject=draw(st.none() | utf8_text))
 
 
 @st.composite

@@ -152,7 +152,7 @@ def test_a_session_reaches_the_union_of_every_shared_scope_and_nothing_else(tmp_
     write(pair.dbs[1], subjects_in(PLACEMENT, shared, 30, "b"), start=2000, signer=SIGNERS[1],
           envelope=False)
     only_a_elsewhere = write(pair.dbs[0], subjects_in(PLACEMENT, not_shared, 10, "x"), start=3000)
-    pair.dbs[1].put(stemedb.Vote(common[1], 1.0, timestamp=9).sign(SIGNERS[1]))   # global
+    pair.dbs[1].put(stemedb.Vote(common[1].id, 1.0, timestamp=9).sign(SIGNERS[1]))   # version 1: global
     result = pair.session()
     assert result.ok, result.error
     a, b = pair.shared_ids(0), pair.shared_ids(1)

@@ -135,19 +135,21 @@ def test_shared_partitions_and_scopes():
 
 def records_of_every_kind():
     assertion = stemedb.Assertion("aspirin", "treats", stemedb.Ref("headache"), timestamp=1).sign(SIGNER)
-    vote = stemedb.Vote(assertion, 1.0, timestamp=2).sign(SIGNER)
+    vote = stemedb.Vote(assertion, 1.0, timestamp=2).sign(SIGNER)            # version 2: its subject
+    bare_vote = stemedb.Vote(assertion.id, 1.0, timestamp=2).sign(SIGNER)    # version 1: no subject
     epoch = stemedb.Epoch("e1", timestamp=3).sign(SIGNER)
     members, envelope = SIGNER.sign_batch([stemedb.Assertion("ibuprofen", "treats", "pain", timestamp=4)],
                                           timestamp=5)
-    return [assertion, vote, epoch, envelope, *members]
+    return [assertion, vote, bare_vote, epoch, envelope, *members]
 
 
 def test_record_partitions_from_encoded_bytes():
     placement = Placement(cluster(["n1", "n2", "n3"]))
     records = records_of_every_kind()
     blob, offsets, _ = _codec.encode_many(records)
-    expected = [placement.subject_partition("aspirin"), GLOBAL, GLOBAL, GLOBAL,
-                placement.subject_partition("ibuprofen")]
+    # A version-2 vote lives with the assertion it votes on; a version-1 vote is global.
+    expected = [placement.subject_partition("aspirin"), placement.subject_partition("aspirin"),
+                GLOBAL, GLOBAL, GLOBAL, placement.subject_partition("ibuprofen")]
     assert placement.record_partitions(blob, offsets).tolist() == expected
     for record, partition in zip(records, expected):
         assert placement.record_partition(record.encode()) == partition

@@ -9,6 +9,8 @@ the session if it never does.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from faults import NoSyncFiles
@@ -57,7 +59,9 @@ def test_trees_follow_writes_and_are_rebuilt_at_open(tmp_path):
     members, envelope = SIGNER.sign_batch(claims("x", 30), timestamp=5)
     db.put_many(members, envelope=envelope)
     store = EngineStore(db, PLACEMENT)
-    db.put(stemedb.Vote(members[0], 1.0, timestamp=7).sign(SIGNER))
+    voted = stemedb.Vote(members[0], 1.0, timestamp=7).sign(SIGNER)          # version 2
+    bare = stemedb.Vote(members[1].id, 1.0, timestamp=8).sign(SIGNER)        # version 1
+    db.put_many([voted, bare])
     db.put_many([c.sign(SIGNER) for c in claims("y", 12, 100)])
     wanted = expected_scopes(db)
     assert set(store.scopes()) == set(wanted)
@@ -65,15 +69,18 @@ def test_trees_follow_writes_and_are_rebuilt_at_open(tmp_path):
         assert store.ids_of_scope(scope) == ids and store.count(scope) == len(ids)
         tree, timestamps, column_ids = store.items(scope)
         tree.check(timestamps, column_ids)
-    assert store.count(scope_of(GLOBAL)) == 2          # the envelope and the vote
+    assert store.ids_of_scope(scope_of(GLOBAL)) == {envelope.id, bare.id}
+    assert voted.id in store.ids_of_scope(scope_of(PLACEMENT.subject_partition(members[0].subject)))
     store.close()
     db.put(claims("z", 1, 500)[0].sign(SIGNER))
-    assert store.count(WHOLE_STORE) == 44 and len(db) == 45   # closed: no longer follows writes
+    assert store.count(WHOLE_STORE) == 46 and len(db) == 46   # the engine's trees: kept while open
     db.close()
     reopened = open_store(tmp_path / "a")
+    assert reopened.partitions == PLACEMENT.partitions         # recorded in the MANIFEST
     again = EngineStore(reopened, PLACEMENT)
-    assert again.count(WHOLE_STORE) == 45 and again.ids_of_scope(WHOLE_STORE) == expected_scopes(
-        reopened)[WHOLE_STORE]
+    assert again.count(WHOLE_STORE) == 46
+    for scope, ids in expected_scopes(reopened).items():
+        assert again.ids_of_scope(scope) == ids
     reopened.close()
 
 
@@ -206,4 +213,68 @@ def test_intake_refuses_members_whose_envelope_never_came(tmp_path):
     with pytest.raises(SignatureError, match=r"its envelope [0-9a-f]+ was never sent \(2 members held"):
         intake.finish()
     assert len(db) == 0 and intake.held_records == 0
+    db.close()
+
+
+def test_intake_verifies_and_stores_in_one_engine_call(tmp_path, monkeypatch):
+    db = open_store(tmp_path / "a")
+    store = EngineStore(db, PLACEMENT)
+
+    def refuse(batch):
+        raise AssertionError("Intake decoded and verified the batch outside the engine")
+
+    monkeypatch.setattr(store, "verify", refuse)
+    calls = []
+    real_put = db.put_encoded
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("hold_back", False))
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(db, "put_encoded", counted)
+    intake = Intake(store)
+    members, envelope = SIGNER.sign_batch(claims("one", 3), timestamp=13)
+    assert intake.accept(encoded([envelope, *members])) == 4
+    assert calls == [True] and all(m.id in db for m in members)
+    db.close()
+
+
+def test_a_version_2_vote_from_a_peer_naming_another_subject_is_refused(tmp_path):
+    db = open_store(tmp_path / "a")
+    store = EngineStore(db, PLACEMENT)
+    assertion = claims("voted", 1)[0].sign(SIGNER)
+    db.put(assertion)
+    liar = stemedb.Vote(assertion.id, 1.0, subject="someone-else", timestamp=3).sign(OTHER)
+    honest = stemedb.Vote(assertion, 1.0, timestamp=4).sign(OTHER)
+    with pytest.raises(InvalidRecord, match=r"records\[1\]: subject: 'someone-else' is not the subject"):
+        store.accept(encoded([honest, liar]))
+    assert honest.id not in db and liar.id not in db
+    stored, held = store.accept(encoded([honest]))
+    assert stored == 1 and len(held) == 0 and honest.id in db
+    db.close()
+
+
+def test_a_reconciliation_step_never_sees_a_half_indexed_batch(tmp_path):
+    db = open_store(tmp_path / "a")
+    store = EngineStore(db, PLACEMENT)
+    done = threading.Event()
+
+    def writer():
+        for k in range(40):
+            db.put_many([c.sign(SIGNER) for c in claims(f"w{k}", 25, 100 * k)])
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while True:
+        finished = done.is_set()
+        with store.lock:
+            whole = len(store.items(WHOLE_STORE)[0])
+            scoped = sum(len(store.items(scope)[0]) for scope in range(1, PLACEMENT.partitions + 2))
+            assert whole == db.state.count == scoped       # every tree has every indexed batch
+            assert whole % 25 == 0
+        if finished:
+            break
+    thread.join()
+    assert store.count(WHOLE_STORE) == 1000
     db.close()

@@ -153,6 +153,32 @@ def test_decode_names_unknown_version_and_kind():
         stemedb.decode(bytes(data))
 
 
+def test_version_2_is_for_votes_only_and_carries_a_subject():
+    vote = stemedb.Vote(bytes(32), 1.0, timestamp=1, subject="s")
+    assert stemedb.decode(vote.encode()).subject == "s"
+    for record in (stemedb.Assertion("s", "p", 1, timestamp=1), stemedb.Epoch("e", timestamp=1)):
+        data = _encoded(record)
+        data[0] = 2
+        with pytest.raises(stemedb.InvalidRecord, match=r"^version: format version 2 is defined for "
+                                                        r"votes \(kind 2\) only, not for kind"):
+            stemedb.decode(bytes(data))
+        with pytest.raises(stemedb.InvalidRecord, match="version"):
+            reference.decode(bytes(data))
+    v1 = _encoded(stemedb.Vote(bytes(32), 1.0, timestamp=1))
+    v1[0] = 2   # a version-1 body read as version 2 lacks the subject
+    with pytest.raises(stemedb.InvalidRecord, match="subject length: truncated"):
+        stemedb.decode(bytes(v1))
+    v2 = _encoded(vote)
+    v2[0] = 1   # a version-2 body read as version 1 has bytes after its fields
+    with pytest.raises(stemedb.InvalidRecord, match="content_length"):
+        stemedb.decode(bytes(v2))
+    data = _encoded(vote)
+    data[0] = 3
+    with pytest.raises(stemedb.InvalidRecord, match=r"unknown format version 3 \(this build reads 1, "
+                                                    r"and 2 for votes\)"):
+        stemedb.decode(bytes(data))
+
+
 def test_decode_refuses_non_canonical_floats():
     record = stemedb.Assertion("s", "p", 0.0, confidence=0.0, timestamp=1)
     data = _encoded(record)

@@ -263,3 +263,59 @@ async def test_a_refused_mixed_batch_through_the_protocol_leaves_nothing_behind(
             put = await client.call(_protocol.PUT, bytes(_protocol.encode_record_batch(blob, offsets)))
             assert [bytes(row) for row in _protocol.decode_ids(put.payload)] == [r.id for r in records]
             assert store.stats()["writes"]["batches"] == 1 and len(store) == len(records)
+
+
+# ------------------------------------------------------------- hold_back: records from a peer
+
+def test_hold_back_stores_the_rest_and_names_members_whose_envelope_is_absent(db):
+    members, envelope = SIGNER.sign_batch([Assertion("held", "p", i, timestamp=i) for i in range(3)])
+    signed = [claim(i, "beside") for i in range(2)]
+    records = [signed[0], members[0], members[1], signed[1], members[2]]
+    blob, offsets = batch_of(records)
+    result = db.put_encoded(blob, offsets, hold_back=True)
+    assert [bytes(i) for i in result.ids] == [r.id for r in records]
+    assert result.held.tolist() == [1, 2, 4]
+    assert result.stored.tolist() == [True, False, False, True, False]
+    assert [db.contains(r.id) for r in records] == result.stored.tolist()
+    assert len(db) == 2
+    # The envelope arrives: the held members are offered again and now stored.
+    again = db.put_encoded(*batch_of([envelope, *members]), hold_back=True)
+    assert again.held.tolist() == [] and again.stored.all()
+    assert all(db.contains(r.id) for r in records) and len(db) == 6
+    stemedb.verify_batch(db.get(envelope.id), db.get_many([m.id for m in members]))
+
+
+def test_hold_back_still_refuses_the_whole_batch_for_a_forged_record(db):
+    orphans, _ = SIGNER.sign_batch([Assertion("orph", "p", i, timestamp=i) for i in range(2)])
+    good = claim(7, "good")
+    forged = claim(8, "forged")
+    forged_blob = bytearray(forged.encode())
+    forged_blob[-1] ^= 1                      # the signature's last byte
+    blob = good.encode() + orphans[0].encode() + bytes(forged_blob)
+    offsets = np.cumsum([0, len(good.encode()), len(orphans[0].encode()), len(forged_blob)])
+    with pytest.raises(stemedb.SignatureError, match=r"records\[2\]"):
+        db.put_encoded(blob, offsets, hold_back=True)
+    assert len(db) == 0
+    # A member that names a stored envelope but is not listed in it is forged, not held.
+    members, envelope = SIGNER.sign_batch([Assertion("st", "p", i, timestamp=i) for i in range(2)])
+    db.put_many(members, envelope=envelope)
+    outsider = Assertion("nope", "p", 1)._with_proof((SIGNER.public_key,), (), envelope.id)
+    with pytest.raises(stemedb.SignatureError, match=r"records\[1\] \(.*\): not a member of envelope"):
+        db.put_encoded(*batch_of([claim(9), outsider]), hold_back=True)
+    assert not db.contains(claim(9).id) and len(db) == 3
+
+
+def test_ids_a_batch_came_with_must_be_the_ids_of_its_content(db):
+    records = [claim(i, "came-as") for i in range(3)]
+    blob, offsets, ids = stemedb.encode_many(records)
+    claimed = np.array(ids, copy=True)
+    claimed[1, 0] ^= 0xFF
+    for hold_back in (False, True):
+        with pytest.raises(stemedb.InvalidRecord, match=rf"records\[1\]: came as {bytes(claimed[1]).hex()} "
+                           rf"but its content is {records[1].id.hex()}"):
+            db.put_encoded(blob, offsets, ids=claimed, hold_back=hold_back)
+        with pytest.raises(stemedb.InvalidRecord, match="expected one 32-byte ID each"):
+            db.put_encoded(blob, offsets, ids=claimed[:2], hold_back=hold_back)
+    assert len(db) == 0
+    assert db.put_encoded(blob, offsets, ids=ids).tolist() == np.asarray(ids).tolist()
+    assert len(db) == 3

@@ -137,6 +137,156 @@ def test_fingerprint_depends_on_salt_count_and_sum():
     assert tree.fingerprint((0, b""), half, timestamps, ids, salt) != whole
 
 
+def test_mostly_ordered_inserts_take_the_append_path_and_keep_every_invariant():
+    rng = np.random.default_rng(4)
+    n = 20_000
+    timestamps = (np.arange(n, dtype=np.uint64) * 1000 + rng.integers(0, 3000, n).astype(np.uint64))
+    ids = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    tree = _reconcile.RangeTree()
+    for chunk in np.array_split(np.arange(n, dtype=np.uint32), 700):
+        tree.add(chunk, timestamps, ids)
+    tree.check(timestamps, ids)
+    assert list(tree.rows()) == key_order(timestamps, ids)
+
+
+def scoped_columns(rng, n, partitions):
+    """Columns of n records: assertions, votes of both versions, epochs, envelopes."""
+    timestamps = np.sort(rng.integers(0, n * 10, n)).astype(np.uint64) * 1000
+    rng.shuffle(timestamps[: n // 3])               # some arrive out of time order
+    ids = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    kinds = rng.choice(np.array([1, 1, 1, 2, 2, 3, 4], dtype=np.uint8), n)
+    places = rng.integers(1, 1 << 63, n, dtype=np.uint64)
+    places[(kinds > 2) | ((kinds == 2) & (rng.random(n) < 0.5))] = 0     # v1 votes, epochs, envelopes
+    return timestamps, ids, kinds, places
+
+
+@pytest.mark.parametrize("n,partitions", [(0, 4), (1, 1), (63, 8), (64, 8), (65, 3), (5000, 16),
+                                          (40_000, 7), (3000, 0)])
+def test_scope_trees_place_each_record_by_the_placement_rule(n, partitions):
+    rng = np.random.default_rng(n + partitions)
+    timestamps, ids, kinds, places = scoped_columns(rng, n, partitions)
+    trees = _reconcile.ScopeTrees(partitions)
+    for chunk in np.array_split(np.arange(n, dtype=np.uint32), max(1, n // 500)):
+        trees.add(chunk, kinds[chunk], places[chunk], timestamps, ids)
+    assert len(trees.whole) == n and list(trees.whole.rows()) == key_order(timestamps, ids)
+    trees.whole.check(timestamps, ids)
+    if not partitions:
+        assert trees.scopes() == [0]
+        with pytest.raises(ValueError, match="keeps no partition trees"):
+            trees.tree(1)
+        return
+    wanted = _reconcile.partitions_of(kinds, places, partitions)
+    expected = np.where((kinds == 1) | ((kinds == 2) & (places != 0)), places % np.uint64(partitions), -1)
+    assert wanted.tolist() == expected.astype(np.int64).tolist()
+    scopes = np.where(wanted < 0, 1, wanted + 2)
+    assert trees.scopes() == [0] + sorted(set(scopes.tolist()))
+    for scope in range(1, partitions + 2):
+        tree = trees.tree(scope)
+        rows = np.nonzero(scopes == scope)[0]
+        tree.check(timestamps, ids)
+        assert sorted(tree.rows().tolist()) == rows.tolist()
+    with pytest.raises(ValueError, match=f"has {partitions} partitions"):
+        trees.tree(partitions + 2)
+    with pytest.raises(ValueError, match="kept by the engine"):
+        trees.tree(1).add(np.zeros(0, dtype=np.uint32), timestamps, ids)
+
+
+@pytest.mark.parametrize("n,partitions", [(0, 5), (1, 5), (62, 5), (63, 5), (64, 5), (2017, 2),
+                                          (63 * 31 + 1, 3), (63 * 31 * 31 + 5, 1), (30_000, 64),
+                                          (3000, 0)])
+def test_scope_trees_persist_as_ordered_rows_and_bulk_load_to_the_same_trees(n, partitions):
+    rng = np.random.default_rng(7 + n)
+    timestamps, ids, kinds, places = scoped_columns(rng, n + 50, partitions)
+    trees = _reconcile.ScopeTrees(partitions)
+    trees.add(np.arange(n, dtype=np.uint32), kinds[:n], places[:n], timestamps, ids)
+    state = trees.state()
+    assert state["rows"].dtype == np.uint32 and np.array_equal(state["rows"], trees.whole.rows())
+    loaded = _reconcile.ScopeTrees.from_state(state, partitions, n, kinds, places, timestamps, ids)
+    assert loaded.scopes() == trees.scopes()
+    salt = bytes(range(8))
+    for scope in trees.scopes():
+        ours, theirs = trees.tree(scope), loaded.tree(scope)
+        theirs.check(timestamps, ids)
+        assert np.array_equal(ours.rows(), theirs.rows())
+        for _ in range(10):
+            lo, hi = sorted(rng.integers(0, max(n, 1) * 10, 2).tolist())
+            assert ours.fingerprint((lo, b""), (hi, b"\x80"), timestamps, ids, salt) == \
+                theirs.fingerprint((lo, b""), (hi, b"\x80"), timestamps, ids, salt)
+    # Records indexed after the load go on into the loaded trees as into the kept ones.
+    more = np.arange(n, n + 50, dtype=np.uint32)
+    for target in (trees, loaded):
+        target.add(more, kinds[more], places[more], timestamps, ids)
+    for scope in trees.scopes():
+        loaded.tree(scope).check(timestamps, ids)
+        assert np.array_equal(trees.tree(scope).rows(), loaded.tree(scope).rows())
+    # Full leaves: about 4 bytes a record a tree, like appends leave them.
+    if n >= 10_000:
+        assert loaded.whole.memory_bytes() / n < 5.2
+
+
+def test_partition_trees_are_split_off_the_whole_store_order_for_any_partition_count():
+    rng = np.random.default_rng(21)
+    timestamps, ids, kinds, places = scoped_columns(rng, 3000, 4)
+    rows = np.arange(3000, dtype=np.uint32)
+    single, clustered = _reconcile.ScopeTrees(0), _reconcile.ScopeTrees(4)
+    for trees in (single, clustered):
+        trees.add(rows, kinds, places, timestamps, ids)
+    for state in (single.state(), clustered.state(), _reconcile.ScopeTrees(9).state()):
+        if not len(state["rows"]):
+            continue
+        loaded = _reconcile.ScopeTrees.from_state(state, 4, 3000, kinds, places, timestamps, ids)
+        assert loaded.partitions == 4 and loaded.scopes() == clustered.scopes()
+        for scope in clustered.scopes():
+            assert np.array_equal(loaded.tree(scope).rows(), clustered.tree(scope).rows())
+    # A store that starts keeping partitions after records were written (once: O(n)).
+    single.keep_partitions(4, 3000, kinds, places, timestamps, ids)
+    assert single.scopes() == clustered.scopes()
+    for scope in clustered.scopes():
+        single.tree(scope).check(timestamps, ids)
+        assert np.array_equal(single.tree(scope).rows(), clustered.tree(scope).rows())
+    with pytest.raises(ValueError, match="already 4"):
+        single.keep_partitions(4, 3000, kinds, places, timestamps, ids)
+    more = np.arange(3000, 3000, dtype=np.uint32)
+    single.add(more, kinds[more], places[more], timestamps, ids)
+
+
+def test_scope_trees_state_that_disagrees_with_the_columns_is_refused():
+    from stemedb.errors import CorruptionError
+
+    rng = np.random.default_rng(22)
+    timestamps, ids, kinds, places = scoped_columns(rng, 2000, 4)
+    trees = _reconcile.ScopeTrees(4)
+    trees.add(np.arange(2000, dtype=np.uint32), kinds, places, timestamps, ids)
+    good = trees.state()
+
+    def spoiled(key, change):
+        state = dict(good, rows=good["rows"].copy())
+        if callable(change):
+            change(state[key])
+        else:
+            state[key] = change
+        return state
+
+    def swap(rows):
+        rows[10], rows[11] = rows[11], rows[10]
+
+    def twice(rows):
+        rows[1500] = rows[1499]
+
+    def past(rows):
+        rows[-1] = 2000
+
+    for state, what in [(spoiled("rows", swap), r"entry 11 \(record \d+\) is past the records or not above"),
+                        (spoiled("rows", twice), "entry 1500"), (spoiled("rows", past), "past the records"),
+                        (spoiled("rows", good["rows"][:-1]), "hold 1999 records, the columns 2000"),
+                        (spoiled("kind", "IdIndex"), "not ScopeTrees"),
+                        (spoiled("format", 9), "not ScopeTrees")]:
+        with pytest.raises(CorruptionError, match=what):
+            _reconcile.ScopeTrees.from_state(state, 4, 2000, kinds, places, timestamps, ids)
+    with pytest.raises(CorruptionError, match="more than the columns hold"):
+        _reconcile.ScopeTrees.from_state(good, 4, 5000, kinds, places, timestamps, ids)
+
+
 # ---------------------------------------------------------------- sessions
 
 

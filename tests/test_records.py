@@ -149,6 +149,30 @@ def test_invalid_votes_epochs_envelopes():
         Envelope(bytes(32), [b"x"])
 
 
+def test_a_vote_on_an_assertion_carries_its_subject_and_a_bare_id_does_not():
+    a = Assertion("aspirin", "treats", "o", timestamp=1)
+    on_object = Vote(a, 0.5, timestamp=2)
+    assert (on_object.format_version, on_object.subject) == (2, "aspirin")
+    assert on_object.content()[0] == 2
+    bare = Vote(a.id, 0.5, timestamp=2)
+    assert (bare.format_version, bare.subject) == (1, None) and bare.content()[0] == 1
+    named = Vote(a.id, 0.5, timestamp=2, subject="aspirin")
+    assert named == on_object and named.id == on_object.id != bare.id
+    # the subject is part of the content, so covered by the ID
+    assert Vote(a.id, 0.5, timestamp=2, subject="aspirin!").id != named.id
+    assert Vote(a, 0.5, timestamp=2, subject="aspirin") == on_object
+    with pytest.raises(stemedb.InvalidRecord, match=r"subject: 'ibuprofen' is not the subject of "
+                                                    r"the assertion voted on \('aspirin'\)"):
+        Vote(a, 0.5, subject="ibuprofen")
+    with pytest.raises(stemedb.InvalidRecord, match="subject: must not be empty"):
+        Vote(a.id, 0.5, subject="")
+    with pytest.raises(stemedb.InvalidRecord, match="subject"):
+        Vote(a.id, 0.5, subject="s" * 1025)
+    assert Vote(a.id, 0.5, subject="s" * 1024).subject == "s" * 1024
+    assert stemedb.decode(on_object.encode()) == on_object
+    assert stemedb.decode(bare.encode()).subject is None
+
+
 def test_records_accepted_where_ids_are_expected():
     a = Assertion("s", "p", "o")
     assert Vote(a, 1.0).assertion_id == a.id

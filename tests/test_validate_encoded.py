@@ -71,6 +71,7 @@ SAMPLES = [
     Epoch("e", "desc ✓", supersedes=[b"\x03" * 32, b"\x04" * 32], timestamp=3).sign(SIGNER),
     Envelope(SIGNER.public_key, [b"\x06" * 32, b"\x07" * 32], timestamp=4).sign(SIGNER),
     Assertion("m", "p", 1, timestamp=1)._with_proof((SIGNER.public_key,), (), b"\x08" * 32),
+    Vote(b"\x05" * 32, -1.0, timestamp=9, subject="aspirin ✓").sign(SIGNER),   # format version 2
 ]
 
 
@@ -115,6 +116,7 @@ TEXT_FIELDS = [
     lambda text: Assertion("s", "p", text, timestamp=1),
     lambda text: Assertion("s", "p", Ref(text), timestamp=1),
     lambda text: Epoch(text, timestamp=1),
+    lambda text: Vote(bytes(32), 1.0, timestamp=1, subject=text),
     lambda text: Epoch("e", text, timestamp=1),
 ]
 
@@ -145,6 +147,7 @@ def test_canonical_floats_in_confidence_weight_and_vector(special):
     marker = struct.pack("<f", 0.3125)
     records = [Assertion("s", "p", "v", confidence=0.3125, timestamp=1),
                Vote(bytes(32), 0.3125, timestamp=1),
+               Vote(bytes(32), 0.3125, timestamp=1, subject="s"),
                Assertion("s", "p", "v", timestamp=1, vector=[0.5, 0.3125])]
     for record in records:
         assert_agrees(replaced(record.sign(SIGNER).encode(), marker, special))

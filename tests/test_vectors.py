@@ -33,7 +33,7 @@ def from_inputs(kind: str, inputs: dict[str, Any], signers: tuple[bytes, ...] = 
     """The stemedb record a vector's inputs describe (field names as in docs/format.md)."""
     if kind == "vote":
         return stemedb.Vote(bytes.fromhex(inputs["assertion_id"]), inputs["weight"],
-                            timestamp=inputs["timestamp"], signers=signers)
+                            timestamp=inputs["timestamp"], signers=signers, subject=inputs.get("subject"))
     if kind == "epoch":
         return stemedb.Epoch(inputs["name"], inputs["description"], timestamp=inputs["timestamp"],
                              supersedes=[bytes.fromhex(h) for h in inputs["supersedes"]],
@@ -110,6 +110,25 @@ def test_code_decodes_the_vector_bytes_to_the_inputs(name):
             inputs["subject"], inputs["predicate"], inputs["timestamp"])
         assert decoded.confidence == inputs["confidence"]
     assert stemedb.decode(bytes.fromhex(vector["unsigned_encoded_hex"])).signers == ()
+
+
+def test_a_version_2_vote_vector_names_its_assertions_subject():
+    """The v2 vote vectors: version byte 2, the v1 body, then subject_len:u16 and the subject."""
+    base = BY_NAME["assertion-reference"]
+    for name in ("vote-v2", "vote-v2-utf8"):
+        vector = BY_NAME[name]
+        content = bytes.fromhex(vector["content_hex"])
+        subject = vector["inputs"]["subject"].encode()
+        assert content[0] == 2 and content[1] == 2
+        assert content.endswith(len(subject).to_bytes(2, "little") + subject)
+        assert content[39:71] == bytes.fromhex(base["unsigned_id_hex"])
+        assert stemedb.decode(bytes.fromhex(vector["encoded_hex"])).subject == vector["inputs"]["subject"]
+    # On the assertion object itself (its unsigned draft is what the vote names), the vote is version 2.
+    draft = from_inputs("assertion", base["inputs"])
+    inputs = BY_NAME["vote-v2"]["inputs"]
+    on_object = stemedb.Vote(draft, inputs["weight"], timestamp=inputs["timestamp"])
+    assert on_object.encode().hex() == BY_NAME["vote-v2"]["unsigned_encoded_hex"]
+    assert BY_NAME["vote"]["content_hex"][:2] == "01"
 
 
 def test_negative_zero_is_written_as_positive_zero():

@@ -16,6 +16,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 cdef enum:
     FORMAT_VERSION = 1          # "Header": first byte of every record's content
+    VOTE_FORMAT_VERSION = 2     # "Header": a vote that carries its assertion's subject
     HEADER_SIZE = 6             # "Header": version:u8 kind:u8 content_length:u32
     KEY_SIZE = 32               # "Signers": an Ed25519 public key
     MAX_SIGNERS = 16            # "Signers", "Limits": signer_count is 0..16
@@ -88,6 +89,7 @@ cdef struct VoteFields:         # "Body: Vote (kind 2)"
     const uint8_t* assertion_id # ID_SIZE bytes
     float weight
     uint64_t timestamp
+    Span subject                # version 2: UTF-8 (without its u16 length); data NULL in version 1
 
 
 cdef struct EpochFields:        # "Body: Epoch (kind 3)"
@@ -136,6 +138,7 @@ cdef enum ParseFailure:         # why a walk stopped (the first failure; the wal
     PARSE_CONTENT_MISMATCH = 6  # the body's fields do not end at content_length
     PARSE_OBJECT_TAG = 7        # object_tag is not an ObjectTag
     PARSE_PROOF_KIND = 8        # proof_kind is not a ProofKind
+    PARSE_VERSION_KIND = 9      # version 2 on a record that is not a vote
 
 
 cdef struct Reader:             # bytes being walked; every read checks `end`
@@ -155,7 +158,7 @@ cdef bint parse_header(Reader* r, RecordFields* f, const uint8_t* data,
                        Py_ssize_t length) noexcept nogil      # header and signers
 cdef bint parse_proof(Reader* r, RecordFields* f) noexcept nogil  # after parse_header; body skipped
 cdef str parse_failure(const Reader* r)                      # the InvalidRecord message for it
-cdef uint8_t* write_header(uint8_t* out, uint8_t kind, uint32_t content_length,
+cdef uint8_t* write_header(uint8_t* out, uint8_t version, uint8_t kind, uint32_t content_length,
                            uint8_t signer_count) noexcept nogil  # returns where the keys go
 
 
@@ -170,6 +173,7 @@ cdef class Record:
     cdef Py_ssize_t body_size(self)
     cdef uint8_t* write_body(self, uint8_t* out)
     cdef uint8_t kind_code(self)
+    cdef uint8_t header_version(self)
     cdef Py_ssize_t content_size(self)
     cdef uint8_t* write_content(self, uint8_t* out)
     cdef Py_ssize_t proof_size(self)
@@ -196,6 +200,7 @@ cdef class AssertionCore(Record):
 cdef class VoteCore(Record):
     cdef bytes _assertion_id    # 32 bytes
     cdef float _weight          # finite
+    cdef bytes _subject         # version 2: the voted assertion's subject, UTF-8, 1..1024 bytes; else None
 
 
 cdef class EpochCore(Record):

@@ -156,11 +156,13 @@ cdef inline bint walk_header(Reader* r, RecordFields* f, const uint8_t* data,
     r.failure = PARSE_OK
     r.field = NULL
     f.version = take_u8(r, "version")
-    if f.version != FORMAT_VERSION:
+    if f.version != FORMAT_VERSION and f.version != VOTE_FORMAT_VERSION:
         fail(r, PARSE_VERSION, "version", f.version)
     f.kind = take_u8(r, "kind")
     if f.kind < KIND_ASSERTION or f.kind > KIND_ENVELOPE:
         fail(r, PARSE_KIND, "kind", f.kind)
+    elif f.version == VOTE_FORMAT_VERSION and f.kind != KIND_VOTE:
+        fail(r, PARSE_VERSION_KIND, "version", f.kind)
     content_length = take_u32(r, "content_length")
     if content_length > length:
         fail(r, PARSE_CONTENT_BEYOND, "content_length", content_length)
@@ -213,11 +215,16 @@ cdef inline void walk_assertion(Reader* r, AssertionFields* a) noexcept nogil:
         a.vector.size = 0
 
 
-cdef inline void walk_vote(Reader* r, VoteFields* v) noexcept nogil:
-    """docs/format.md, "Body: Vote (kind 2)"."""
+cdef inline void walk_vote(Reader* r, VoteFields* v, uint8_t version) noexcept nogil:
+    """docs/format.md, "Body: Vote (kind 2)": version 2 adds the voted assertion's subject."""
     v.assertion_id = take(r, ID_SIZE, "assertion_id")
     v.weight = take_f32(r, "weight")
     v.timestamp = take_u64(r, "timestamp")
+    if version == VOTE_FORMAT_VERSION:
+        v.subject = take_span(r, take_u16(r, "subject length"), "subject")
+    else:
+        v.subject.data = NULL
+        v.subject.size = 0
 
 
 cdef inline void walk_epoch(Reader* r, EpochFields* e) noexcept nogil:
@@ -242,7 +249,7 @@ cdef inline bint walk_body(Reader* r, RecordFields* f) noexcept nogil:
     if f.kind == KIND_ASSERTION:
         walk_assertion(r, &f.fields.assertion)
     elif f.kind == KIND_VOTE:
-        walk_vote(r, &f.fields.vote)
+        walk_vote(r, &f.fields.vote, f.version)
     elif f.kind == KIND_EPOCH:
         walk_epoch(r, &f.fields.epoch)
     else:
@@ -308,7 +315,11 @@ cdef str parse_failure(const Reader* r):
     if r.failure == PARSE_TRUNCATED:
         return f"{field}: truncated: needs {r.needed} bytes at offset {r.at}, only {r.left} left"
     if r.failure == PARSE_VERSION:
-        return f"version: unknown format version {r.needed} (this build reads {FORMAT_VERSION})"
+        return (f"version: unknown format version {r.needed} (this build reads {FORMAT_VERSION}, "
+                f"and {VOTE_FORMAT_VERSION} for votes)")
+    if r.failure == PARSE_VERSION_KIND:
+        return (f"version: format version {VOTE_FORMAT_VERSION} is defined for votes (kind "
+                f"{KIND_VOTE}) only, not for kind {r.needed}")
     if r.failure == PARSE_KIND:
         return f"kind: unknown record kind {r.needed}"
     if r.failure == PARSE_CONTENT_BEYOND:
@@ -325,10 +336,10 @@ cdef str parse_failure(const Reader* r):
     return "record: parsed without a failure"
 
 
-cdef uint8_t* write_header(uint8_t* out, uint8_t kind, uint32_t content_length,
+cdef uint8_t* write_header(uint8_t* out, uint8_t version, uint8_t kind, uint32_t content_length,
                            uint8_t signer_count) noexcept nogil:
     """docs/format.md, "Header", then signer_count; the signer keys go after it."""
-    out = put_u8(out, FORMAT_VERSION)
+    out = put_u8(out, version)
     out = put_u8(out, kind)
     out = put_u32(out, content_length)
     return put_u8(out, signer_count)
@@ -471,6 +482,9 @@ cdef class Record:
     cdef uint8_t kind_code(self):
         return 0
 
+    cdef uint8_t header_version(self):
+        return FORMAT_VERSION
+
     cdef Py_ssize_t body_size(self):
         return 0
 
@@ -485,7 +499,8 @@ cdef class Record:
         cdef Py_ssize_t size = self.content_size()
         if size > 0xFFFFFFFF:
             raise InvalidRecord(f"record: content of {size} bytes exceeds 2**32-1")
-        p = write_header(out, self.kind_code(), <uint32_t>size, <uint8_t>len(self._signers))
+        p = write_header(out, self.header_version(), self.kind_code(), <uint32_t>size,
+                         <uint8_t>len(self._signers))
         for key in self._signers:
             p = put_blob(p, <bytes>key)
         return self.write_body(p)
@@ -545,6 +560,11 @@ cdef class Record:
     def envelope(self):
         """ID of the envelope that proves this record, or None."""
         return self._envelope
+
+    @property
+    def format_version(self):
+        """The header's version byte: 1, or 2 for a vote that carries its assertion's subject."""
+        return self.header_version()
 
     def content(self):
         """The canonical content bytes: what the ID hashes."""
@@ -834,9 +854,13 @@ cdef class VoteCore(Record):
     cdef uint8_t kind_code(self):
         return KIND_VOTE
 
-    def _init(self, assertion_id, weight, timestamp, signers):
+    cdef uint8_t header_version(self):
+        return FORMAT_VERSION if self._subject is None else VOTE_FORMAT_VERSION
+
+    def _init(self, assertion_id, weight, timestamp, signers, subject=None):
         cdef double w
         self._assertion_id = hash_field(assertion_id, "assertion_id", ID_SIZE, False)
+        self._subject = None if subject is None else utf8_field(subject, "subject", 1, LIMIT_SUBJECT)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise InvalidRecord(f"weight: expected a number, got {type(weight).__name__}")
         w = weight
@@ -851,14 +875,22 @@ cdef class VoteCore(Record):
     def _copy_fields_into(self, VoteCore other):
         other._assertion_id = self._assertion_id
         other._weight = self._weight
+        other._subject = self._subject
 
     cdef Py_ssize_t body_size(self):
-        return ID_SIZE + SIZE_F32 + SIZE_U64
+        cdef Py_ssize_t n = ID_SIZE + SIZE_F32 + SIZE_U64
+        if self._subject is not None:
+            n += SIZE_U16 + PyBytes_GET_SIZE(self._subject)
+        return n
 
     cdef uint8_t* write_body(self, uint8_t* p):
         p = put_blob(p, self._assertion_id)
         p = put_f32(p, self._weight)
-        return put_u64(p, self._timestamp)
+        p = put_u64(p, self._timestamp)
+        if self._subject is not None:
+            p = put_u16(p, <uint16_t>PyBytes_GET_SIZE(self._subject))
+            p = put_blob(p, self._subject)
+        return p
 
     @property
     def assertion_id(self):
@@ -867,6 +899,12 @@ cdef class VoteCore(Record):
     @property
     def weight(self):
         return self._weight
+
+    @property
+    def subject(self):
+        """The voted assertion's subject (format version 2), or None (version 1)."""
+        return None if self._subject is None else self._subject.decode("utf-8")
+
 
 
 cdef class EpochCore(Record):
@@ -1102,6 +1140,7 @@ cdef int decode_vote(VoteCore v, const VoteFields* b) except -1:
     if not isfinite(v._weight):
         raise InvalidRecord("weight: not finite")
     v._timestamp = b.timestamp
+    v._subject = span_utf8(b.subject, "subject", 1, MAX_SUBJECT) if b.subject.data != NULL else None
     return 0
 
 
@@ -1425,6 +1464,8 @@ COLUMNS = {
     "epoch": np.uint64,         # key of the assertion's epoch, or 0
     "target": np.uint64,        # vote: key of the assertion voted on; assertion: parent key
     "proof": np.uint8,          # ProofKind
+    "place": np.uint64,         # placement key: an assertion's subject key, a version-2 vote's
+                                # (its assertion's subject); else 0 (placed in the global partition)
 }
 
 
@@ -1451,12 +1492,14 @@ cdef struct ColumnArrays:       # the COLUMNS arrays of one batch, as raw pointe
     uint64_t* epoch
     uint64_t* target
     uint8_t* proof
+    uint64_t* place
 
 
 cdef struct KeyInputs:          # what one stm_blake3_many call hashes for a batch
     const uint8_t** data        # KEYS_PER_RECORD per assertion (+ one content per record for IDs)
     size_t* sizes
-    int64_t* owner              # per record: its first key input, or -1 (not an assertion)
+    int64_t* owner              # per record: an assertion's first key input; -2 - the input of a
+                                # version-2 vote's subject; else -1
     Py_ssize_t count
 
 
@@ -1476,6 +1519,7 @@ cdef dict new_columns(Py_ssize_t n, ColumnArrays* c):
     cdef uint64_t[::1] epoch = out["epoch"]
     cdef uint64_t[::1] target = out["target"]
     cdef uint8_t[::1] proof = out["proof"]
+    cdef uint64_t[::1] place = out["place"]
     if n == 0:
         return out
     c.kind = &kind[0]
@@ -1491,6 +1535,7 @@ cdef dict new_columns(Py_ssize_t n, ColumnArrays* c):
     c.epoch = &epoch[0]
     c.target = &target[0]
     c.proof = &proof[0]
+    c.place = &place[0]
     return out
 
 
@@ -1551,6 +1596,9 @@ cdef inline void fill_columns(ColumnArrays* c, Py_ssize_t i, const RecordFields*
         c.target[i] = get_u64(f.fields.vote.assertion_id)
         c.confidence[i] = f.fields.vote.weight
         c.timestamp[i] = f.fields.vote.timestamp
+        if f.fields.vote.subject.data != NULL:
+            keys.owner[i] = -2 - keys.count
+            add_key_input(keys, f.fields.vote.subject)
     elif f.kind == KIND_EPOCH:
         c.timestamp[i] = f.fields.epoch.timestamp
     else:
@@ -1559,7 +1607,8 @@ cdef inline void fill_columns(ColumnArrays* c, Py_ssize_t i, const RecordFields*
 
 cdef inline void fill_keys(ColumnArrays* c, Py_ssize_t n, const KeyInputs* keys,
                            const uint8_t* digests) noexcept nogil:
-    """The four keys of each assertion from the digests of its key inputs."""
+    """The four keys of each assertion, and the placement key of each assertion and version-2
+    vote, from the digests of their key inputs."""
     cdef Py_ssize_t i, j
     for i in range(n):
         j = keys.owner[i]
@@ -1568,6 +1617,9 @@ cdef inline void fill_keys(ColumnArrays* c, Py_ssize_t n, const KeyInputs* keys,
             c.predicate[i] = get_u64(digests + (j + KEY_PREDICATE) * ID_SIZE)
             c.pair[i] = get_u64(digests + (j + KEY_PAIR) * ID_SIZE)
             c.object[i] = get_u64(digests + (j + KEY_OBJECT) * ID_SIZE)
+            c.place[i] = c.subject[i]
+        elif j <= -2:
+            c.place[i] = get_u64(digests + (-2 - j) * ID_SIZE)
 
 
 def extract_columns(buffer, positions, lengths):
@@ -1754,7 +1806,8 @@ cdef bint judge_assertion(const AssertionFields* a) noexcept nogil:
 
 cdef bint judge_vote(const VoteFields* v) noexcept nogil:
     """decode_vote."""
-    return canonical_number(v.weight) and isfinite(v.weight)
+    return (canonical_number(v.weight) and isfinite(v.weight)
+            and (v.subject.data == NULL or utf8_text(v.subject, 1, LIMIT_SUBJECT)))
 
 
 cdef bint judge_epoch(const EpochFields* e) noexcept nogil:
@@ -1993,6 +2046,33 @@ def envelope_proofs(buffer, offsets):
             memcpy(&ev[i, 0], f.proof.envelope, ID_SIZE)
             okv[i] = 1
     return envelopes, signers, ok
+
+
+def vote_assertions(buffer, offsets, rows):
+    """The assertion IDs that the vote records rows[j] of buffer/offsets vote on, (m, 32) uint8.
+
+    The records must have passed validate_many (or come from encode_many);
+    one that is not a vote, or does not walk, raises InvalidRecord naming it.
+    """
+    cdef const uint8_t[::1] view = buffer
+    cdef const int64_t[::1] offs = checked_offsets(offsets, view.shape[0])
+    cdef const int64_t[::1] chosen = np.ascontiguousarray(rows, dtype=np.int64)
+    cdef Py_ssize_t n = offs.shape[0] - 1, count = chosen.shape[0], j, row
+    cdef const uint8_t* base = &view[0] if view.shape[0] else NOTHING
+    cdef Reader r
+    cdef RecordFields f
+    out = np.zeros((count, ID_SIZE), dtype=np.uint8)
+    cdef uint8_t[:, ::1] ov = out
+    for j in range(count):
+        row = chosen[j]
+        if row < 0 or row >= n:
+            raise ValueError(f"rows[{j}] = {row} is not a record of the batch")
+        if not walk_record(&r, &f, base + offs[row], offs[row + 1] - offs[row]):
+            raise InvalidRecord(f"record {row}: {parse_failure(&r)}")
+        if f.kind != KIND_VOTE:
+            raise InvalidRecord(f"record {row}: not a vote (kind {f.kind})")
+        memcpy(&ov[j, 0], f.fields.vote.assertion_id, ID_SIZE)
+    return out
 
 
 def id_list(ids):

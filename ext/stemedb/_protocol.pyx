@@ -783,7 +783,7 @@ def envelope_members(blob, offsets, bytes signer_key):
         parse_header(&r, &f, &view[0] + offs[i], offs[i + 1] - offs[i])  # checked above
         parse_proof(&r, &f)
         if f.signers.size == 0:
-            p = write_header(p, f.kind, <uint32_t>(f.content.size + KEY_SIZE), 1)
+            p = write_header(p, f.version, f.kind, <uint32_t>(f.content.size + KEY_SIZE), 1)
             memcpy(p, key, KEY_SIZE)
             memcpy(p + KEY_SIZE, f.body.data, f.body.size)
             p += KEY_SIZE + f.body.size

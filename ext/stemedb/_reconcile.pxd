@@ -50,6 +50,17 @@ ctypedef struct Bound:
     uint8_t prefix[32]
 
 
+ctypedef struct Growing:
+    # One tree's leaves as a bulk load fills them, record numbers in ascending key order:
+    # LEAF_CAP - 1 a leaf (as appends leave them), with each leaf's sum of IDs.
+    Leaf* leaves
+    Sum256* sums
+    uint64_t leaf_count
+    uint64_t leaf_cap
+    uint64_t size
+    uint32_t last
+
+
 cdef class RangeTree:
     cdef Leaf* _leaves
     cdef Inner* _inners
@@ -58,6 +69,8 @@ cdef class RangeTree:
     cdef uint32_t _root          # a leaf index when _height == 0, else an inner index
     cdef uint32_t _height        # 0: the root is a leaf
     cdef uint64_t _size
+    cdef uint32_t _last          # record number of the largest key (valid when _size > 0)
+    cdef bint _engine            # kept by the engine (ScopeTrees): add() is refused
 
     cdef uint32_t _new_leaf(self) except? 0xFFFFFFFF nogil
     cdef uint32_t _new_inner(self, uint32_t level) except? 0xFFFFFFFF nogil
@@ -67,6 +80,10 @@ cdef class RangeTree:
                              uint32_t* first, uint64_t* count, Sum256* total) noexcept nogil
     # Inserts one record number (a no-op if held), splitting nodes upwards.
     cdef int _insert(self, const Columns* c, uint32_t row) except -1 nogil
+    # Appends a record number whose key is above every held key (the common case: time order).
+    cdef int _append(self, const Columns* c, uint32_t row) except -1 nogil
+    # Takes over leaves filled in key order (see Growing) and builds the inner nodes above them.
+    cdef int _adopt(self, Growing* g, const Columns* c) except -1 nogil
     cdef int _split_leaf(self, const Columns* c, uint32_t leaf_index, uint32_t* path,
                          uint32_t* slot, uint32_t depth, bint appending) except -1 nogil
     cdef int _attach(self, const Columns* c, uint32_t new_child, uint32_t new_first,
@@ -79,3 +96,13 @@ cdef class RangeTree:
     cdef uint32_t _select(self, uint64_t k) noexcept nogil
     cdef void _walk_into(self, uint64_t lo, uint64_t hi, uint32_t* out) noexcept nogil
     cdef tuple _check_node(self, const Columns* c, uint32_t node, uint32_t level)
+
+
+cdef class ScopeTrees:
+    # The range trees an engine keeps (docs/replication.md): scope 0, and per partition.
+    cdef readonly RangeTree whole       # scope 0: every record
+    cdef readonly uint32_t partitions   # 0: a store not opened for a cluster (scope 0 only)
+    cdef list _scoped                   # scope - 1 -> RangeTree or None (scope 1 global, 2 + p)
+    cdef RangeTree _scoped_tree(self, uint32_t scope)
+    cdef int _load(self, const uint32_t* rows, uint64_t n, const Columns* c, const uint8_t* kinds,
+                   const uint64_t* places, bint whole) except -1

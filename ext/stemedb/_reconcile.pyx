@@ -7,6 +7,11 @@ local tree, and encoding the reply (docs/protocol.md, "Replication").
 Must never: read records, touch files or sockets, or decide what to do with
 the records it finds missing (the session in stemedb.replication does).
 
+And ScopeTrees, the trees an engine keeps beside its ID index: the whole
+store (scope 0) and, in a store opened for a cluster, one per partition
+(scope 1 the global partition, 2 + p partition p), updated in one call per
+indexed batch, persisted as in-order record numbers and bulk-loaded.
+
 Threads: a RangeTree is not locked; the engine changes it only under its
 state lock and readers take that lock too.
 Error handling: a malformed message raises ProtocolError naming the field
@@ -15,14 +20,15 @@ and the byte offset; nothing in the tree changes on any error.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
+from stemedb._codec cimport KIND_ASSERTION, KIND_VOTE
 from stemedb._hash cimport stm_blake3
 
 import numpy as np
 
-from stemedb.errors import ProtocolError
+from stemedb.errors import CorruptionError, ProtocolError
 
 # Range modes: the top 3 bits of a range's head byte (docs/protocol.md, "Range list").
 cdef enum:
@@ -185,8 +191,9 @@ cdef class RangeTree:
     """
 
     def __cinit__(self):
-        self._leaf_cap = 16
-        self._inner_cap = 4
+        # Small at first: a cluster store keeps one tree per partition, many of them empty.
+        self._leaf_cap = 1
+        self._inner_cap = 1
         self._leaves = <Leaf*>malloc(self._leaf_cap * sizeof(Leaf))
         self._inners = <Inner*>malloc(self._inner_cap * sizeof(Inner))
         if self._leaves == NULL or self._inners == NULL:
@@ -197,6 +204,8 @@ cdef class RangeTree:
         self._root = 0
         self._height = 0
         self._size = 0
+        self._last = 0
+        self._engine = False
 
     def __dealloc__(self):
         free(self._leaves)
@@ -247,6 +256,35 @@ cdef class RangeTree:
         for i in range(start, node.n):
             _sum_add_id(total, _id(c, node.rows[i]))
 
+    cdef int _append(self, const Columns* c, uint32_t row) except -1 nogil:
+        # Down the rightmost path: no key comparisons; `first` keys do not change.
+        cdef uint32_t path[MAX_DEPTH]
+        cdef uint32_t slot[MAX_DEPTH]
+        cdef uint32_t depth = 0, node = self._root, level = self._height, last
+        cdef Inner* inner
+        cdef Leaf* leaf
+        cdef Sum256 one
+        _sum_zero(&one)
+        _sum_add_id(&one, _id(c, row))
+        while level > 0:
+            inner = &self._inners[node]
+            last = inner.n - 1
+            inner.count[last] += 1
+            _sum_add(&inner.sum[last], &one)
+            path[depth] = node
+            slot[depth] = last
+            depth += 1
+            node = inner.child[last]
+            level -= 1
+        leaf = &self._leaves[node]
+        leaf.rows[leaf.n] = row
+        leaf.n += 1
+        self._size += 1
+        self._last = row
+        if leaf.n == LEAF_CAP:
+            self._split_leaf(c, node, path, slot, depth, True)
+        return 0
+
     cdef int _insert(self, const Columns* c, uint32_t row) except -1 nogil:
         cdef uint32_t path[MAX_DEPTH]
         cdef uint32_t slot[MAX_DEPTH]
@@ -254,6 +292,8 @@ cdef class RangeTree:
         cdef Inner* inner
         cdef Leaf* leaf
         cdef int cmp
+        if self._size == 0 or _cmp_rows(c, self._last, row) < 0:
+            return self._append(c, row)
         # Descend: in each inner node, the last child whose first key is <= row.
         level = self._height
         while level > 0:
@@ -401,8 +441,75 @@ cdef class RangeTree:
             count[0] += inner.count[j]
             _sum_add(total, &inner.sum[j])
 
+    cdef int _adopt(self, Growing* g, const Columns* c) except -1 nogil:
+        # The tree must be empty. Its leaf pool becomes g's (g gives it up); each level of
+        # inner nodes is built over the one below, INNER_CAP - 1 children a node, up to a
+        # single root. Leaf sums come from g (each ID was read once, while filling).
+        cdef uint64_t width, inners = 0, i, j, end, first_child, nodes, start
+        cdef uint32_t level, node = 0
+        cdef Inner* grown
+        cdef Inner* inner
+        cdef Leaf* shrunk
+        if g.size == 0:
+            return 0
+        width = g.leaf_count
+        while width > 1:
+            width = (width + INNER_CAP - 2) // (INNER_CAP - 1)
+            inners += width
+        if g.leaf_count > <uint64_t>0xFFFFFFFF or inners > <uint64_t>0xFFFFFFFF:
+            with gil:
+                raise MemoryError()
+        if inners:
+            grown = <Inner*>realloc(self._inners, inners * sizeof(Inner))
+            if grown == NULL:
+                with gil:
+                    raise MemoryError()
+            self._inners = grown
+            self._inner_cap = <uint32_t>inners
+        shrunk = <Leaf*>realloc(g.leaves, g.leaf_count * sizeof(Leaf))   # the growth slack back
+        if shrunk != NULL:
+            g.leaves = shrunk
+            g.leaf_cap = g.leaf_count
+        free(self._leaves)
+        self._leaves = g.leaves
+        self._leaf_cap = <uint32_t>g.leaf_cap
+        self._leaf_count = <uint32_t>g.leaf_count
+        g.leaves = NULL
+        self._inner_count = 0
+        self._size = g.size
+        self._last = g.last
+        first_child = 0
+        width = g.leaf_count
+        level = 1
+        while width > 1:
+            nodes = (width + INNER_CAP - 2) // (INNER_CAP - 1)
+            start = self._inner_count
+            for i in range(nodes):
+                node = self._new_inner(level)
+                inner = &self._inners[node]
+                end = (i + 1) * (INNER_CAP - 1) if (i + 1) * (INNER_CAP - 1) < width else width
+                for j in range(first_child + i * (INNER_CAP - 1), first_child + end):
+                    inner.child[inner.n] = <uint32_t>j
+                    if level == 1:
+                        inner.first[inner.n] = self._leaves[j].rows[0]
+                        inner.count[inner.n] = self._leaves[j].n
+                        inner.sum[inner.n] = g.sums[j]
+                    else:
+                        self._child_summary(c, <uint32_t>j, level, &inner.first[inner.n],
+                                            &inner.count[inner.n], &inner.sum[inner.n])
+                    inner.n += 1
+            first_child = start
+            width = nodes
+            level += 1
+        self._root = node if g.leaf_count > 1 else 0
+        self._height = level - 1
+        return 0
+
     def add(self, rows, timestamps, ids):
         """Insert record numbers (already held ones are ignored)."""
+        if self._engine:
+            raise ValueError("this RangeTree is kept by the engine (db.reconcile_items) and is "
+                             "read-only; build a RangeTree of your own to add items to")
         cdef const uint32_t[::1] r = np.ascontiguousarray(rows, dtype=np.uint32)
         cdef Columns c
         _columns(&c, timestamps, ids)
@@ -1128,3 +1235,253 @@ cdef int _process(_Step step, message, Bound* lo) except -1:
     if not lo.infinite:
         raise ProtocolError("sync message: the last range does not reach infinity")
     return 0
+
+
+# ---------------------------------------------------------------- the engine's trees
+
+STATE_FORMAT = 1
+
+cdef inline uint32_t _scope_of(uint8_t kind, uint64_t place, uint32_t partitions) noexcept nogil:
+    """docs/replication.md, "Partitions and placement": scope 1 global, 2 + place % partitions."""
+    if kind == KIND_ASSERTION or (kind == KIND_VOTE and place != 0):
+        return 2 + <uint32_t>(place % partitions)
+    return 1
+
+
+def partitions_of(kinds, places, uint32_t partitions):
+    """The partition of each record from its `kind` and `place` columns (-1: global), int64.
+
+    Assertions are in partition place % partitions, and so are votes whose
+    place is not 0 (format version 2: they carry their assertion's subject);
+    everything else is global. The one rule of placement, shared by the
+    engine's trees and replication.placement.
+    """
+    if partitions < 1:
+        raise ValueError(f"partitions: {partitions}, expected at least 1")
+    cdef const uint8_t[::1] k = np.ascontiguousarray(kinds, dtype=np.uint8)
+    cdef const uint64_t[::1] p = np.ascontiguousarray(places, dtype=np.uint64)
+    if k.shape[0] != p.shape[0]:
+        raise ValueError(f"kinds: {k.shape[0]} rows, places: {p.shape[0]}")
+    out = np.empty(k.shape[0], dtype=np.int64)
+    cdef int64_t[::1] o = out
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(k.shape[0]):
+            o[i] = <int64_t>_scope_of(k[i], p[i], partitions) - 2
+    return out
+
+
+cdef int _grow_append(Growing* g, uint32_t row, const uint8_t* record_id) except -1 nogil:
+    """Append a record number (above every one before it) to the leaves being filled."""
+    cdef uint64_t cap
+    cdef Leaf* leaves
+    cdef Sum256* sums
+    if g.leaf_count == 0 or g.leaves[g.leaf_count - 1].n == LEAF_CAP - 1:
+        if g.leaf_count == g.leaf_cap:
+            cap = g.leaf_cap * 2 + 4
+            leaves = <Leaf*>realloc(g.leaves, cap * sizeof(Leaf))
+            if leaves == NULL:
+                with gil:
+                    raise MemoryError()
+            g.leaves = leaves
+            sums = <Sum256*>realloc(g.sums, cap * sizeof(Sum256))
+            if sums == NULL:
+                with gil:
+                    raise MemoryError()
+            g.sums = sums
+            g.leaf_cap = cap
+        g.leaves[g.leaf_count].n = 0
+        _sum_zero(&g.sums[g.leaf_count])
+        g.leaf_count += 1
+    cdef Leaf* leaf = &g.leaves[g.leaf_count - 1]
+    leaf.rows[leaf.n] = row
+    leaf.n += 1
+    _sum_add_id(&g.sums[g.leaf_count - 1], record_id)
+    g.size += 1
+    g.last = row
+    return 0
+
+
+cdef void _free_growing(Growing* g, Py_ssize_t count) noexcept nogil:
+    cdef Py_ssize_t i
+    if g == NULL:
+        return
+    for i in range(count):
+        free(g[i].leaves)
+        free(g[i].sums)
+    free(g)
+
+
+cdef class ScopeTrees:
+    """The range trees of one store: scope 0 always; scopes 1 and 2 + p with `partitions` set.
+
+    `add` takes each indexed batch (its record numbers and `kind` / `place`
+    columns) and inserts every record into the whole-store tree and into the
+    tree of its scope, O(log n) each. The trees are the engine's: handed out
+    read-only (RangeTree.add refuses). `state()` / `from_state()` persist them
+    as the record numbers of each tree in key order (4 bytes a record a tree),
+    bulk-loaded in O(n) at open after checking them against the columns.
+    """
+
+    def __cinit__(self, uint32_t partitions=0):
+        self.whole = RangeTree()
+        self.whole._engine = True
+        self.partitions = partitions
+        self._scoped = [None] * (partitions + 1) if partitions else []
+
+    cdef RangeTree _scoped_tree(self, uint32_t scope):
+        cdef RangeTree tree = self._scoped[scope - 1]
+        if tree is None:
+            tree = RangeTree()
+            tree._engine = True
+            self._scoped[scope - 1] = tree
+        return tree
+
+    def tree(self, uint32_t scope):
+        """The tree of a scope (an empty one for a scope that holds nothing yet)."""
+        if scope == 0:
+            return self.whole
+        if not self.partitions:
+            raise ValueError(f"scope {scope}: this store keeps no partition trees (open it with "
+                             "partitions=P to keep them); only scope 0, the whole store, is kept")
+        if scope > self.partitions + 1:
+            raise ValueError(f"scope {scope}: this store has {self.partitions} partitions, so scopes "
+                             f"0..{self.partitions + 1}")
+        return self._scoped_tree(scope)
+
+    def scopes(self):
+        """Scope 0 and every scope whose tree holds a record, ascending."""
+        return [0] + [scope for scope, tree in enumerate(self._scoped, 1)
+                      if tree is not None and len(tree)]
+
+    def memory_bytes(self):
+        return self.whole.memory_bytes() + sum(t.memory_bytes() for t in self._scoped if t is not None)
+
+    def add(self, rows, kinds, places, timestamps, ids):
+        """Insert records rows[i] (their kind and place columns kinds[i], places[i])."""
+        cdef const uint32_t[::1] r = np.ascontiguousarray(rows, dtype=np.uint32)
+        cdef const uint8_t[::1] k = np.ascontiguousarray(kinds, dtype=np.uint8)
+        cdef const uint64_t[::1] p = np.ascontiguousarray(places, dtype=np.uint64)
+        cdef Columns c
+        cdef Py_ssize_t i, n = r.shape[0]
+        _columns(&c, timestamps, ids)
+        if k.shape[0] != n or p.shape[0] != n:
+            raise ValueError(f"rows: {n}, kinds: {k.shape[0]}, places: {p.shape[0]}; expected one each")
+        for i in range(n):
+            if r[i] >= c.rows:
+                raise ValueError(f"rows[{i}]: record number {r[i]} is past the columns ({c.rows} rows)")
+        with nogil:
+            for i in range(n):
+                self.whole._insert(&c, r[i])
+        if not self.partitions:
+            return
+        cdef RangeTree tree
+        for i in range(n):
+            tree = self._scoped_tree(_scope_of(k[i], p[i], self.partitions))
+            tree._insert(&c, r[i])
+
+    cdef int _load(self, const uint32_t* rows, uint64_t n, const Columns* c, const uint8_t* kinds,
+                   const uint64_t* places, bint whole) except -1:
+        """Fill the empty trees from record numbers in the whole store's key order (checked).
+
+        One pass: each row is checked (below the columns, above the one
+        before), appended to the whole-store tree's leaves (if `whole`) and
+        to its scope's: a subsequence of an ordered sequence is ordered, so
+        the partition trees need no sorting and no order of their own on disk.
+        """
+        cdef Py_ssize_t trees = 1 + (self.partitions + 1 if self.partitions else 0), bad = -1
+        cdef Growing* g = <Growing*>calloc(trees, sizeof(Growing))
+        cdef uint64_t i
+        cdef uint32_t row
+        cdef const uint8_t* record_id
+        cdef Py_ssize_t scope
+        if g == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                for i in range(n):
+                    row = rows[i]
+                    if row >= c.rows or (i > 0 and _cmp_rows(c, rows[i - 1], row) >= 0):
+                        bad = <Py_ssize_t>i
+                        break
+                    record_id = _id(c, row)
+                    if whole:
+                        _grow_append(&g[0], row, record_id)
+                    if self.partitions:
+                        _grow_append(&g[_scope_of(kinds[row], places[row], self.partitions)], row,
+                                     record_id)
+            if bad >= 0:
+                raise CorruptionError(f"index state: ScopeTrees entry {bad} (record {rows[bad]}) is "
+                                      "past the records or not above the one before it")
+            if whole:
+                self.whole._adopt(&g[0], c)
+            for scope in range(1, trees):
+                if g[scope].size:
+                    (<RangeTree>self._scoped_tree(<uint32_t>scope))._adopt(&g[scope], c)
+        finally:
+            _free_growing(g, trees)
+        return 0
+
+    def keep_partitions(self, uint32_t partitions, uint64_t count, kinds, places, timestamps, ids):
+        """Start keeping partition trees, built from the whole-store tree's order (O(n), once)."""
+        if self.partitions:
+            raise ValueError(f"partitions: already {self.partitions}")
+        if partitions < 1:
+            raise ValueError(f"partitions: {partitions}, expected at least 1")
+        cdef const uint8_t[::1] k = np.ascontiguousarray(kinds, dtype=np.uint8)
+        cdef const uint64_t[::1] p = np.ascontiguousarray(places, dtype=np.uint64)
+        cdef Columns c
+        _columns(&c, timestamps, ids)
+        if count != len(self.whole) or count > c.rows or count > <uint64_t>k.shape[0] or \
+                count > <uint64_t>p.shape[0]:
+            raise ValueError(f"count: {count} records, but the whole-store tree holds "
+                             f"{len(self.whole)} and the columns {c.rows}")
+        self.partitions = partitions
+        self._scoped = [None] * (partitions + 1)
+        order = self.whole.rows()
+        cdef const uint32_t[::1] rows = order
+        if count:
+            self._load(&rows[0], count, &c, &k[0], &p[0], False)
+
+    def state(self):
+        """The trees as plain values, for the engine to persist and from_state to rebuild.
+
+        {"kind": "ScopeTrees", "format": 1, "partitions": int, "rows": uint32,
+        the record numbers of the whole store in key order}: the partition
+        trees are rebuilt from that order and the columns.
+        """
+        return {"kind": "ScopeTrees", "format": STATE_FORMAT, "partitions": self.partitions,
+                "rows": self.whole.rows()}
+
+    @classmethod
+    def from_state(cls, state, uint32_t partitions, uint64_t count, kinds, places, timestamps, ids):
+        """Trees rebuilt from state() over the columns of `count` records, in one O(n) pass.
+
+        Raises CorruptionError (then rebuild from the log) unless the state
+        holds every record number below `count` once, in strictly ascending
+        key order. The partition trees (for `partitions`, whatever the state
+        was kept with) are split off the same order.
+        """
+        if not isinstance(state, dict) or state.get("kind") != "ScopeTrees" or \
+                state.get("format") != STATE_FORMAT:
+            raise CorruptionError(f"index state: not ScopeTrees state of format {STATE_FORMAT}")
+        try:
+            order = np.ascontiguousarray(state["rows"], dtype=np.uint32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptionError(f"index state: ScopeTrees {exc!r}") from None
+        cdef const uint8_t[::1] k = np.ascontiguousarray(kinds, dtype=np.uint8)
+        cdef const uint64_t[::1] p = np.ascontiguousarray(places, dtype=np.uint64)
+        cdef Columns c
+        _columns(&c, timestamps, ids)
+        if count > c.rows or count > <uint64_t>k.shape[0] or count > <uint64_t>p.shape[0]:
+            raise CorruptionError(f"index state: ScopeTrees over {count} records, more than the "
+                                  "columns hold")
+        if order.ndim != 1 or <uint64_t>order.shape[0] != count:
+            raise CorruptionError(f"index state: ScopeTrees hold {order.shape[0]} records, the "
+                                  f"columns {count}")
+        c.rows = count      # no tree may name a record past the count
+        cdef ScopeTrees trees = cls(partitions)
+        cdef const uint32_t[::1] rows = order
+        if count:
+            trees._load(&rows[0], count, &c, &k[0], &p[0], True)
+        return trees

@@ -20,6 +20,7 @@ from stemedb.errors import InvalidRecord
 # Read from docs/format.md, deliberately not imported from stemedb.RecordKind or
 # the compiled codec: a cross-check that shares the code it checks checks nothing.
 VERSION = 1
+VOTE_VERSION = 2        # a vote that carries its assertion's subject
 KIND_ASSERTION, KIND_VOTE, KIND_EPOCH, KIND_ENVELOPE = 1, 2, 3, 4
 TEXT, NUMBER, BOOLEAN, REFERENCE, BYTES = 1, 2, 3, 4, 5
 PROOF_NONE, PROOF_SIGNATURES, PROOF_ENVELOPE = 0, 1, 2
@@ -60,7 +61,11 @@ def _body(record: Any) -> tuple[int, bytes]:
             body += struct.pack(f"<H{len(record.vector)}f", len(record.vector), *record.vector)
         return KIND_ASSERTION, body
     if kind == "Vote":
-        return KIND_VOTE, record.assertion_id + struct.pack("<fQ", record.weight, record.timestamp)
+        body = record.assertion_id + struct.pack("<fQ", record.weight, record.timestamp)
+        if record.subject is not None:
+            subject = record.subject.encode()
+            body += struct.pack("<H", len(subject)) + subject
+        return KIND_VOTE, body
     if kind == "Epoch":
         name, description = record.name.encode(), record.description.encode()
         body = (struct.pack("<H", len(name)) + name + struct.pack("<I", len(description))
@@ -79,7 +84,8 @@ def content(record: Any) -> bytes:
     kind, body = _body(record)
     signers = bytes([len(record.signers)]) + b"".join(record.signers)
     size = 6 + len(signers) + len(body)
-    return struct.pack("<BBI", VERSION, kind, size) + signers + body
+    version = VOTE_VERSION if kind == KIND_VOTE and record.subject is not None else VERSION
+    return struct.pack("<BBI", version, kind, size) + signers + body
 
 
 def proof(record: Any) -> bytes:
@@ -151,10 +157,12 @@ def decode(data: bytes) -> Any:
     data = bytes(data)
     cur = _Cursor(data, len(data))
     version, kind, size = cur.unpack("BBI", "header")
-    if version != VERSION:
+    if version not in (VERSION, VOTE_VERSION):
         raise InvalidRecord(f"version: unknown format version {version}")
     if kind not in (KIND_ASSERTION, KIND_VOTE, KIND_EPOCH, KIND_ENVELOPE):
         raise InvalidRecord(f"kind: unknown record kind {kind}")
+    if version == VOTE_VERSION and kind != KIND_VOTE:
+        raise InvalidRecord(f"version: format version {version} is defined for votes only")
     if size > len(data):
         raise InvalidRecord(f"content_length: truncated: header declares {size} bytes")
     cur.end = size
@@ -219,7 +227,12 @@ def decode(data: bytes) -> Any:
         assertion_id = cur.take(32, "assertion_id")
         weight = _check_float(cur.unpack("f", "weight"), "weight")
         timestamp = cur.unpack("Q", "timestamp")
-        record = r.Vote(assertion_id, weight, timestamp=timestamp, signers=signers)
+        vote_subject = None
+        if version == VOTE_VERSION:
+            vote_subject = cur.utf8(_length(cur.unpack("H", "subject length"), 1, 1024, "subject"),
+                                    "subject")
+        record = r.Vote(assertion_id, weight, timestamp=timestamp, signers=signers,
+                        subject=vote_subject)
     elif kind == KIND_EPOCH:
         name = cur.utf8(_length(cur.unpack("H", "name length"), 1, 256, "name"), "name")
         description = cur.utf8(_length(cur.unpack("I", "description length"), 0, 1 << 16,

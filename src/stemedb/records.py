@@ -270,7 +270,13 @@ def _hex(value: bytes | None) -> str | None:
 
 
 class Vote(_Signable, _codec.VoteCore):
-    """An agent's weighted vote on an assertion; the agent is the (first) signer."""
+    """An agent's weighted vote on an assertion; the agent is the (first) signer.
+
+    Given the Assertion itself, the vote also carries its subject (format
+    version 2), so a cluster places it with the assertion's partition; given
+    a bare ID it is a version-1 vote unless `subject` names the assertion's
+    subject.
+    """
 
     __slots__ = ()
 
@@ -281,8 +287,14 @@ class Vote(_Signable, _codec.VoteCore):
         *,
         timestamp: int | None = None,
         signers: Iterable[bytes] = (),
+        subject: str | None = None,
     ) -> None:
-        self._init(_id_bytes(assertion_id, "assertion_id"), weight, timestamp, signers)
+        if isinstance(assertion_id, Assertion):
+            if subject is not None and subject != assertion_id.subject:
+                raise InvalidRecord(f"subject: {subject!r} is not the subject of the assertion voted "
+                                    f"on ({assertion_id.subject!r})")
+            subject = assertion_id.subject
+        self._init(_id_bytes(assertion_id, "assertion_id"), weight, timestamp, signers, subject)
 
     @property
     def agent(self) -> bytes | None:

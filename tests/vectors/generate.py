@@ -25,6 +25,7 @@ COSIGNER_SEED = b"\x42" * 32
 T = 1_700_000_000_000_000
 
 VERSION = 1
+VOTE_VERSION = 2           # a vote that carries the subject of the assertion it votes on
 ASSERTION, VOTE, EPOCH, ENVELOPE = 1, 2, 3, 4
 SOURCE_CLASSES = ["regulatory", "clinical", "peer_reviewed", "observational", "expert", "community",
                   "anecdotal"]
@@ -54,11 +55,11 @@ def u32_text(text: str) -> bytes:
     return struct.pack("<I", len(raw)) + raw
 
 
-def content(kind: int, signers: list[bytes], body: bytes) -> bytes:
+def content(kind: int, signers: list[bytes], body: bytes, version: int = VERSION) -> bytes:
     """header (version, kind, content_length) ‖ signers ‖ body."""
     signer_part = struct.pack("<B", len(signers)) + b"".join(signers)
     length = 6 + len(signer_part) + len(body)
-    return struct.pack("<BBI", VERSION, kind, length) + signer_part + body
+    return struct.pack("<BBI", version, kind, length) + signer_part + body
 
 
 def object_value(value: Any) -> bytes:
@@ -97,7 +98,15 @@ def assertion_body(fields: dict[str, Any]) -> bytes:
 
 
 def vote_body(fields: dict[str, Any]) -> bytes:
-    return bytes.fromhex(fields["assertion_id"]) + struct.pack("<fQ", fields["weight"] + 0.0, fields["timestamp"])
+    body = bytes.fromhex(fields["assertion_id"]) + struct.pack("<fQ", fields["weight"] + 0.0, fields["timestamp"])
+    if "subject" in fields:      # version 2: subject_len:u16 subject
+        body += u16_text(fields["subject"])
+    return body
+
+
+def version_of(kind: str, inputs: dict[str, Any]) -> int:
+    """The header's version: 2 for a vote that carries its assertion's subject, else 1."""
+    return VOTE_VERSION if kind == "vote" and "subject" in inputs else VERSION
 
 
 def epoch_body(fields: dict[str, Any]) -> bytes:
@@ -155,6 +164,10 @@ def cases() -> list[tuple[str, str, dict[str, Any]]]:
                                                            confidence=-0.0, timestamp=0,
                                                            lifecycle="under_review", source_class="expert")),
         ("vote", "vote", {"assertion_id": base_id.hex(), "weight": 0.5, "timestamp": T}),
+        ("vote-v2", "vote", {"assertion_id": base_id.hex(), "weight": -1.0, "timestamp": T + 2,
+                             "subject": "aspirin"}),
+        ("vote-v2-utf8", "vote", {"assertion_id": base_id.hex(), "weight": 1.0, "timestamp": T,
+                                  "subject": "日本"}),
         ("epoch", "epoch", epoch_2024),
         ("epoch-supersedes", "epoch", {"name": "guidelines-2025", "description": "", "timestamp": T + 1,
                                        "supersedes": [epoch_2024_id.hex()], "supersession_kind": "refines"}),
@@ -163,7 +176,7 @@ def cases() -> list[tuple[str, str, dict[str, Any]]]:
 
 def record_id(kind: str, inputs: dict[str, Any], signers: list[bytes]) -> bytes:
     code, body = BODIES[kind]
-    return blake3.blake3(content(code, signers, body(inputs))).digest()
+    return blake3.blake3(content(code, signers, body(inputs), version_of(kind, inputs))).digest()
 
 
 def build() -> dict[str, Any]:
@@ -172,8 +185,9 @@ def build() -> dict[str, Any]:
     vectors = []
     for name, kind, inputs in cases():
         code, body = BODIES[kind]
-        unsigned = content(code, [], body(inputs))
-        signed = content(code, [public], body(inputs))
+        version = version_of(kind, inputs)
+        unsigned = content(code, [], body(inputs), version)
+        signed = content(code, [public], body(inputs), version)
         signed_id = blake3.blake3(signed).digest()
         proof, (signature,) = signature_proof(signed_id, [secret])
         vectors.append({

@@ -30,17 +30,25 @@ import fcntl
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 
 from stemedb import _codec
 from stemedb._codec import Record
+from stemedb._reconcile import RangeTree
 from stemedb.engine import verify, walk
 from stemedb.engine.commit import Metrics
 from stemedb.engine.files import FileLayer
 from stemedb.engine.indexes import State
-from stemedb.engine.manifest import Manifest, new_manifest, read_manifest, write_manifest
+from stemedb.engine.manifest import (
+    MAX_PARTITIONS,
+    Manifest,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
 from stemedb.engine.reads import KIND_NAMES, IdsLike, Reads
 from stemedb.engine.recovery import Recovery, RecoveryReport
 from stemedb.engine.scrub import VerifyReport, scrub
@@ -49,7 +57,7 @@ from stemedb.engine.sidefiles import LineFile
 from stemedb.engine.snapshots import Checkpointer
 from stemedb.engine.view import ReadView, WriteNotifier
 from stemedb.engine.writes import WritePath
-from stemedb.errors import DatabaseClosed, InvalidRecord, SignatureError, StemeError
+from stemedb.errors import ConfigError, DatabaseClosed, InvalidRecord, SignatureError, StemeError
 from stemedb.records import Envelope, Epoch, RecordKind, Signer, Vote
 
 DURABILITY_MODES = ("sync", "batch", "none")
@@ -69,6 +77,7 @@ class Database:
         snapshot_every: int = 1_000_000,
         files: FileLayer | None = None,
         verify_threads: int | None = None,
+        partitions: int | None = None,
     ) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability: {durability!r}, expected one of {', '.join(DURABILITY_MODES)}")
@@ -89,11 +98,18 @@ class Database:
             self.log = SegmentLog(os.path.join(self.path, "segments"), self.files,
                                   manifest.segment_size, manifest)
             self._ensure_directories()
-            self._recovery = Recovery(self.path, self.files, self.log, self.recovery)
+            self._recovery = Recovery(self.path, self.files, self.log, self.recovery,
+                                      partitions=manifest.partitions)
             self._state = self._recovery.run()
         except BaseException:
             if hasattr(self, "log"):
                 self.log.close()
+            self._release_lock()
+            raise
+        try:
+            self._keep_partitions(manifest.partitions if partitions is None else partitions)
+        except BaseException:
+            self.log.close()
             self._release_lock()
             raise
         self._verifier = verify.Verifier(verify_threads)
@@ -107,7 +123,8 @@ class Database:
         self._writes = WritePath(self.log, self._state, self._state_lock, self.files,
                                  durability=durability, metrics=self.metrics, notifier=notifier,
                                  checkpointer=self._checkpointer,
-                                 before_write=self._recovery.finish_set_aside)
+                                 before_write=self._recovery.finish_set_aside,
+                                 subjects=self._reads.subject_keys)
         self._commit = self._writes.commit
         if durability == "batch":
             self._writes.start_flusher(self.batch_interval)
@@ -154,10 +171,100 @@ class Database:
         write_manifest(self.files, manifest)
         return manifest
 
+    def _keep_partitions(self, partitions: int) -> None:
+        """Keep range trees per partition for `partitions` (0: none), recorded in the MANIFEST."""
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or \
+                not 0 <= partitions <= MAX_PARTITIONS:
+            raise ConfigError(f"partitions: {partitions!r}, expected a whole number 1..{MAX_PARTITIONS} "
+                              "(the cluster file's partition count)")
+        manifest = self.log.manifest
+        if not partitions:
+            return
+        if manifest.partitions and manifest.partitions != partitions:
+            raise ConfigError(
+                f"partitions: {partitions} asked for, but {self.path} was opened for a cluster of "
+                f"{manifest.partitions} partitions (its MANIFEST records it); open it with "
+                f"partitions={manifest.partitions}, or use a new data directory for a cluster of "
+                f"{partitions}")
+        with self._state_lock:
+            if self._state.partitions == partitions:
+                return
+            if not manifest.partitions:
+                manifest.partitions = partitions
+                try:
+                    write_manifest(self.files, manifest)
+                except BaseException:
+                    manifest.partitions = 0
+                    raise
+            self._state.keep_partitions(partitions)
+
     @property
     def state(self) -> State:
         """The engine's indexes (for the engine's own tools and tests; other layers use `view`)."""
         return self._state
+
+    # ------------------------------------------------------------ replication
+
+    @property
+    def partitions(self) -> int:
+        """The partition count this store keeps range trees for (0: the whole store only)."""
+        return self._state.partitions
+
+    def keep_partitions(self, partitions: int) -> None:
+        """Start keeping a range tree per partition (a store opened without `partitions=`).
+
+        The same as opening with `partitions=P`: recorded in the MANIFEST, and
+        the trees split off the whole store's in one O(n) pass. A store
+        already kept for another count raises ConfigError naming both.
+        """
+        self._check_open()
+        self._keep_partitions(partitions)
+
+    def reconcile_lock(self) -> threading.RLock:
+        """The lock to hold while using `reconcile_items` (writers index a batch under it)."""
+        return self._state_lock
+
+    def reconcile_items(self, scope: int) -> tuple[RangeTree, np.ndarray, np.ndarray]:
+        """(tree, timestamps, ids) of a scope, for `_reconcile` calls; hold `reconcile_lock()`.
+
+        Scope 0 is the whole store; with partitions kept, 1 the global
+        partition and 2 + p partition p (docs/replication.md). The tree is
+        the engine's own (read-only: its `add` refuses), and the two arrays
+        are the engine's columns the tree's record numbers index: all three
+        are valid only until the lock is released (a write may move the
+        columns to larger arrays and change the tree).
+        """
+        self._check_open()
+        with self._state_lock:
+            return self._state.reconcile_items(scope)
+
+    def reconcile_scopes(self) -> list[int]:
+        """Scope 0 and every other scope whose tree holds a record, ascending."""
+        self._check_open()
+        with self._state_lock:
+            return list(self._state.trees.scopes())
+
+    def record_lengths(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Encoded bytes of each record number (int64), without reading any record."""
+        self._check_open()
+        rows = self._rows(rows)
+        with self._state_lock:
+            return np.asarray(self._state.columns.arrays["length"][rows], dtype=np.int64)
+
+    def ids_of_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The (n, 32) uint8 IDs of these record numbers (a copy)."""
+        self._check_open()
+        rows = self._rows(rows)
+        with self._state_lock:
+            return np.ascontiguousarray(self._state.columns.arrays["id"][rows])
+
+    def _rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        count = self._state.count
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= count):
+            bad = int(rows[(rows < 0) | (rows >= count)][0])
+            raise ValueError(f"rows: record number {bad} is not stored (0..{count - 1})")
+        return rows
 
     # ------------------------------------------------------------------ write
 
@@ -186,8 +293,19 @@ class Database:
         self._commit_batch(verify.trusted(blob, offsets, ids, first=len(envelopes)), None)
         return _codec.id_list(ids[len(envelopes):])
 
+    @overload
     def put_encoded(self, blob: bytes | bytearray | memoryview, offsets: np.ndarray, *,
-                    kind: RecordKind | None = None) -> np.ndarray:
+                    kind: RecordKind | None = None, ids: np.ndarray | None = None,
+                    hold_back: Literal[False] = False) -> np.ndarray: ...
+
+    @overload
+    def put_encoded(self, blob: bytes | bytearray | memoryview, offsets: np.ndarray, *,
+                    kind: RecordKind | None = None, ids: np.ndarray | None = None,
+                    hold_back: Literal[True]) -> PutResult: ...
+
+    def put_encoded(self, blob: bytes | bytearray | memoryview, offsets: np.ndarray, *,
+                    kind: RecordKind | None = None, ids: np.ndarray | None = None,
+                    hold_back: bool = False) -> np.ndarray | PutResult:
         """Store n already-encoded records, blob[offsets[i]:offsets[i+1]], in one durable batch.
 
         Returns their (n, 32) uint8 IDs in input order, recomputed from the
@@ -196,20 +314,37 @@ class Database:
         (InvalidRecord "record i: field: ..."), then its proof — its own
         signatures, or membership in an envelope anywhere in the batch or
         already stored (SignatureError "records[i]: ..."). `kind` (e.g.
-        VOTE) refuses any non-envelope record of another kind. Nothing is
+        VOTE) refuses any non-envelope record of another kind. `ids`, the
+        (n, 32) IDs the records came with (from a peer), refuses a record
+        whose content has another ID (InvalidRecord naming it). Nothing is
         written if any record is refused. No record object is built (but
         the batch's envelopes, for their member lists).
+
+        With `hold_back=True` (records from a peer, whose envelope may come
+        later) a member whose envelope is neither in the batch nor stored
+        does not refuse the batch: it is left out, not stored, and named in
+        the result's `held`; everything else is stored as above, and a
+        forged record still refuses the whole batch. Returns a PutResult.
         """
         self._check_open()
         batch = verify.parse(blob, offsets)
-        self._commit_batch(batch, kind)
-        return batch.ids
+        if ids is not None:
+            verify.check_claimed_ids(batch, ids)
+        held = self._commit_batch(batch, kind, hold_back=hold_back)
+        if not hold_back:
+            return batch.ids
+        stored = np.ones(len(batch), dtype=bool)
+        stored[held] = False
+        return PutResult(batch.ids, stored, held)
 
-    def _commit_batch(self, batch: verify.EncodedBatch, kind: RecordKind | None) -> None:
-        """Check in the caller's thread (size, proofs), then one group commit."""
+    def _commit_batch(self, batch: verify.EncodedBatch, kind: RecordKind | None, *,
+                      hold_back: bool = False) -> np.ndarray:
+        """Check in the caller's thread (size, proofs), then one group commit; returns the held."""
         self._writes.check_fits(np.diff(batch.offsets), batch.ids)
-        self._verifier.prove(batch, self._reads.stored, kind=kind)
-        self._writes.submit(batch)
+        held = self._verifier.prove(batch, self._reads.stored, kind=kind,
+                                    subjects=self._reads.subject_keys, hold_back=hold_back)
+        self._writes.submit(verify.without(batch, held) if len(held) else batch)
+        return held
 
     def vote(self, vote: Vote) -> bytes:
         """Store a signed Vote (the same as put, refusing any other kind); returns its ID."""
@@ -385,6 +520,23 @@ class Database:
 
     def __repr__(self) -> str:
         return f"<stemedb.Database {self.path!r} records={self._state.count}>"
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What `put_encoded(..., hold_back=True)` did with each record of its batch.
+
+    `ids`: (n, 32) uint8, every record's ID recomputed from its bytes, in
+    input order. `stored`: bool (n,), true where the record is in the store
+    now (written by this call, or already there). `held`: int64 indexes,
+    ascending, of the members held back — their envelope is neither in the
+    batch nor stored — which were not judged and not stored (`stored` is
+    false there): offer them again once their envelope has arrived.
+    """
+
+    ids: np.ndarray
+    stored: np.ndarray
+    held: np.ndarray
 
 
 class Writer:

@@ -1,16 +1,20 @@
 """The indexes: fixed-width columns, the ID hash index and the posting lists.
 
 Owns: the per-record columns (location, length, ID, and the fields of
-`_codec.COLUMNS`), the ID hash index, the posting lists and the epoch
-supersession links; adding a batch of durable records to all of them in one
-call (`State.add`, under the database's state lock); where in the log the
-indexed records end (`position`, `batch_seq`); and turning all of it into
-the arrays a snapshot stores and back. Must never: write files (snapshots.py
-does), or change anything for a record that is not yet durable.
+`_codec.COLUMNS`), the ID hash index, the posting lists, the epoch
+supersession links and the range trees of replication (`_reconcile.ScopeTrees`:
+records ordered by (timestamp, ID), the whole store and, in a store kept
+for a cluster, each partition); adding a batch of durable records to all of
+them in one call (`State.add`, under the database's state lock); where in
+the log the indexed records end (`position`, `batch_seq`); and turning all
+of it into the arrays a snapshot stores and back. Must never: write files
+(snapshots.py does), or change anything for a record that is not yet durable.
 
-Everything derived per record is added in `State.add`, so an index kept
-beside these (replication's range tree ordered by timestamp and ID) is one
-more step there and one more entry in `arrays_for_snapshot`.
+The range trees are persisted as the whole store's record numbers in key
+order (4 bytes a record) and bulk-loaded from it in one O(n) pass; the
+partition trees are split off that order when the store is opened for a
+cluster (`keep_partitions`), so a snapshot does not depend on the
+partition count.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from stemedb import _codec, _index
+from stemedb import _codec, _index, _reconcile
 from stemedb.records import RecordKind
 
 # Posting lists: name → the column whose key it indexes (0 = no entry).
@@ -103,12 +107,13 @@ class EpochLinks:
 class State:
     """Everything derived from the segments that reads need."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: int = 0) -> None:
         self.columns = Columns()
         self.ids = _index.IdIndex()
         self.postings = {name: _index.PostingIndex() for name in POSTINGS}
         self.superseded_by = EpochLinks()
         self.kind_counts = np.zeros(KIND_SLOTS, dtype=np.int64)
+        self.trees = _reconcile.ScopeTrees(partitions)
         # Where the indexed records end in the log: the next frame after the last
         # indexed batch (segment, offset), and that batch's sequence number.
         self.position: tuple[int, int] = (0, 0)
@@ -147,13 +152,32 @@ class State:
         for index, superseded in epoch_links:
             self.superseded_by.add(_codec.id_key(superseded), start + index)
         self.kind_counts += np.bincount(columns["kind"], minlength=KIND_SLOTS)[:KIND_SLOTS]
+        arrays = self.columns.arrays
+        self.trees.add(recnos, columns["kind"], columns["place"], arrays["timestamp"], arrays["id"])
         return recnos
+
+    @property
+    def partitions(self) -> int:
+        """The partition count the range trees are kept for (0: the whole store only)."""
+        return int(self.trees.partitions)
+
+    def keep_partitions(self, partitions: int) -> None:
+        """Start keeping a range tree per partition, split off the whole store's (O(n), once)."""
+        arrays = self.columns.arrays
+        self.trees.keep_partitions(partitions, self.count, arrays["kind"], arrays["place"],
+                                   arrays["timestamp"], arrays["id"])
+
+    def reconcile_items(self, scope: int) -> tuple[_reconcile.RangeTree, np.ndarray, np.ndarray]:
+        """(tree, timestamps, ids) of a scope: valid while the state lock is held."""
+        arrays = self.columns.arrays
+        return self.trees.tree(scope), arrays["timestamp"], arrays["id"]
 
     def memory_bytes(self) -> dict[str, int]:
         return {
             "columns": self.columns.memory_bytes(),
             "id_index": self.ids.memory_bytes(),
             "postings": sum(p.memory_bytes() for p in self.postings.values()),
+            "range_trees": int(self.trees.memory_bytes()),
         }
 
     # -- snapshots -----------------------------------------------------------
@@ -171,10 +195,14 @@ class State:
             for key, value in index.state().items():
                 out[f"{prefix}.{key}"] = np.asarray(value)
         out["kind_counts"] = self.kind_counts.copy()
+        for key, value in self.trees.state().items():
+            if key != "partitions":          # split off again at open, for the count it asks for
+                out[f"trees.{key}"] = np.asarray(value)
         return out
 
     @classmethod
-    def from_snapshot(cls, arrays: dict[str, np.ndarray]) -> State:
+    def from_snapshot(cls, arrays: dict[str, np.ndarray], partitions: int = 0) -> State:
+        """The state a snapshot holds, range trees kept for `partitions` (split in the same pass)."""
         state = cls()
         count = len(arrays["column.id"])
         state.columns.reserve(count)
@@ -197,6 +225,10 @@ class State:
         for key, recno in zip(arrays["superseded_by.keys"].tolist(), arrays["superseded_by.recnos"].tolist()):
             state.superseded_by.add(key, recno)
         state.kind_counts = np.array(arrays["kind_counts"], dtype=np.int64)
+        columns = state.columns.arrays
+        state.trees = _reconcile.ScopeTrees.from_state(
+            index_state("trees"), partitions, count, columns["kind"], columns["place"], columns["timestamp"],
+            columns["id"])
         return state
 
 

@@ -3,7 +3,9 @@
 Owns: `DIR/MANIFEST` (docs/format.md, "Data directory"): reading and checking
 it, and rewriting it atomically (temp file → fsync → rename → fsync the
 directory) each time a segment is created, so that it names the newest
-segment and the loss of that file can be noticed. Must never: decide what a
+segment and the loss of that file can be noticed, and once when a store is
+first opened for a cluster, so that it records the partition count its
+range trees are kept for. Must never: decide what a
 missing segment means (the segment log and recovery do), or leave a MANIFEST
 that a crash could tear (it is always replaced whole).
 
@@ -20,8 +22,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stemedb import _hash
@@ -30,6 +33,7 @@ from stemedb.errors import CorruptionError, StemeError, StorageFull
 
 STORE_VERSION = 2   # 2: a CRC-32C and the newest segment; 1: neither (still read, then upgraded)
 NAME = "MANIFEST"
+MAX_PARTITIONS = (1 << 16) - 2   # scopes 2 + p must fit the 2^16 scopes of a sync session
 
 
 @dataclass
@@ -39,11 +43,17 @@ class Manifest:
     created_us: int
     newest_segment: int        # the highest segment number ever created (-1: none yet)
     version: int = STORE_VERSION
+    partitions: int = 0        # the cluster's partition count, once opened for one (0: never)
+    # One rewrite at a time: a segment created by a commit and a first open for a cluster
+    # may both rewrite it.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def document(self) -> dict[str, Any]:
         body: dict[str, Any] = {"version": STORE_VERSION, "segment_size": self.segment_size,
                                 "created_us": self.created_us,
                                 "newest_segment": self.newest_segment}
+        if self.partitions:   # absent until set, so a store never opened for a cluster reads as before
+            body["partitions"] = self.partitions
         body["crc32c"] = _checksum(body)
         return body
 
@@ -84,11 +94,21 @@ def read_manifest(files: FileLayer, directory: str, *, min_segment_size: int) ->
     newest = _whole(document, "newest_segment", path) if version == STORE_VERSION else -1
     if newest < -1:
         raise _damaged(path, f"newest_segment {newest} is negative")
-    return Manifest(path, segment_size, created_us, newest, version)
+    partitions = 0
+    if "partitions" in document:
+        partitions = _whole(document, "partitions", path)
+        if not 1 <= partitions <= MAX_PARTITIONS:
+                raise _damaged(path, f"partitions {partitions} is not in 1..{MAX_PARTITIONS}")
+    return Manifest(path, segment_size, created_us, newest, version, partitions)
 
 
 def write_manifest(files: FileLayer, manifest: Manifest) -> None:
     """Replace the MANIFEST atomically (temp → fsync → rename → fsync directory)."""
+    with manifest.lock:
+        _write(files, manifest)
+
+
+def _write(files: FileLayer, manifest: Manifest) -> None:
     temp = manifest.path + ".tmp"
     data = json.dumps(manifest.document(), sort_keys=True, separators=(",", ":")).encode() + b"\n"
     try:

@@ -121,6 +121,17 @@ class Reads:
         lengths[rows < 0] = -1
         return lengths
 
+    def subject_keys(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(kind, subject key) of the stored record of each ID; kind 0 and key 0 where absent."""
+        array = id_array(ids)
+        with self.lock:
+            rows = np.asarray(self.state.lookup_many(array), dtype=np.int64)
+            found = rows >= 0
+            arrays = self.state.columns.arrays
+            kinds = np.where(found, arrays["kind"][np.maximum(rows, 0)], 0).astype(np.uint8)
+            keys = np.where(found, arrays["subject"][np.maximum(rows, 0)], 0).astype(np.uint64)
+        return kinds, keys
+
     def contains(self, record_id: bytes) -> bool:
         # The single-ID probe get_encoded uses: no (1, 32) array built for one lookup.
         if type(record_id) is not bytes or len(record_id) != 32:

@@ -89,12 +89,14 @@ class PendingSetAside:
 class Recovery:
     """Open-time recovery of one store, and what it leaves for writes and scrubs."""
 
-    def __init__(self, path: str, files: FileLayer, log: SegmentLog, report: RecoveryReport) -> None:
+    def __init__(self, path: str, files: FileLayer, log: SegmentLog, report: RecoveryReport, *,
+                 partitions: int = 0) -> None:
         self.path = path
         self.files = files
         self.log = log
         self.report = report
-        self.state = State()
+        self.partitions = partitions      # the range trees' partition count (the MANIFEST's)
+        self.state = State(partitions)
         self.held_back: list[HeldBack] = []
         self.pending_set_aside: list[PendingSetAside] = []
         self.unverified: list[Damage] = []     # frames found after damage that failed their proof
@@ -149,7 +151,7 @@ class Recovery:
         """Install the newest usable snapshot; returns the (segment, offset) replay starts at."""
         report = self.report
         try:
-            loaded = load_snapshot(self.files, os.path.join(self.path, "index"))
+            loaded = load_snapshot(self.files, os.path.join(self.path, "index"), self.partitions)
         except ValueError as exc:
             report.snapshot_problem = str(exc)
             report.problems.append(f"snapshot ignored: {exc}")

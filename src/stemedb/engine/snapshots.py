@@ -37,7 +37,7 @@ from stemedb.engine.indexes import State
 from stemedb.engine.segments import SegmentLog
 from stemedb.errors import CorruptionError, StemeError, StorageFull
 
-SNAPSHOT_VERSION = 3  # 3: MANIFEST.json carries its own CRC-32C
+SNAPSHOT_VERSION = 5  # 5: the range trees; 4: the `place` column; 3: MANIFEST.json carries its own CRC-32C
 
 
 class Checkpointer:
@@ -151,8 +151,9 @@ def _write_snapshot_files(files: FileLayer, temp: str, arrays: dict[str, np.ndar
     files.fsync_dir(temp)
 
 
-def load_snapshot(files: FileLayer, directory: str) -> tuple[State, dict[str, Any]] | None:
-    """The newest snapshot whose checksums all match, or None.
+def load_snapshot(files: FileLayer, directory: str,
+                  partitions: int = 0) -> tuple[State, dict[str, Any]] | None:
+    """The newest snapshot whose checksums all match, or None (range trees for `partitions`).
 
     Raises ValueError describing the damage when the newest snapshot is bad,
     so the caller can report it before replaying the segments instead.
@@ -183,7 +184,7 @@ def load_snapshot(files: FileLayer, directory: str) -> tuple[State, dict[str, An
             if _hash.crc32c(data) != expected:
                 raise ValueError(f"{file_path}: checksum mismatch (snapshot damaged)")
             arrays[key] = _npy_view(data, file_path)
-        return State.from_snapshot(arrays), manifest
+        return State.from_snapshot(arrays, partitions), manifest
     except (KeyError, TypeError, CorruptionError) as exc:
         raise ValueError(f"{path}: inconsistent snapshot ({exc!r})") from None
 

@@ -42,6 +42,8 @@ KIND_NAMES = {RecordKind.ASSERTION: "an assertion", RecordKind.VOTE: "a vote",
               RecordKind.EPOCH: "an epoch", RecordKind.ENVELOPE: "an envelope"}
 
 StoredRecord = Callable[[bytes], "Record | None"]
+# (kind, subject key) of each stored record of an (n, 32) array of IDs; kind 0 where absent.
+StoredSubjects = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 
 @dataclass
@@ -83,6 +85,33 @@ def parse(blob: bytes | bytearray | memoryview, offsets: np.ndarray) -> EncodedB
     return EncodedBatch(view, offsets, ids, columns)
 
 
+def check_claimed_ids(batch: EncodedBatch, claimed: np.ndarray) -> None:
+    """Each record's ID recomputed from its bytes is the one it came with (from a peer)."""
+    claimed = np.ascontiguousarray(claimed, dtype=np.uint8)
+    if claimed.shape != batch.ids.shape:
+        raise InvalidRecord(f"ids: {claimed.shape[0] if claimed.ndim else 0} IDs of shape "
+                            f"{claimed.shape[1:]} for {len(batch)} records; expected one 32-byte ID each")
+    index = _differing_row(batch.ids, claimed)
+    if index >= 0:
+        raise InvalidRecord(f"{batch.label(index)}: came as {bytes(claimed[index]).hex()} but its "
+                            f"content is {bytes(batch.ids[index]).hex()}")
+
+
+def without(batch: EncodedBatch, rows: np.ndarray) -> EncodedBatch:
+    """The batch without the records at `rows` (held-back members), bytes gathered once."""
+    keep = np.ones(len(batch), dtype=bool)
+    keep[rows] = False
+    kept = np.flatnonzero(keep)
+    starts, ends = batch.offsets[:-1][kept], batch.offsets[1:][kept]
+    sizes = ends - starts
+    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    source = np.frombuffer(batch.blob, dtype=np.uint8)
+    gather = np.repeat(starts - offsets[:-1], sizes) + np.arange(int(offsets[-1]), dtype=np.int64)
+    blob = source[gather].tobytes()
+    columns = {name: values[kept] for name, values in batch.columns.items()}
+    return EncodedBatch(blob, offsets, np.ascontiguousarray(batch.ids[kept]), columns)
+
+
 def trusted(blob: bytes, offsets: np.ndarray, ids: np.ndarray, first: int = 0) -> EncodedBatch:
     """Records this process just encoded from validated objects (encode_many): columns only."""
     columns = _codec.extract_columns(blob, offsets[:-1], np.diff(offsets))
@@ -100,16 +129,27 @@ class Verifier:
         self._pool.shutdown()
 
     def prove(self, batch: EncodedBatch, stored: StoredRecord, *,
-              kind: RecordKind | None = None) -> None:
+              kind: RecordKind | None = None, subjects: StoredSubjects | None = None,
+              hold_back: bool = False) -> np.ndarray:
         """Raise unless every record of the batch is of `kind` (envelopes aside) and proven.
 
         Proven: carries valid signatures of all its declared signers, or is
         a member (envelope proof) of an envelope in the batch or of one that
-        `stored(envelope_id)` returns.
+        `stored(envelope_id)` returns. A version-2 vote must name the subject
+        of the assertion it votes on when that assertion is in the batch or
+        stored (`subjects` reads the stored ones).
+
+        Returns the indexes (int64, ascending) of the members whose envelope
+        is neither in the batch nor stored: with `hold_back` they are not
+        judged (not proven, not refused: the caller must not store them);
+        without it they refuse the batch, and the result is always empty.
         """
         kinds, proofs = batch.columns["kind"], batch.columns["proof"]
+        held = np.zeros(0, dtype=np.int64)
         if kind is not None:
             _check_kind(batch, kinds, kind)
+        if subjects is not None:
+            check_vote_subjects(batch, subjects)
         members = np.flatnonzero(proofs == PROOF_ENVELOPE)
         if len(members):
             claimed, signers, single = _codec.envelope_proofs(batch.blob, batch.offsets)
@@ -121,8 +161,10 @@ class Verifier:
             envelopes = np.flatnonzero(kinds == RecordKind.ENVELOPE)
             outside = _check_members(batch, proofs_of, envelopes)
             if len(outside.members):
-                _check_stored_members(batch, outside, stored, in_batch=len(envelopes) > 0)
+                held = _check_stored_members(batch, outside, stored, in_batch=len(envelopes) > 0,
+                                             hold_back=hold_back)
         self._check_signatures(batch, np.flatnonzero(proofs != PROOF_ENVELOPE))
+        return held
 
     def _check_signatures(self, batch: EncodedBatch, rows: np.ndarray) -> None:
         """Every declared signer of these records has a valid signature over its ID."""
@@ -177,6 +219,49 @@ def _check_kind(batch: EncodedBatch, kinds: np.ndarray, kind: RecordKind) -> Non
         index = int(wrong[0])
         raise InvalidRecord(f"{batch.label(index)}: expected {KIND_NAMES[kind]}, got "
                             f"{KIND_NAMES[RecordKind(int(kinds[index]))]}")
+
+
+def check_vote_subjects(batch: EncodedBatch, subjects: StoredSubjects) -> None:
+    """A version-2 vote names the subject of the assertion it votes on, where that is known here.
+
+    Compared by subject key (docs/format.md, "Columns and indexes"): the
+    vote's `place` column against the assertion's `subject` column.
+    """
+    kinds, places = batch.columns["kind"], batch.columns["place"]
+    votes = np.flatnonzero((kinds == RecordKind.VOTE) & (places != 0))
+    if not len(votes):
+        return
+    targets = _codec.vote_assertions(batch.blob, batch.offsets, votes)
+    target_kinds = np.zeros(len(votes), dtype=np.uint8)
+    target_subjects = np.zeros(len(votes), dtype=np.uint64)
+    assertions = np.flatnonzero(kinds == RecordKind.ASSERTION)
+    here = np.zeros(len(votes), dtype=bool)
+    if len(assertions):
+        assertion_ids = np.ascontiguousarray(batch.ids[assertions])
+        table = _index.IdIndex(capacity=2 * len(assertions))
+        table.insert_many(assertion_ids, np.arange(len(assertions), dtype=np.uint32), assertion_ids)
+        owner = np.asarray(table.lookup_many(targets, assertion_ids))
+        here = owner >= 0
+        target_kinds[here] = RecordKind.ASSERTION
+        target_subjects[here] = batch.columns["subject"][assertions[owner[here]]]
+    if not here.all():
+        stored_kinds, stored_subjects = subjects(np.ascontiguousarray(targets[~here]))
+        target_kinds[~here] = stored_kinds
+        target_subjects[~here] = stored_subjects
+    wrong = np.flatnonzero((target_kinds != 0) & ((target_kinds != RecordKind.ASSERTION)
+                                                  | (target_subjects != places[votes])))
+    if not len(wrong):
+        return
+    position = int(wrong[0])
+    index = int(votes[position])
+    named = batch.record(index).subject  # type: ignore[attr-defined]
+    voted = bytes(targets[position]).hex()
+    if target_kinds[position] != RecordKind.ASSERTION:
+        raise InvalidRecord(f"{batch.label(index)}: subject: the vote names subject {named!r}, but the "
+                            f"record it votes on, {voted}, is {KIND_NAMES[RecordKind(int(target_kinds[position]))]}, "
+                            "not an assertion")
+    raise InvalidRecord(f"{batch.label(index)}: subject: {named!r} is not the subject of assertion "
+                        f"{voted}, the one it votes on; write the vote with Vote(assertion, weight)")
 
 
 @dataclass
@@ -242,15 +327,23 @@ def _check_listed(batch: EncodedBatch, claims: _Claims, owner: np.ndarray,
 
 
 def _check_stored_members(batch: EncodedBatch, claims: _Claims, stored: StoredRecord, *,
-                          in_batch: bool) -> None:
-    """Members that name an envelope outside the batch: it must be stored and list them."""
+                          in_batch: bool, hold_back: bool) -> np.ndarray:
+    """Members that name an envelope outside the batch: it must be stored and list them.
+
+    Returns the members whose envelope is not stored (with `hold_back`;
+    without it they raise), int64 ascending.
+    """
     envelope_ids, first_of, which = np.unique(claims.envelopes, axis=0, return_index=True,
                                               return_inverse=True)
     which = which.ravel()
+    held = []
     for number in np.argsort(first_of):   # envelopes in the order their first member comes
         envelope_id = bytes(envelope_ids[number])
         mine = claims[which == number]
         envelope = stored(envelope_id)
+        if envelope is None and hold_back:
+            held.append(mine.members)
+            continue
         if envelope is None:
             label = batch.label(int(mine.members[0]))
             if in_batch:
@@ -274,6 +367,7 @@ def _check_stored_members(batch: EncodedBatch, claims: _Claims, stored: StoredRe
         if len(absent):
             raise SignatureError(f"{_named(batch, int(mine.members[absent[0]]))}: not a member of "
                                  f"envelope {envelope_id.hex()}")
+    return np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
 
 
 def _named(batch: EncodedBatch, index: int) -> str:

@@ -37,10 +37,10 @@ from stemedb.engine.files import FileLayer
 from stemedb.engine.indexes import State, epoch_links
 from stemedb.engine.segments import SegmentLog
 from stemedb.engine.snapshots import Checkpointer
-from stemedb.engine.verify import EncodedBatch, trusted
+from stemedb.engine.verify import EncodedBatch, StoredSubjects, check_vote_subjects, trusted
 from stemedb.engine.view import WriteNotifier
 from stemedb.errors import DurabilityError, InvalidRecord, SignatureError, StorageFull
-from stemedb.records import Envelope, Signer
+from stemedb.records import Envelope, Signer, Vote
 
 BATCH_FRAME = _segment.frame_size(24)
 ENVELOPE_PROOF = 32           # an envelope proof's ID: what signing adds to a member's encoding
@@ -80,7 +80,8 @@ class WritePath:
 
     def __init__(self, log: SegmentLog, state: State, lock: threading.RLock, files: FileLayer, *,
                  durability: str, metrics: Metrics, notifier: WriteNotifier,
-                 checkpointer: Checkpointer, before_write: Callable[[], None]) -> None:
+                 checkpointer: Checkpointer, before_write: Callable[[], None],
+                 subjects: StoredSubjects) -> None:
         self.log = log
         self.state = state
         self.lock = lock
@@ -90,6 +91,7 @@ class WritePath:
         self.notifier = notifier
         self.checkpointer = checkpointer
         self.before_write = before_write  # recovery's unfinished set-aside, done first
+        self.subjects = subjects          # stored records' subject keys (version-2 votes are checked)
         self.batch_seq = state.batch_seq  # the last batch sequence number written
         self.commit: GroupCommit[Work] = GroupCommit(self.write_group)
         self._flusher: threading.Thread | None = None
@@ -112,15 +114,19 @@ class WritePath:
         thread, so a bad record never fails the batch it would have shared.
         """
         key = signer.public_key
+        subject_votes = False
         for index, record in enumerate(records):
             if not hasattr(record, "_with_proof") or isinstance(record, Envelope):
                 raise InvalidRecord(f"records[{index}]: expected an Assertion, Vote or Epoch")
             if record.signers not in ((), (key,)):
                 raise SignatureError(f"records[{index}]: declares other signers than the writer's")
+            subject_votes = subject_votes or (isinstance(record, Vote) and record.subject is not None)
         members = [record._with_proof((key,), (), None) for record in records]
         # remember=True: the leader re-proves them with the envelope without re-encoding
-        _, offsets, ids = _codec.encode_many(members, remember=True)
+        blob, offsets, ids = _codec.encode_many(members, remember=True)
         self.check_fits(np.diff(offsets) + ENVELOPE_PROOF, ids)
+        if subject_votes:
+            check_vote_subjects(trusted(blob, offsets, ids), self.subjects)
         self.commit.submit(Pending(Unsigned(members, ids, signer)))
         return ids
 

@@ -4,8 +4,12 @@ Owns: the partition of a record (docs/replication.md, "Partitions and
 placement"): an assertion's is its subject key modulo the partition count,
 where the subject key is the engine's own posting-list key (the first 8
 bytes, little-endian, of BLAKE3 of the subject's UTF-8), so every claim about
-a subject lives on the same replicas; every other record (votes, epochs,
-envelopes) is in the GLOBAL partition, held by every node. And the replicas
+a subject lives on the same replicas; a version-2 vote's is the subject key
+it carries (its assertion's) modulo the count, so it lives with the
+assertion; every other record (version-1 votes, epochs, envelopes) is in the
+GLOBAL partition, held by every node. The rule itself is
+`_reconcile.partitions_of` over the `kind` and `place` columns, the one the
+engine's range trees use. And the replicas
 of a partition: the R nodes with the highest rendezvous weight
 BLAKE3(utf8(node id) ‖ u32 LE partition), compared as 32-byte big-endian
 numbers. Must never: read or store records, or depend on anything but the
@@ -22,8 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stemedb import _codec, _hash
-from stemedb.records import RecordKind
+from stemedb import _codec, _hash, _reconcile
 from stemedb.replication.cluster import ClusterFile
 from stemedb.replication.reconcile import GLOBAL_PARTITION, partition_scope
 
@@ -111,11 +114,9 @@ class Placement:
     def subject_partition(self, subject: str) -> int:
         return subject_partition(subject, self.cluster.partitions)
 
-    def partitions_of_columns(self, kinds: np.ndarray, subject_keys: np.ndarray) -> np.ndarray:
-        """Partition of each record from its `kind` and `subject` columns (GLOBAL = -1), int64."""
-        out = (np.asarray(subject_keys, dtype=np.uint64) % np.uint64(self.cluster.partitions)).astype(np.int64)
-        out[np.asarray(kinds) != RecordKind.ASSERTION] = GLOBAL
-        return out
+    def partitions_of_columns(self, kinds: np.ndarray, places: np.ndarray) -> np.ndarray:
+        """Partition of each record from its `kind` and `place` columns (GLOBAL = -1), int64."""
+        return _reconcile.partitions_of(kinds, places, self.cluster.partitions)  # type: ignore[no-any-return]
 
     def record_partitions(self, blob: bytes | memoryview, offsets: np.ndarray) -> np.ndarray:
         """Partition of each encoded record blob[offsets[i]:offsets[i+1]] (GLOBAL = -1), int64.
@@ -127,7 +128,7 @@ class Placement:
         if len(offsets) < 2:
             return np.zeros(0, dtype=np.int64)
         columns = _codec.extract_columns(blob, offsets[:-1], np.diff(offsets).astype(np.uint32))
-        return self.partitions_of_columns(columns["kind"], columns["subject"])
+        return self.partitions_of_columns(columns["kind"], columns["place"])
 
     def record_partition(self, encoded: bytes) -> int:
         """Partition of one encoded record (GLOBAL = -1)."""

@@ -1,27 +1,32 @@
 """The store as replication sees it: ordered items per scope, reading rows, verified intake.
 
 Owns: `EngineStore`, the adapter between one open Database and the
-replication code — a RangeTree per scope (the whole store, the global
-partition, each partition) kept from the engine's write notifications and a
-scan at open, the reads of records by record number, and the storing of
-records that came from a peer, each verified first exactly like a client's
-write (ID recomputed, signatures or envelope membership checked); and
-`Intake`, which holds back members whose envelope has not arrived yet within
-one session. Must never: store a record that did not verify, store part of a
-batch in which any record is forged, or serve a held-back member.
+replication code — the engine's range trees per scope (the whole store, the
+global partition, each partition: `Database.reconcile_items`, kept by the
+engine beside its ID index), the reads of records by record number, and the
+storing of records that came from a peer, each verified first exactly like
+a client's write (ID recomputed, signatures or envelope membership checked);
+and `Intake`, which holds back members whose envelope has not arrived yet
+within one session. Must never: store a record that did not verify, store
+part of a batch in which any record is forged, or serve a held-back member.
 
-This adapter is interim: the engine will keep the trees beside its ID index
-(docs/replication.md, "Interface requests"). Until then it reads the engine's
-columns (read through `db.view`) and subscribes to its write notifications.
+`accept` is the intake path: one engine call (`Database.put_encoded` with
+`hold_back=True`) verifies and stores a batch and hands back the members it
+held. `verify` (decode and verify, for callers that need the records as
+objects) and `store` (store what verified) are the two-step path; `store`
+also goes through `put_encoded`, so the engine checks the bytes it stores.
 
-Threads: every method may be called from a worker thread. `lock` guards the
-trees; hold it while a reconciliation step reads `items()` (the listener
-takes it too, so a step sees no half-added batch). Never read records while
-holding it (the engine's state lock is taken inside the engine, and the
-listener holds that one while it waits for this one).
+Threads: every method may be called from a worker thread. `lock` is the
+engine's state lock (`Database.reconcile_lock`); hold it while a
+reconciliation step reads `items()` — a writer indexes each batch under
+it, so a step sees no half-added batch. It is reentrant, and the engine
+takes it itself for reads, so reading records while holding it is allowed,
+but keep what runs under it short: writers wait for it.
 Error handling: a forged or malformed record raises SignatureError or
 InvalidRecord naming the record; nothing of its batch is stored. StorageFull,
-DurabilityError and CorruptionError pass through from the engine.
+DurabilityError and CorruptionError pass through from the engine. An
+EngineStore over a store kept for another partition count than the cluster
+file's raises ConfigError naming both.
 """
 
 from __future__ import annotations
@@ -35,10 +40,9 @@ import numpy as np
 
 from stemedb import _codec, _reconcile
 from stemedb.errors import InvalidRecord, NotFound, SignatureError
-from stemedb.records import Envelope, check_envelope_members
+from stemedb.records import Envelope, RecordKind, check_envelope_members
 from stemedb.replication.framing import RecordBatch, concat
-from stemedb.replication.placement import Placement, scopes_of
-from stemedb.replication.reconcile import WHOLE_STORE
+from stemedb.replication.placement import Placement
 
 PROBE_SALT = bytes(8)   # the salt of fingerprints that are compared across nodes (status, tests)
 
@@ -54,6 +58,7 @@ class ReplicaStore(Protocol):
     def read_ids(self, ids: list[bytes]) -> RecordBatch: ...
     def verify(self, batch: RecordBatch) -> Verified: ...
     def store(self, verified: Verified) -> int: ...
+    def accept(self, batch: RecordBatch) -> tuple[int, RecordBatch]: ...
 
 
 @dataclass
@@ -72,55 +77,30 @@ class Verified:
 
 
 class EngineStore:
-    """A Database seen by replication: trees per scope, row reads, verified stores."""
+    """A Database seen by replication: its trees per scope, row reads, verified stores."""
 
-    def __init__(self, db: Any, placement: Placement) -> None:
+    def __init__(self, db: Any, placement: Placement | None) -> None:
+        """`placement` None: the whole store only (scope 0), as between two single stores."""
         self.db = db
         self.placement = placement
-        self.lock = threading.RLock()
-        self._trees: dict[int, _reconcile.RangeTree] = {WHOLE_STORE: _reconcile.RangeTree()}
-        with self.lock:
-            # Batches numbered from `start` on reach _on_write; the rows below it are read here.
-            start = db.view.subscribe(self._on_write)
-            if start:
-                snapshot = db.view.snapshot()
-                self._add_rows(np.arange(start, dtype=np.uint32),
-                               snapshot.arrays["kind"][:start], snapshot.arrays["subject"][:start])
+        # The engine keeps the trees; a store opened without partitions= starts keeping them
+        # now (recorded in its MANIFEST; a store kept for another count raises ConfigError).
+        if placement is not None:
+            db.keep_partitions(placement.partitions)
+        self.lock = db.reconcile_lock()
 
     def close(self) -> None:
-        self.db.view.unsubscribe(self._on_write)
+        """Nothing to release: the trees are the engine's (kept as long as the store is open)."""
 
     # ---------------------------------------------------------------- items
 
-    def _on_write(self, recnos: np.ndarray, columns: dict[str, np.ndarray]) -> None:
-        with self.lock:
-            self._add_rows(recnos, columns["kind"], columns["subject"])
-
-    def _add_rows(self, rows: np.ndarray, kinds: np.ndarray, subjects: np.ndarray) -> None:
-        timestamps, ids = self._columns()
-        self._trees[WHOLE_STORE].add(rows, timestamps, ids)
-        scopes = scopes_of(self.placement.partitions_of_columns(kinds, subjects))
-        for scope in np.unique(scopes).tolist():
-            tree = self._trees.get(scope)
-            if tree is None:
-                tree = self._trees[scope] = _reconcile.RangeTree()
-            tree.add(np.ascontiguousarray(rows[scopes == scope]), timestamps, ids)
-
-    def _columns(self) -> tuple[np.ndarray, np.ndarray]:
-        arrays = self.db.view.snapshot().arrays
-        return arrays["timestamp"], arrays["id"]
-
     def items(self, scope: int) -> tuple[_reconcile.RangeTree, np.ndarray, np.ndarray]:
         """(tree, timestamps, ids) of a scope; call with `lock` held."""
-        tree = self._trees.get(scope)
-        if tree is None:
-            tree = self._trees[scope] = _reconcile.RangeTree()
-        return (tree, *self._columns())
+        return self.db.reconcile_items(scope)  # type: ignore[no-any-return]
 
     def count(self, scope: int) -> int:
         with self.lock:
-            tree = self._trees.get(scope)
-            return len(tree) if tree is not None else 0
+            return len(self.items(scope)[0])
 
     def fingerprint(self, scope: int) -> bytes:
         """The 16-byte fingerprint of a whole scope under PROBE_SALT (equal sets, equal bytes)."""
@@ -129,15 +109,14 @@ class EngineStore:
             return tree.fingerprint((0, b""), None, timestamps, ids, PROBE_SALT)
 
     def scopes(self) -> list[int]:
-        with self.lock:
-            return sorted(self._trees)
+        """Scope 0 and every scope holding a record."""
+        return self.db.reconcile_scopes()  # type: ignore[no-any-return]
 
     def ids_of_scope(self, scope: int) -> set[bytes]:
         """Every ID held in a scope (for tests and small stores)."""
         with self.lock:
             tree, _, ids = self.items(scope)
-            rows = tree.rows()
-            return {bytes(ids[r]) for r in rows}
+            return {bytes(ids[r]) for r in tree.rows()}
 
     # ---------------------------------------------------------------- reads
 
@@ -146,7 +125,7 @@ class EngineStore:
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return RecordBatch.empty()
-        ids = np.ascontiguousarray(self.db.view.snapshot().arrays["id"][rows])
+        ids = self.db.ids_of_rows(rows)
         blob, offsets, found = self.db.get_encoded_many(ids)
         if (found < 0).any():
             missing = bytes(ids[int(np.argmax(found < 0))]).hex()
@@ -155,8 +134,7 @@ class EngineStore:
 
     def record_sizes(self, rows: np.ndarray) -> np.ndarray:
         """Encoded bytes of each record number (from the engine's `length` column)."""
-        lengths = self.db.view.snapshot().arrays["length"]
-        return np.asarray(lengths[np.asarray(rows, dtype=np.int64)], dtype=np.int64)
+        return self.db.record_lengths(rows)  # type: ignore[no-any-return]
 
     def read_ids(self, ids: list[bytes]) -> RecordBatch:
         """The stored records with these IDs (NotFound naming the first one absent)."""
@@ -181,16 +159,24 @@ class EngineStore:
 
     def store(self, verified: Verified) -> int:
         """Store what verified; returns how many records were offered to the engine."""
-        records = verified.records
-        if len(verified.batch_members):
-            members = [records[bytes(i)] for i in verified.batch_members.ids]
-            envelopes = [records[bytes(i)] for i in verified.envelopes.ids]
-            self.db.put_many(members, envelope=envelopes)
-        elif len(verified.envelopes):
-            self.db.put_many([records[bytes(i)] for i in verified.envelopes.ids])
-        if len(verified.others):
-            self.db.put_many([records[bytes(i)] for i in verified.others.ids])
+        if not verified.storable:
+            return 0
+        # Envelopes first, then the members they prove, then the rest: one durable batch.
+        batch = concat([verified.envelopes, verified.batch_members, verified.others])
+        self.db.put_encoded(batch.blob, batch.offsets, ids=batch.ids)
         return verified.storable
+
+    def accept(self, batch: RecordBatch) -> tuple[int, RecordBatch]:
+        """Verify and store a batch from a peer in one engine call: (records stored, held back).
+
+        Held back: members whose envelope is neither in the batch nor
+        stored (not judged, not stored). A forged record refuses the whole
+        batch (SignatureError / InvalidRecord naming it).
+        """
+        if not len(batch):
+            return 0, RecordBatch.empty()
+        result = self.db.put_encoded(batch.blob, batch.offsets, ids=batch.ids, hold_back=True)
+        return int(result.stored.sum()), batch.select(result.held)
 
 
 StoredEnvelope = Callable[[bytes], "Envelope | None"]
@@ -252,6 +238,13 @@ def verify_batch(batch: RecordBatch, stored_envelope: StoredEnvelope) -> Verifie
                     batch.select(np.array(waiting, dtype=np.int64)), by_id)
 
 
+def _has_envelope(batch: RecordBatch) -> bool:
+    """Whether the batch holds an envelope (the kind column, without decoding the records)."""
+    lengths = np.diff(batch.offsets).astype(np.uint32)
+    kinds = _codec.extract_columns(batch.blob, batch.offsets[:-1], lengths)["kind"]
+    return bool((kinds == RecordKind.ENVELOPE).any())
+
+
 def _verify_signed(record: Any, index: int) -> None:
     try:
         record.verify()
@@ -275,12 +268,11 @@ class Intake:
 
     def accept(self, batch: RecordBatch) -> int:
         self.received += len(batch)
-        verified = self.store.verify(batch)
-        stored = self.store.store(verified)
+        stored, waiting = self.store.accept(batch)
         self.stored += stored
-        if len(verified.waiting):
-            self.held.append(verified.waiting)
-        if stored and self.held and len(verified.envelopes):
+        if len(waiting):
+            self.held.append(waiting)
+        if stored and self.held and _has_envelope(batch):
             self._retry()
         return stored
 
@@ -290,11 +282,11 @@ class Intake:
 
     def _retry(self) -> RecordBatch:
         held, self.held = concat(self.held), []
-        verified = self.store.verify(held)
-        self.stored += self.store.store(verified)
-        if len(verified.waiting):
-            self.held = [verified.waiting]
-        return verified.waiting
+        stored, waiting = self.store.accept(held)
+        self.stored += stored
+        if len(waiting):
+            self.held = [waiting]
+        return waiting
 
     def finish(self) -> None:
         """End of the session: a member still without its envelope is forged."""
