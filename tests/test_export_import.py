@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from cli_helpers import (
     ALICE,
@@ -428,3 +429,15 @@ def test_ctrl_c_in_a_real_process(source, tmp_path):
     _out, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert err == "stemedb import: interrupted: nothing stored (checked 0 lines)\n"
+
+
+def test_membership_in_order_out_of_order_and_absent():
+    from stemedb.cli.jsonl import _listed
+
+    listed = np.arange(10 * 32, dtype=np.uint8).reshape(10, 32)
+    assert _listed(listed[3:7], listed).tolist() == [True] * 4            # a run, in order
+    shuffled = listed[[7, 2, 9]]
+    assert _listed(shuffled, listed).tolist() == [True] * 3               # out of order
+    stranger = np.full((1, 32), 255, dtype=np.uint8)
+    assert _listed(np.concatenate([listed[8:], stranger]), listed).tolist() == [True, True, False]
+    assert _listed(stranger, listed).tolist() == [False]

@@ -21,7 +21,6 @@ import binascii
 import csv
 import io
 import json
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -36,6 +35,7 @@ from stemedb.cli.formats import (
     float32_text,
     format_time,
     number_text,
+    present,
     record_document,
     record_from_json,
 )
@@ -43,11 +43,16 @@ from stemedb.cli.formats import (
 try:  # orjson parses an export line about three times as fast as json (bench/bench_import.py)
     import orjson
 
-    def _loads(line: bytes) -> Any:
-        return orjson.loads(line)
-
+    _loads: Callable[[bytes], Any] = orjson.loads
     _JSON_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError,)
+
+    def _dumps(document: Any) -> str:
+        """One line of JSON, as formats.dumps(lines=True) writes it (UTF-8, no spaces)."""
+        return orjson.dumps(document).decode("utf-8")
 except ModuleNotFoundError:  # pragma: no cover - the client-only install
+    def _dumps(document: Any) -> str:
+        return dumps(document, lines=True)
+
     def _loads(line: bytes) -> Any:
         return json.loads(line.decode("utf-8"))
 
@@ -56,7 +61,6 @@ except ModuleNotFoundError:  # pragma: no cover - the client-only install
 PROOF_NONE, PROOF_SIGNATURES, PROOF_ENVELOPE = 0, 1, 2      # docs/format.md, "Proof"
 # Fields an export line carries that describe a proof: they mean nothing without `raw`.
 PROOF_FIELDS = frozenset({"id", "signers", "signatures", "envelope"})
-ENVELOPE_MEMBER_CACHE = 8    # envelopes whose member sets are kept (members follow their envelope)
 
 
 # ------------------------------------------------------------------ export
@@ -64,7 +68,7 @@ ENVELOPE_MEMBER_CACHE = 8    # envelopes whose member sets are kept (members fol
 def export_line(record: Any) -> str:
     """One JSON Lines entry: `raw` (the record's bytes, base64), then its readable fields."""
     raw = base64.b64encode(record.encode()).decode("ascii")
-    readable = dumps(record_document(record), lines=True)
+    readable = _dumps(present(record_document(record)))
     return f'{{"raw":"{raw}",{readable[1:]}'
 
 
@@ -143,6 +147,7 @@ class Chunk:
     bad: list[BadLine] = field(default_factory=list)
     lines: int = 0
     end: int = 0
+    _joined: tuple[bytes, np.ndarray, int] | None = None     # blob() of every record, kept
 
     @property
     def records(self) -> int:
@@ -154,10 +159,15 @@ class Chunk:
 
     def blob(self, rows: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
         """The encoded records (those of `rows`, or all) as one blob and its offsets."""
-        raws = self.raws if rows is None else [self.raws[int(row)] for row in rows]
+        if rows is None and self._joined is not None and self._joined[2] == len(self.raws):
+            return self._joined[0], self._joined[1]
+        raws = self.raws if rows is None else [self.raws[row] for row in rows.tolist()]
         offsets = np.zeros(len(raws) + 1, dtype=np.int64)
         np.cumsum([len(raw) for raw in raws], out=offsets[1:])
-        return b"".join(raws), offsets
+        blob = b"".join(raws)
+        if rows is None:
+            self._joined = (blob, offsets, len(raws))
+        return blob, offsets
 
     def keep(self, mask: np.ndarray) -> None:
         """Keep only the encoded records where `mask` is true."""
@@ -166,6 +176,10 @@ class Chunk:
         self.ids = self.ids[mask]
         self.kinds = self.kinds[mask]
         self.proofs = self.proofs[mask]
+        self._joined = None
+
+
+READ_HINT = 1 << 22    # bytes of lines read at a time
 
 
 def numbered_lines(stream: IO[bytes], chunk_lines: int) -> Iterator[tuple[list[tuple[int, bytes]], int]]:
@@ -173,13 +187,18 @@ def numbered_lines(stream: IO[bytes], chunk_lines: int) -> Iterator[tuple[list[t
     batch: list[tuple[int, bytes]] = []
     position = 0
     number = 0
-    for number, line in enumerate(stream, start=1):
-        position += len(line)
-        if line.strip():
-            batch.append((number, line))
-        if number % chunk_lines == 0:
-            yield batch, position
-            batch = []
+    while True:
+        lines = stream.readlines(READ_HINT)
+        if not lines:
+            break
+        for line in lines:
+            number += 1
+            position += len(line)
+            if len(line) > 2 or line.strip():
+                batch.append((number, line))
+            if number % chunk_lines == 0:
+                yield batch, position
+                batch = []
     if batch or number % chunk_lines:
         yield batch, position
 
@@ -211,37 +230,56 @@ def parse_lines(lines: list[tuple[int, bytes]], *, can_sign: bool) -> Chunk:
     """Lines → a Chunk: each line's record bytes or unsigned assertion, or why it has none."""
     chunk = Chunk(lines=len(lines))
     claimed: list[str | None] = []
+    numbers, raws = chunk.numbers, chunk.raws
+    loads, a2b = _loads, binascii.a2b_base64
     for number, line in lines:
         try:
-            document = _loads(line)
+            document = loads(line)
         except _JSON_ERRORS as exc:
             chunk.bad.append(BadLine(number, f"line {number}: not JSON ({exc})", _shown(line)))
             continue
-        if not isinstance(document, dict):
-            chunk.bad.append(BadLine(number, f"line {number}: expected a JSON object", _shown(line)))
-            continue
-        try:
-            raw = _raw_bytes(document, number)
-            if raw is None:
-                assertion = _readable_assertion(document, number)
-                if not can_sign:
-                    raise stemedb.InvalidRecord(
-                        f"line {number}: no raw record, and no --key to sign its fields: give "
-                        "--key KEYFILE (stemedb keygen makes one)")
-                chunk.assertion_numbers.append(number)
-                chunk.assertions.append(assertion)
+        # The common line, an export's: parsed here without a call per field.
+        raw = document.get("raw") if type(document) is dict else None
+        record_id = document.get("id") if raw is not None else None
+        if type(raw) is str and (record_id is None or type(record_id) is str):
+            try:
+                numbers.append(number)
+                raws.append(a2b(raw, strict_mode=True))
+                claimed.append(record_id)
                 continue
-            record_id = document.get("id")
-            if record_id is not None and not isinstance(record_id, str):
-                raise stemedb.InvalidRecord(f"line {number}: id: expected 64 hex digits")
-        except stemedb.InvalidRecord as exc:
-            chunk.bad.append(BadLine(number, str(exc), _shown(line)))
-            continue
-        chunk.numbers.append(number)
-        chunk.raws.append(raw)
-        claimed.append(record_id)
+            except (ValueError, binascii.Error):
+                numbers.pop()
+        _parse_other(chunk, claimed, number, line, document, can_sign)
     _validate(chunk, lines, claimed)
     return chunk
+
+
+def _parse_other(chunk: Chunk, claimed: list[str | None], number: int, line: bytes,
+                 document: Any, can_sign: bool) -> None:
+    """Any line but an export line with a well-formed raw: put's forms, or a mistake."""
+    if not isinstance(document, dict):
+        chunk.bad.append(BadLine(number, f"line {number}: expected a JSON object", _shown(line)))
+        return
+    try:
+        raw = _raw_bytes(document, number)
+        if raw is None:
+            assertion = _readable_assertion(document, number)
+            if not can_sign:
+                raise stemedb.InvalidRecord(
+                    f"line {number}: no raw record, and no --key to sign its fields: give "
+                    "--key KEYFILE (stemedb keygen makes one)")
+            chunk.assertion_numbers.append(number)
+            chunk.assertions.append(assertion)
+            return
+        record_id = document.get("id")
+        if record_id is not None and not isinstance(record_id, str):
+            raise stemedb.InvalidRecord(f"line {number}: id: expected 64 hex digits")
+    except stemedb.InvalidRecord as exc:
+        chunk.bad.append(BadLine(number, str(exc), _shown(line)))
+        return
+    chunk.numbers.append(number)
+    chunk.raws.append(raw)
+    claimed.append(record_id)
 
 
 def _raw_bytes(document: dict[str, Any], number: int) -> bytes | None:
@@ -264,12 +302,12 @@ def _raw_bytes(document: dict[str, Any], number: int) -> bytes | None:
 
 def _validate(chunk: Chunk, lines: list[tuple[int, bytes]], claimed: list[str | None]) -> None:
     """Canonical bytes and the IDs the lines claim; the bad ones leave the chunk."""
-    text = dict(lines)
     blob, offsets = chunk.blob()
     try:
         ids, columns = _codec.validate_many(blob, offsets)
         good = np.ones(len(chunk.raws), dtype=bool)
     except stemedb.InvalidRecord:  # find every bad one: record by record
+        text = dict(lines)
         good = np.zeros(len(chunk.raws), dtype=bool)
         for row, (number, raw) in enumerate(zip(chunk.numbers, chunk.raws)):
             try:
@@ -287,15 +325,31 @@ def _validate(chunk: Chunk, lines: list[tuple[int, bytes]], claimed: list[str | 
     chunk.ids = ids
     chunk.kinds = np.asarray(columns["kind"], dtype=np.uint8)
     chunk.proofs = np.asarray(columns["proof"], dtype=np.uint8)
-    matches = np.ones(len(chunk.raws), dtype=bool)
-    for row, expected in enumerate(claimed):
-        if expected is not None and expected.lower() != bytes(ids[row]).hex():
-            matches[row] = False
-            number = chunk.numbers[row]
-            chunk.bad.append(BadLine(number, f"line {number}: id {expected} is not the ID of its raw "
-                                     f"bytes ({bytes(ids[row]).hex()})", _shown(text[number])))
+    matches = _claims_match(claimed, ids)
     if not matches.all():
+        text = dict(lines)
+        for row in np.flatnonzero(~matches).tolist():
+            number = chunk.numbers[row]
+            chunk.bad.append(BadLine(number, f"line {number}: id {claimed[row]} is not the ID of its "
+                                     f"raw bytes ({bytes(ids[row]).hex()})", _shown(text[number])))
         chunk.keep(matches)
+
+
+def _claims_match(claimed: list[str | None], ids: np.ndarray) -> np.ndarray:
+    """Whether each line's `id` (None: no claim) is the ID of its bytes."""
+    matches = np.ones(len(claimed), dtype=bool)
+    given = [row for row, expected in enumerate(claimed) if expected is not None]
+    try:
+        expected_ids = np.frombuffer(bytes.fromhex("".join(claimed[row] for row in given)),  # type: ignore[misc]
+                                     dtype=np.uint8).reshape(-1, 32)
+        if len(expected_ids) == len(given):
+            matches[given] = (expected_ids == ids[given]).all(axis=1)
+            return matches
+    except ValueError:
+        pass  # some id is not hex, or not 64 digits: compare them one by one
+    for row in given:
+        matches[row] = str(claimed[row]).lower() == bytes(ids[row]).hex()
+    return matches
 
 
 # ------------------------------------------------------------------ import: proofs
@@ -315,13 +369,11 @@ class Checker:
     def __init__(self, stored: StoredRecord) -> None:
         self._stored = stored
         self._envelopes: dict[bytes, Any] = {}          # ID → Envelope, or the line that was bad
-        self._members: OrderedDict[bytes, set[bytes]] = OrderedDict()
 
     def check(self, chunk: Chunk, lines: list[tuple[int, bytes]]) -> None:
         """Move the chunk's unprovable records to chunk.bad."""
         if not chunk.raws:
             return
-        text = dict(lines)
         proofs = chunk.proofs
         good = np.ones(len(chunk.raws), dtype=bool)
         reasons: dict[int, str] = {}
@@ -332,14 +384,11 @@ class Checker:
                 reasons[row] = reason
         members = np.flatnonzero(proofs == PROOF_ENVELOPE)
         if len(members):
-            blob, offsets = chunk.blob(members)
-            claimed, signers, single = _codec.envelope_proofs(blob, offsets)
-            for position, row in enumerate(members.tolist()):
-                reason = self._member(chunk, row, bytes(claimed[position]), bytes(signers[position]),
-                                      bool(single[position]))
-                if reason is not None:
-                    good[row] = False
-                    reasons[row] = reason
+            claimed, signers, single = _codec.envelope_proofs(*chunk.blob())
+            reasons.update(self._members(chunk, members, claimed[members], signers[members],
+                                         single[members]))
+            good[list(reasons)] = False
+        text = dict(lines) if reasons else {}
         for row, reason in sorted(reasons.items()):
             number = chunk.numbers[row]
             chunk.bad.append(BadLine(number, f"line {number}: {reason}", _shown(text[number])))
@@ -361,10 +410,32 @@ class Checker:
             self._envelopes[record_id] = record
         return None
 
-    def _member(self, chunk: Chunk, row: int, envelope_id: bytes, signer: bytes,
-                single: bool) -> str | None:
-        if not single:
-            return "not proven by an envelope of its single signer"
+    def _members(self, chunk: Chunk, members: np.ndarray, claimed: np.ndarray, signers: np.ndarray,
+                 single: np.ndarray) -> dict[int, str]:
+        """Why each unprovable member (row → reason), checked one envelope at a time."""
+        reasons: dict[int, str] = {int(row): "not proven by an envelope of its single signer"
+                                   for row in members[~single]}
+        names, owner = np.unique(claimed.view("V32").ravel(), return_inverse=True)
+        for index, name in enumerate(names):
+            mine = np.flatnonzero((owner == index) & single)
+            if not len(mine):
+                continue
+            envelope_id = name.tobytes()
+            reason = self._envelope_problem(envelope_id)
+            if reason is not None:
+                reasons.update(dict.fromkeys(members[mine].tolist(), reason))
+                continue
+            envelope = self._envelopes[envelope_id]
+            signer = np.frombuffer(envelope.signer, dtype=np.uint8)
+            wrong = mine[~(signers[mine] == signer).all(axis=1)]
+            reasons.update(dict.fromkeys(
+                members[wrong].tolist(), f"its signer is not the signer of envelope {envelope_id.hex()}"))
+            listed = _listed(chunk.ids[members[mine]], envelope.member_array())
+            for row in members[mine[~listed]].tolist():
+                reasons.setdefault(row, f"not listed in its envelope {envelope_id.hex()}")
+        return reasons
+
+    def _envelope_problem(self, envelope_id: bytes) -> str | None:
         envelope = self._envelope(envelope_id)
         named = envelope_id.hex()
         if isinstance(envelope, int):
@@ -374,10 +445,6 @@ class Checker:
                     "(export with stemedb export, which writes envelopes before their members)")
         if not isinstance(envelope, stemedb.Envelope):
             return f"its envelope proof names {named}, a stored {type(envelope).__name__.lower()}"
-        if signer != envelope.signer:
-            return f"its signer is not the signer of envelope {named}"
-        if bytes(chunk.ids[row]) not in self._member_set(envelope_id, envelope):
-            return f"not listed in its envelope {named}"
         return None
 
     def _envelope(self, envelope_id: bytes) -> Any:
@@ -388,16 +455,17 @@ class Checker:
                 self._envelopes[envelope_id] = None
         return self._envelopes[envelope_id]
 
-    def _member_set(self, envelope_id: bytes, envelope: Any) -> set[bytes]:
-        members = self._members.get(envelope_id)
-        if members is None:
-            members = set(envelope.members)
-            self._members[envelope_id] = members
-            if len(self._members) > ENVELOPE_MEMBER_CACHE:
-                self._members.popitem(last=False)
-        else:
-            self._members.move_to_end(envelope_id)
-        return members
+
+
+def _listed(ids: np.ndarray, listed: np.ndarray) -> np.ndarray:
+    """Whether each of `ids` (n, 32) is among `listed` (m, 32)."""
+    # The common case: an export's members follow their envelope's list, in its order.
+    start = np.flatnonzero((listed == ids[0]).all(axis=1))
+    if len(start) and len(listed) - int(start[0]) >= len(ids):
+        run = listed[int(start[0]):int(start[0]) + len(ids)]
+        if np.array_equal(run, ids):
+            return np.ones(len(ids), dtype=bool)
+    return np.isin(ids.view("V32").ravel(), listed.view("V32").ravel())
 
 
 def check_stream(stream: IO[bytes], checker: Checker, *, can_sign: bool,
