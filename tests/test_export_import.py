@@ -441,3 +441,22 @@ def test_membership_in_order_out_of_order_and_absent():
     stranger = np.full((1, 32), 255, dtype=np.uint8)
     assert _listed(np.concatenate([listed[8:], stranger]), listed).tolist() == [True, True, False]
     assert _listed(stranger, listed).tolist() == [False]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_progress_bar_on_a_terminal(source, tmp_path, capsys, monkeypatch):
+    dump = tmp_path / "all.jsonl"
+    run(capsys, "export", "--data", str(source), "--out", str(dump))
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(dataio, "CHUNK_LINES", 4)
+    code, out, _err = run(capsys, "import", str(dump), "--data", str(tmp_path / "copy"))
+    assert code == 0
+    bar = terminal.getvalue()
+    assert "checked" in bar and "stored" in bar            # one bar per pass
+    assert "100%" in bar and "11 records" in bar            # the file's share, and the count
+    assert "/s" in bar                                      # a rate

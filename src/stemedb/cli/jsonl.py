@@ -456,7 +456,6 @@ class Checker:
         return self._envelopes[envelope_id]
 
 
-
 def _listed(ids: np.ndarray, listed: np.ndarray) -> np.ndarray:
     """Whether each of `ids` (n, 32) is among `listed` (m, 32)."""
     # The common case: an export's members follow their envelope's list, in its order.
