@@ -24,9 +24,12 @@ from cli_helpers import (
 )
 
 import stemedb
+from stemedb.cli import build_parser
 from stemedb.cli.formats import parse_time
 
 T0 = parse_time("2026-12-01T10:00:00Z", "test")
+# argparse's list of the commands (and aliases), in the order the groups register them
+COMMAND_CHOICES = ", ".join(repr(name) for name in build_parser().commands.parsers)
 
 
 def key_file(tmp_path):
@@ -64,9 +67,8 @@ def test_a_session_on_a_data_directory(tmp_path, capsys, monkeypatch):
     assert json.loads("\n".join(lines[2:]))["id"] == tea_id()
     assert err.splitlines() == [
         "stemedb get: error: ID: 'zz' is not hex",
-        "stemedb: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'demo', 'keygen', "
-        "'put', 'get', 'scan', 'list', 'query', 'conflicts', 'stats', 'verify', 'serve', 'shell') "
-        "(see stemedb --help)",
+        "stemedb: error: argument COMMAND: invalid choice: 'frobnicate' (choose from "
+        f"{COMMAND_CHOICES}) (see stemedb --help)",
         f"stemedb stats: error: this shell works on {data}; start another shell for another store or server",
         "stemedb serve: error: serve is not available inside the shell",
         "stemedb query: error: lens: 'nope', expected one of recency, confidence, consensus, "

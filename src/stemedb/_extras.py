@@ -18,7 +18,7 @@ SERVER_EXTRA = "stemedb[server]"
 
 # llvmlite is numba's own dependency; tomli and exceptiongroup are needed on Python 3.10 only.
 SERVER_EXTRA_IMPORTS = frozenset({"numba", "llvmlite", "trio", "h11", "prometheus_client",
-                                  "exceptiongroup", "tomli"})
+                                  "exceptiongroup", "tomli", "orjson", "tqdm"})
 
 
 def explain(error: ModuleNotFoundError, needed_by: str) -> None:
