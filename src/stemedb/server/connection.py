@@ -6,7 +6,10 @@ receive buffer with the compiled FrameReader, one task per request (many in
 flight, answered by request id, possibly out of order), the sender task that
 writes queued answers (small ones coalesced into one `send_all`, large ones in
 slices), GET answers streamed frame by frame from the store, and the
-handshake, idle and send timeouts. Every request goes through the request
+handshake, idle and send timeouts, and the order requests take effect in:
+a read (GET, QUERY, SCAN, STATS, AUDIT) waits for every write sent before it
+on the same connection to be answered, so a connection reads its own writes
+(PING and writes are not held back). Every request goes through the request
 pipeline (stemedb.server.pipeline: authorize, admit, run in a worker thread,
 metrics, errors through the one table); the connection is given a
 DoorContext, not the Server. Must never: run a database call on the event
@@ -94,6 +97,9 @@ class Connection:
         self._receive_scope: trio.CancelScope | None = None
         self._requests: trio.Nursery | None = None
         self._handed_off = False  # the frame just dispatched now belongs to a request task
+        # Writes dispatched and not yet answered, each settled by its request task: a read
+        # waits for those sent before it (read your own writes, docs/protocol.md "Ordering").
+        self._unsettled_writes: set[trio.Event] = set()
 
     @property
     def caller(self) -> Caller:
@@ -281,21 +287,34 @@ class Connection:
             self._fail(ConnectionTimeout("the client does not read its answers"), reason="slow_reader")
             return False
         self.inflight += 1
+        settled: trio.Event | None = None
+        earlier: tuple[trio.Event, ...] = ()
+        if operation.writes:
+            settled = trio.Event()
+            self._unsettled_writes.add(settled)
+        elif opcode != _protocol.PING:
+            earlier = tuple(self._unsettled_writes)
         assert self._requests is not None
         self._requests.start_soon(self._serve, operation, handler, frame.request_id, args,
-                                  len(frame.payload))
+                                  len(frame.payload), settled, earlier)
         self._handed_off = True
         return True
 
     async def _serve(self, operation: Operation, handler: Handler, request_id: int, args: Any,
-                     size: int) -> None:
+                     size: int, settled: trio.Event | None, earlier: tuple[trio.Event, ...]) -> None:
+        """Run one admitted request: a read first waits for the writes sent before it."""
         try:
+            for write in earlier:
+                await write.wait()
             outcome = await self.pipeline.run(self.caller, operation,
                                               partial(handler, self, operation, request_id, args),
                                               size=size)
             if isinstance(outcome, Refusal):
                 await self.reply_refusal(request_id, outcome)
         finally:
+            if settled is not None:  # answered (or failed, or cancelled): reads behind it may go
+                settled.set()
+                self._unsettled_writes.discard(settled)
             self.inflight -= 1
             self.requests_served += 1
             self.slots.release()
