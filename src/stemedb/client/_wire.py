@@ -213,12 +213,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot send {type(value).__name__} as a query filter")
 
 
-def query_result(payload: bytes) -> dict[str, Any]:
-    """The resolution as a dict, with the contributing records decoded under "records"."""
-    text, blob, offsets = _protocol.decode_query_result(payload)
+def query_result(payloads: list[bytes]) -> dict[str, Any]:
+    """The resolution as a dict, with the contributing records decoded under "records".
+
+    A large answer is streamed: the first frame holds the result (and maybe
+    records), the frames after it more records (docs/protocol.md, "QUERY").
+    """
+    text, blob, offsets = _protocol.decode_query_result(payloads[0])
     result = json.loads(text)
     document = result if isinstance(result, dict) else {"result": result}
-    document["records"] = _codec.decode_many(blob, offsets) if len(offsets) > 1 else []
+    records = list(_codec.decode_many(blob, offsets)) if len(offsets) > 1 else []
+    records += records_from(payloads[1:], allow_absent=False)
+    document["records"] = records
     return document
 
 

@@ -343,7 +343,7 @@ class AsyncClient:
     async def query(self, subject: str, predicate: str | None = None, *, lens: str | None = None,
                     timeout: float | None = None, **filters: Any) -> dict[str, Any]:
         payload = query_payload(subject, predicate, lens, filters)
-        return query_result((await self._request(_protocol.QUERY, payload, timeout))[0])
+        return query_result(await self._request(_protocol.QUERY, payload, timeout))
 
     async def scan(self, subject: str | None = None, predicate: str | None = None, *,
                    kind: str | None = None, limit: int = 10_000,

@@ -442,7 +442,7 @@ class Client:
         from stemedb.client._wire import query_payload
 
         return query_result(self._request(_protocol.QUERY, query_payload(subject, predicate, lens, filters),
-                                          timeout)[0])
+                                          timeout))
 
     def scan(self, subject: str | None = None, predicate: str | None = None, *,
              kind: str | None = None, limit: int = 10_000, timeout: float | None = None) -> list[Any]:
