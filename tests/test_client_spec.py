@@ -90,7 +90,10 @@ def test_the_blocking_client_reads_a_streamed_query(tmp_path):
     with background_server(tmp_path / "data", settings) as running, connect(running.url) as client:
         client.put_many(records)
         answer = client.query("big", "p", lens="consensus")
-    assert {r.id for r in answer["records"]} == {r.id for r in records}
+        assert answer.candidates_count == 50 and answer.winner in records
+        scanned = list(client.scan("big"))
+    assert {c.assertion_id for c in answer.contributions} == {r.id for r in records}
+    assert sorted(r.id for r in scanned) == sorted(r.id for r in records)  # frames commit in any order
 
 
 def test_record_size_figures_in_the_doc_follow_from_the_codec():
@@ -155,7 +158,18 @@ async def test_real_query_answers_match_the_schemas(db):
                     if predicate:
                         assert result["predicate"] == predicate
                     checked += 1
-    assert checked == len(OPTION_CASES) * len(LENSES) * 2
+        for lens, parameters in (("epoch_aware", {"inner": {"lens": "consensus", "parameters": {}}}),
+                                 ("authority", {"multipliers": {"clinical": 2.0}, "trust": False}),
+                                 ("skeptic", {"weighting": "votes"})):
+            options = json.dumps({"lens_parameters": parameters})
+            jsonschema.validate(json.loads(options), options_schema)
+            answer = await client.call(_protocol.QUERY, _protocol.encode_query("aspirin", "treats", lens, options))
+            assert answer.opcode == _protocol.QUERY, (lens, answer)
+            result = json.loads(_protocol.decode_query_result(answer.payload)[0])
+            jsonschema.validate(result, result_schema)
+            assert result["lens"] != lens and result["lens"].startswith(lens + "(")  # parameters applied
+            checked += 1
+    assert checked == len(OPTION_CASES) * len(LENSES) * 2 + 3
 
 
 @pytest.mark.trio
@@ -165,6 +179,7 @@ async def test_options_outside_the_schema_are_refused(db):
     async with served(server) as client:
         await client.hello()
         for options in ('{"colour": "red"}', '{"lens": "recency"}', '{"agent": "x"}', '[1]', 'nope',
+                        '{"lens_parameters": 3}',
                         '{"lifecycle": "sideways"}', '{"as_of": "yesterday"}', '{"epoch": "abc"}'):
             try:
                 jsonschema.validate(json.loads(options), options_schema)

@@ -144,13 +144,13 @@ def test_the_blocking_client_passes_the_conversations(tmp_path):
         assert client.get_many([b"\xee" * 32]) == want["absent"]
         client.put_many(want["query_put"])
         answer = client.query("conformance:query", "treats", lens="recency", lifecycle="approved")
-        assert {k: v for k, v in answer.items() if k != "records"} == want["query"]
-        assert answer["records"] == want["query_records"]
+        assert answer.to_dict() == want["query"]
+        assert [answer.winner] == want["query_records"]
         client.put_many(want["scan_put"])
-        assert client.scan("conformance:scan", kind="assertion") == want["scan_put"]
-        assert client.scan("conformance:scan", limit=2) == want["scan_put"][:2]
+        assert list(client.scan("conformance:scan", kind="assertion")) == want["scan_put"]
+        assert list(client.scan("conformance:scan", limit=2)) == want["scan_put"][:2]
         with pytest.raises(InvalidRequest):
-            client.query("conformance:query", "treats", colour="red")
+            client.query("conformance:query", "treats", lens="no-such-lens")
         with pytest.raises(SignatureError):
             client.put_many(want["unsigned"])
         assert client.ping() >= 0
@@ -167,12 +167,12 @@ def test_the_async_client_passes_the_conversations(tmp_path, backend):
             assert await client.get_many([b"\xee" * 32]) == want["absent"]
             await client.put_many(want["query_put"])
             answer = await client.query("conformance:query", "treats", lens="recency", lifecycle="approved")
-            assert {k: v for k, v in answer.items() if k != "records"} == want["query"]
-            assert answer["records"] == want["query_records"]
+            assert answer.to_dict() == want["query"]
+            assert [answer.winner] == want["query_records"]
             await client.put_many(want["scan_put"])
-            assert await client.scan("conformance:scan", kind="assertion") == want["scan_put"]
+            assert list(await client.scan("conformance:scan", kind="assertion")) == want["scan_put"]
             with pytest.raises(InvalidRequest):
-                await client.query("conformance:query", "treats", colour="red")
+                await client.query("conformance:query", "treats", lens="no-such-lens")
             with pytest.raises(SignatureError):
                 await client.put_many(want["unsigned"])
 

@@ -32,16 +32,20 @@ import anyio.abc
 from stemedb import _protocol
 from stemedb.client._wire import (
     CLIENT_NAME,
+    Scanned,
     Session,
+    audit_entries,
+    audit_limit,
     check_hello,
     error_from_frame,
     get_payloads,
     hello_payload,
     id_array,
     ids_from,
+    of_kind,
     parse_url,
-    query_payload,
-    query_result,
+    query_request,
+    query_resolution,
     records_batches,
     records_from,
     scan_payload,
@@ -57,7 +61,8 @@ from stemedb.errors import (
     SignatureError,
     StemeError,
 )
-from stemedb.records import Envelope, Signer
+from stemedb.records import Envelope, Epoch, Signer, Vote
+from stemedb.results import Resolution
 
 RECEIVE_BYTES = 256 * 1024
 SIGN_IN_THREAD = 256  # batches at least this large are signed off the event loop
@@ -323,10 +328,10 @@ class AsyncClient:
         return ids_from([payload for answer in answers for payload in answer])[envelopes:]
 
     async def vote(self, vote: Any, *, timeout: float | None = None) -> bytes:
-        return (await self._put(_protocol.VOTE, [vote], None, timeout))[0]
+        return (await self._put(_protocol.VOTE, [of_kind(vote, Vote, "vote")], None, timeout))[0]
 
     async def epoch(self, epoch: Any, *, timeout: float | None = None) -> bytes:
-        return (await self._put(_protocol.EPOCH, [epoch], None, timeout))[0]
+        return (await self._put(_protocol.EPOCH, [of_kind(epoch, Epoch, "epoch")], None, timeout))[0]
 
     async def get(self, record_id: bytes, *, timeout: float | None = None) -> Any:
         record = (await self.get_many([record_id], timeout=timeout))[0]
@@ -340,24 +345,32 @@ class AsyncClient:
         answers = await self._requests(_protocol.GET, get_payloads(array, self.session.max_frame), timeout)
         return records_from([p for answer in answers for p in answer], allow_absent=True)[:len(array)]
 
-    async def query(self, subject: str, predicate: str | None = None, *, lens: str | None = None,
-                    timeout: float | None = None, **filters: Any) -> dict[str, Any]:
-        payload = query_payload(subject, predicate, lens, filters)
-        return query_result(await self._request(_protocol.QUERY, payload, timeout))
+    async def query(self, subject: str, predicate: str | None = None, *, lens: Any = "recency",
+                    lifecycle: Any = "any", epoch: Any = None, as_of: int | None = None,
+                    decay: bool = False, now: int | None = None, audit: bool = False,
+                    timeout: float | None = None) -> Resolution | dict[str, Resolution]:
+        """As Client.query (and `Database.query`): a Resolution or predicate → Resolution."""
+        payload = query_request(subject, predicate, lens, lifecycle, epoch, as_of, decay, now, audit)
+        return query_resolution(await self._request(_protocol.QUERY, payload, timeout))
 
     async def scan(self, subject: str | None = None, predicate: str | None = None, *,
-                   kind: str | None = None, limit: int = 10_000,
-                   timeout: float | None = None) -> list[Any]:
-        payloads = await self._request(_protocol.SCAN, scan_payload(subject, predicate, kind, limit), timeout)
-        return records_from(payloads, allow_absent=False)
+                   kind: str | None = None, limit: int | None = None,
+                   timeout: float | None = None) -> Scanned:
+        """As Client.scan: an iterator over the records (at most MAX_SCAN when limit is None)."""
+        wanted = _protocol.MAX_SCAN if limit is None else limit
+        payloads = await self._request(_protocol.SCAN, scan_payload(subject, predicate, kind, wanted), timeout)
+        return Scanned(records_from(payloads, allow_absent=False))
 
     async def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         payload = (await self._request(_protocol.STATS, b"", timeout))[0]
         return dict(json.loads(_protocol.decode_text(payload)))
 
-    async def audit(self, limit: int = 100, *, timeout: float | None = None) -> Any:
-        payload = (await self._request(_protocol.AUDIT, _protocol.encode_u32(limit), timeout))[0]
-        return json.loads(_protocol.decode_text(payload))
+    async def audit(self, agent: Any = None, since: int | None = None, limit: int | None = 100, *,
+                    timeout: float | None = None) -> list[dict[str, Any]]:
+        """As Client.audit (and `Database.audit`)."""
+        wanted = audit_limit(agent, since, limit)
+        payload = (await self._request(_protocol.AUDIT, _protocol.encode_u32(wanted), timeout))[0]
+        return audit_entries(json.loads(_protocol.decode_text(payload)), agent, since, limit)
 
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
                max_batches_in_flight: int = 16) -> AsyncWriter:
@@ -389,8 +402,11 @@ class AsyncWriter:
         self._running = False
         self._unanswered = 0
         self._idle: anyio.Event | None = None
+        self._closed = False
 
     def _queue(self, record: Any) -> _Waiter:
+        if self._closed:
+            raise ClientClosed("the writer is closed")
         if not hasattr(record, "_with_proof") or isinstance(record, Envelope):
             raise InvalidRecord(f"expected an Assertion, Vote or Epoch, got {type(record).__name__}")
         if record.signers not in ((), (self.signer.public_key,)):
@@ -415,6 +431,7 @@ class AsyncWriter:
         return bytes(waiter.result())
 
     async def put_many(self, records: Iterable[Any]) -> list[bytes]:
+        """Store many records (signed in batches of max_records); their IDs once all are durable."""
         waiters = [self._queue(record) for record in records]
         out = []
         for waiter in waiters:
@@ -427,6 +444,17 @@ class AsyncWriter:
         while self._unanswered:
             self._idle = anyio.Event()
             await self._idle.wait()
+
+    async def close(self) -> None:
+        """Wait for what was put, then refuse further puts (ClientClosed)."""
+        self._closed = True
+        await self.flush()
+
+    async def __aenter__(self) -> AsyncWriter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def _flusher(self) -> None:
         assert self.client._tg is not None

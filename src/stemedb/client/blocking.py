@@ -22,6 +22,7 @@ exhausted. Connecting is retried after refusals whose class is retry_safe
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 import ssl
 import threading
@@ -32,15 +33,20 @@ from typing import Any
 from stemedb import _protocol
 from stemedb.client._wire import (
     CLIENT_NAME,
+    Scanned,
     Session,
+    audit_entries,
+    audit_limit,
     check_hello,
     error_from_frame,
     get_payloads,
     hello_payload,
     id_array,
     ids_from,
+    of_kind,
     parse_url,
-    query_result,
+    query_request,
+    query_resolution,
     records_batches,
     records_from,
     scan_payload,
@@ -56,7 +62,8 @@ from stemedb.errors import (
     SignatureError,
     StemeError,
 )
-from stemedb.records import Envelope, Signer
+from stemedb.records import Envelope, Epoch, Signer, Vote
+from stemedb.results import Resolution
 
 RECEIVE_BYTES = 256 * 1024
 
@@ -413,11 +420,11 @@ class Client:
 
     def vote(self, vote: Any, *, timeout: float | None = None) -> bytes:
         """Store one signed Vote; returns its ID once durable."""
-        return self._put(_protocol.VOTE, [vote], None, timeout)[0]
+        return self._put(_protocol.VOTE, [of_kind(vote, Vote, "vote")], None, timeout)[0]
 
     def epoch(self, epoch: Any, *, timeout: float | None = None) -> bytes:
         """Store one signed Epoch; returns its ID once durable."""
-        return self._put(_protocol.EPOCH, [epoch], None, timeout)[0]
+        return self._put(_protocol.EPOCH, [of_kind(epoch, Epoch, "epoch")], None, timeout)[0]
 
     def get(self, record_id: bytes, *, timeout: float | None = None) -> Any:
         """The record with this ID; NotFound if the server has none."""
@@ -432,36 +439,43 @@ class Client:
         answers = self._requests(_protocol.GET, get_payloads(array, self.session.max_frame), timeout)
         return records_from([payload for answer in answers for payload in answer], allow_absent=True)[:len(array)]
 
-    def query(self, subject: str, predicate: str | None = None, *, lens: str | None = None,
-              timeout: float | None = None, **filters: Any) -> dict[str, Any]:
-        """Resolve (subject, predicate) with a lens and filters (lifecycle, epoch, as_of, decay, …).
+    def query(self, subject: str, predicate: str | None = None, *, lens: Any = "recency",
+              lifecycle: Any = "any", epoch: Any = None, as_of: int | None = None,
+              decay: bool = False, now: int | None = None, audit: bool = False,
+              timeout: float | None = None) -> Resolution | dict[str, Resolution]:
+        """Resolve claims as `Database.query` does (same arguments, defaults and result types).
 
-        Returns the resolution as a dict; its "records" holds the contributing
-        records. Raises Unsupported if the server has no resolution engine.
+        A Resolution, or with predicate=None a mapping predicate → Resolution.
+        `lens` is a name, a Lens object or a Lens class. There is no `agent`:
+        the server records the token's name. Raises Unsupported if the
+        server has no resolution engine.
         """
-        from stemedb.client._wire import query_payload
-
-        return query_result(self._request(_protocol.QUERY, query_payload(subject, predicate, lens, filters),
-                                          timeout))
+        payload = query_request(subject, predicate, lens, lifecycle, epoch, as_of, decay, now, audit)
+        return query_resolution(self._request(_protocol.QUERY, payload, timeout))
 
     def scan(self, subject: str | None = None, predicate: str | None = None, *,
-             kind: str | None = None, limit: int = 10_000, timeout: float | None = None) -> list[Any]:
-        """Stored records in write order, by subject and/or predicate and kind (streamed in frames)."""
-        payloads = self._request(_protocol.SCAN, scan_payload(subject, predicate, kind, limit), timeout)
-        return records_from(payloads, allow_absent=False)
+             kind: str | None = None, limit: int | None = None,
+             timeout: float | None = None) -> Scanned:
+        """Stored records in write order, by subject and/or predicate and kind (an iterator).
+
+        One SCAN: at most `limit` records, and at most MAX_SCAN (1,000,000)
+        when `limit` is None (the embedded scan has no limit).
+        """
+        wanted = _protocol.MAX_SCAN if limit is None else limit
+        payloads = self._request(_protocol.SCAN, scan_payload(subject, predicate, kind, wanted), timeout)
+        return Scanned(records_from(payloads, allow_absent=False))
 
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
-        """The store's and the server's figures."""
-        import json
-
+        """The store's figures (as `Database.stats`), and the server's under "server"."""
         return dict(json.loads(_protocol.decode_text(self._request(_protocol.STATS, b"", timeout)[0])))
 
-    def audit(self, limit: int = 100, *, timeout: float | None = None) -> Any:
-        """Recorded queries (admin role)."""
-        import json
-
-        return json.loads(_protocol.decode_text(
-            self._request(_protocol.AUDIT, _protocol.encode_u32(limit), timeout)[0]))
+    def audit(self, agent: Any = None, since: int | None = None, limit: int | None = 100, *,
+              timeout: float | None = None) -> list[dict[str, Any]]:
+        """Recorded queries, oldest first, as `Database.audit` (admin role)."""
+        wanted = audit_limit(agent, since, limit)
+        entries = json.loads(_protocol.decode_text(
+            self._request(_protocol.AUDIT, _protocol.encode_u32(wanted), timeout)[0]))
+        return audit_entries(entries, agent, since, limit)
 
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
                max_batches_in_flight: int = 16) -> ClientWriter:
