@@ -1,11 +1,12 @@
 """StemeDB clients: blocking (`connect`) and async (`connect_async`, on anyio: trio or asyncio).
 
 Owns: nothing itself; re-exports (the errors a client raises are defined,
-with every other, in stemedb.errors and exported from stemedb). Both speak docs/protocol.md through the
-compiled codec in stemedb._protocol and offer the same operations: put,
-put_many (individually signed records, or members plus their envelope), get,
-get_many, query, vote, epoch, scan, stats, audit, ping, and writer(signer) for
-group signing on the client.
+with every other, in stemedb.errors and exported from stemedb). Both speak
+docs/protocol.md through the compiled codec in stemedb._protocol and offer
+the embedded Database's operations with its arguments and result types
+(put, put_many, get, get_many, query → Resolution, vote, epoch, scan → an
+iterator, stats, audit, writer(signer) with put / put_many / flush / close),
+plus ping. Either takes one URL, several, or a cluster file (failover).
 
     client = stemedb.client.connect("stemedb://127.0.0.1:7440", token="…")
     with client.writer(signer) as writer:

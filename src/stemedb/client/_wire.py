@@ -280,20 +280,17 @@ class Scanned(Iterator[Any]):
     """The records of a SCAN answer, as an iterator (as `Database.scan` gives); len() is their count."""
 
     def __init__(self, records: list[Any]) -> None:
-        self._records = records
-        self._next = 0
+        self._count = len(records)
+        self._records = iter(records)
 
     def __iter__(self) -> Scanned:
         return self
 
     def __next__(self) -> Any:
-        if self._next >= len(self._records):
-            raise StopIteration
-        self._next += 1
-        return self._records[self._next - 1]
+        return next(self._records)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return self._count
 
 
 def agent_name(agent: Any) -> str | None:

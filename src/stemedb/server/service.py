@@ -125,10 +125,12 @@ class Service:
         if parameters is not None and not lens:
             raise InvalidRequest("options: lens_parameters needs a lens name")
         try:
-            if lens:
+            if parameters is not None:
                 from stemedb.lenses import from_wire  # with the query engine: loaded on first query
 
-                kwargs["lens"] = from_wire(lens, parameters)
+                kwargs["lens"] = from_wire(lens or "", parameters)
+            elif lens:
+                kwargs["lens"] = lens
             result = self.db.query(subject, predicate or None, **kwargs)
         except StemeError:
             raise
