@@ -28,6 +28,7 @@ from stemedb.errors import (
     InvalidRequest,
     QuotaExceeded,
     RateLimited,
+    RequestTimeout,
     TooManyConnections,
     Unavailable,
 )
@@ -159,7 +160,8 @@ def test_what_is_resent():
         assert resend_after(error, sent=True, idempotent=True)
         assert resend_after(error, sent=False, idempotent=False)
         assert not resend_after(error, sent=True, idempotent=False)  # an audited query, sent
-    for error in (RateLimited("x"), QuotaExceeded("x"), InvalidRequest("x"), ValueError("x")):
+    for error in (RateLimited("x"), QuotaExceeded("x"), InvalidRequest("x"), ValueError("x"),
+                  RequestTimeout("x")):
         assert not resend_after(error, sent=True, idempotent=True)
 
 
@@ -309,3 +311,15 @@ def test_an_unsigned_write_is_still_refused_after_failover(tmp_path):
             with pytest.raises(stemedb.SignatureError):
                 client.put(stemedb.Assertion("x", "p", 1))
             assert client.put(stemedb.Assertion("x", "p", 1).sign(SIGNER))
+
+
+def test_the_group_signing_writer_rides_out_a_restart(tmp_path):
+    with background_server(tmp_path / "data") as running:
+        proxy = Proxy(running.server.listen_address)
+        with connect(proxy.url) as client, client.writer(SIGNER) as writer:
+            first = writer.put(stemedb.Assertion("w", "n", 0, timestamp=1))
+            proxy.kill()
+            timer = later(3.0, proxy.revive)
+            second = writer.put(stemedb.Assertion("w", "n", 1, timestamp=2))  # re-signed, resent
+            timer.join()
+        assert first in running.db and second in running.db

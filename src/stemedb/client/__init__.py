@@ -13,13 +13,19 @@ plus ping. Either takes one URL, several, or a cluster file (failover).
         record_id = writer.put(stemedb.Assertion("aspirin", "treats", stemedb.Ref("headache")))
 """
 
+from collections.abc import Sequence
+
 from stemedb.client._wire import Session, parse_url
 from stemedb.client.blocking import Client, ClientWriter, connect
 from stemedb.errors import ClientClosed, ConnectionLost, InvalidRequest, RequestTimeout, Unsupported
 
 
-def connect_async(url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None, **options: object):  # type: ignore[no-untyped-def]
-    """An AsyncClient (imported lazily: it needs anyio) to enter with ``async with``."""
+def connect_async(url: str | Sequence[str] | None = "stemedb://127.0.0.1:7440", *,  # type: ignore[no-untyped-def]
+                  token: str | None = None, **options: object):
+    """An AsyncClient (imported lazily: it needs anyio) to enter with ``async with``.
+
+    `url`: one URL or several (failover), or None with ``cluster=`` a cluster file.
+    """
     from stemedb.client.aio import AsyncClient
 
     return AsyncClient(url, token=token, **options)  # type: ignore[arg-type]

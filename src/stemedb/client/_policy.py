@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stemedb.client._wire import Address, parse_url
-from stemedb.errors import ConnectionLost, RateLimited, StemeError, Unavailable
+from stemedb.errors import ConnectionLost, RateLimited, RequestTimeout, StemeError, Unavailable
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,11 @@ def resend_after(error: BaseException, *, sent: bool, idempotent: bool) -> bool:
     is safe — except a request that is not idempotent (a QUERY with
     audit=True appends an audit entry) and was already sent. Refusals of the
     request itself (invalid, forbidden, …) are never resent, nor are rate
-    limits and quotas: the caller decides when to come back (retry_after).
+    limits and quotas: the caller decides when to come back (retry_after);
+    nor a RequestTimeout (the server may still be working on it).
     """
-    if isinstance(error, RateLimited):
-        return False
+    if isinstance(error, (RateLimited, RequestTimeout)):
+        return False  # the caller's to retry: after retry_after, or knowing the server may be busy
     if not isinstance(error, (ConnectionLost, Unavailable)):
         return False
     return idempotent or not sent

@@ -510,8 +510,8 @@ class AsyncWriter:
                 self._idle.set()
 
 
-def connect_async(url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None,
-                  **options: Any) -> AsyncClient:
+def connect_async(url: str | Sequence[str] | None = "stemedb://127.0.0.1:7440", *,
+                  token: str | None = None, **options: Any) -> AsyncClient:
     """An AsyncClient to enter with ``async with`` (see AsyncClient for options)."""
     return AsyncClient(url, token=token, **options)
 

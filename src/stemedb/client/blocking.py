@@ -681,11 +681,12 @@ class ClientWriter:
             self.batches_sent += 1
         except BaseException as exc:  # noqa: B036 - every waiter must hear about it
             self._slots.release()
-            if not (isinstance(exc, ConnectionLost) and self._requeue(batch)):
+            if not (resend_after(exc, sent=False, idempotent=True) and self._requeue(batch)):
                 self._settle(batch, error=exc)
 
     def _requeue(self, batch: _Batch) -> bool:
-        """Put a batch cut off by a lost connection back in front of the queue (to be re-signed)."""
+        """Put a batch cut off by a lost connection (or an unavailable node) back in front of the
+        queue, to be re-signed and resent while the reconnect window lasts."""
         now = time.monotonic()
         batch.outage = now if batch.outage is None else batch.outage
         batch.tries += 1
@@ -699,7 +700,8 @@ class ClientWriter:
     def _answered(self, batch: _Batch, call: _Call) -> None:
         """Runs in the reader thread: settle the batch (or requeue it)."""
         self._slots.release()
-        if isinstance(call.error, ConnectionLost) and self._requeue(batch):
+        if call.error is not None and resend_after(call.error, sent=True, idempotent=True) \
+                and self._requeue(batch):
             return
         if call.error is not None:
             self._settle(batch, error=call.error)
@@ -722,7 +724,8 @@ class ClientWriter:
             self._unanswered.discard(batch)
 
 
-def connect(url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None, **options: Any) -> Client:
+def connect(url: str | Sequence[str] | None = "stemedb://127.0.0.1:7440", *, token: str | None = None,
+            **options: Any) -> Client:
     """Open a blocking client: `url` one URL or several, or `cluster=` a cluster file (see Client
     for the options: timeout, ssl_context, reconnect, reconnect_window, retries)."""
     return Client(url, token=token, **options)
