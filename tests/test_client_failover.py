@@ -21,7 +21,7 @@ from test_server_support import SIGNER, background_server, claims
 
 import stemedb
 from stemedb.client import connect, connect_async
-from stemedb.client._policy import Nodes, ReconnectPlan, RetryPolicy, resend_after
+from stemedb.client._policy import Nodes, ReconnectPlan, Resend, RetryPolicy, resend_after
 from stemedb.client._wire import parse_url
 from stemedb.errors import (
     ConnectionLost,
@@ -323,3 +323,16 @@ def test_the_group_signing_writer_rides_out_a_restart(tmp_path):
             second = writer.put(stemedb.Assertion("w", "n", 1, timestamp=2))  # re-signed, resent
             timer.join()
         assert first in running.db and second in running.db
+
+
+def test_a_resend_waits_for_an_unavailable_node_and_stops_at_the_window():
+    resend = Resend(RetryPolicy(window=1.0, initial=0.1, jitter=0.0))
+    assert resend.after(ConnectionLost("x"), sent=True, now=10.0) == 0.0  # reconnecting has its own wait
+    assert resend.after(Unavailable("shutting down"), sent=True, now=10.0) == 0.2
+    with pytest.raises(Unavailable):
+        resend.after(Unavailable("still"), sent=True, now=11.5)
+    audited = Resend(RetryPolicy(), idempotent=False)
+    with pytest.raises(ConnectionLost):
+        audited.after(ConnectionLost("x"), sent=True, now=0.0)
+    with pytest.raises(ConnectionLost):
+        Resend(RetryPolicy()).after(ConnectionLost("x"), sent=True, now=0.0, closed=True)

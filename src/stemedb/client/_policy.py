@@ -87,6 +87,32 @@ def resend_after(error: BaseException, *, sent: bool, idempotent: bool) -> bool:
     return idempotent or not sent
 
 
+class Resend:
+    """One request's resends during an outage: how long to wait before the next, or no more."""
+
+    def __init__(self, policy: RetryPolicy, *, idempotent: bool = True,
+                 rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self.idempotent = idempotent
+        self.rng = rng or random.Random()
+        self.started: float | None = None
+        self.count = 0
+
+    def after(self, error: BaseException, *, sent: bool, now: float, closed: bool = False) -> float:
+        """Seconds to wait before sending again after `error`; raises `error` if it must not be.
+
+        A lost connection is resent at once (connecting again has its own
+        schedule); a node that answered `unavailable` is given the backoff.
+        """
+        if closed or not resend_after(error, sent=sent, idempotent=self.idempotent):
+            raise error
+        self.started = now if self.started is None else self.started
+        self.count += 1
+        if not self.policy.may_continue(self.started, now, self.count):
+            raise error
+        return 0.0 if isinstance(error, ConnectionLost) else self.policy.delay(self.count, self.rng)
+
+
 def connect_refusal_is_final(error: BaseException) -> bool:
     """A refusal while connecting that no retry can change (a wrong token, no common version)."""
     return isinstance(error, StemeError) and not error.retry_safe

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import ssl
 import time
 from collections.abc import Iterable, Sequence
@@ -38,9 +37,9 @@ from stemedb.client._core import ClientCore, Exchange
 from stemedb.client._policy import (
     Nodes,
     ReconnectPlan,
+    Resend,
     RetryPolicy,
     connect_refusal_is_final,
-    resend_after,
 )
 from stemedb.client._wire import (
     CLIENT_NAME,
@@ -265,8 +264,7 @@ class AsyncClient:
                         idempotent: bool = True) -> list[list[bytes]]:
         """As Client._requests: resent whole while the policy allows (_policy.resend_after)."""
         limit = self.timeout if timeout is None else timeout
-        outage: float | None = None
-        resends = 0
+        resend = Resend(self.policy, idempotent=idempotent)
         while True:
             conn = await self._connection()
             waiters: list[_Waiter] = []
@@ -284,17 +282,10 @@ class AsyncClient:
                         f"no answer from {self.address} within {limit:g} s; writes are idempotent, "
                         "retrying is safe") from None
                 return [waiter.result() for waiter in waiters]
-            except RequestTimeout:
-                raise
             except (ConnectionLost, Unavailable) as exc:
-                now = time.monotonic()
-                outage = now if outage is None else outage
-                resends += 1
-                if self._closed or not resend_after(exc, sent=bool(waiters), idempotent=idempotent) \
-                        or not self.policy.may_continue(outage, now, resends):
-                    raise
-                if not isinstance(exc, ConnectionLost):  # the node answered: give it a moment
-                    await anyio.sleep(self.policy.delay(resends, random.Random()))
+                delay = resend.after(exc, sent=bool(waiters), now=time.monotonic(), closed=self._closed)
+                if delay:
+                    await anyio.sleep(delay)
 
     async def _request(self, opcode: int, payload: bytes, timeout: float | None = None) -> list[bytes]:
         return (await self._requests(opcode, [payload], timeout))[0]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import ssl
 import threading
@@ -40,6 +39,7 @@ from stemedb.client._core import ClientCore, Exchange
 from stemedb.client._policy import (
     Nodes,
     ReconnectPlan,
+    Resend,
     RetryPolicy,
     connect_refusal_is_final,
     resend_after,
@@ -339,8 +339,7 @@ class Client:
         """Send every payload (pipelined), wait for all answers; resent whole after a lost
         connection or an unavailable node, while the policy allows (_policy.resend_after)."""
         limit = self.timeout if timeout is None else timeout
-        outage: float | None = None
-        resends = 0
+        resend = Resend(self.policy, idempotent=idempotent)
         while True:
             conn = self._connection()
             calls: list[_Call] = []
@@ -357,17 +356,10 @@ class Client:
                             f"({_protocol.OPCODE_NAMES.get(opcode, opcode)}); writes are idempotent, "
                             "retrying is safe")
                 return [call.result() for call in calls]
-            except RequestTimeout:
-                raise
             except (ConnectionLost, Unavailable) as exc:
-                now = time.monotonic()
-                outage = now if outage is None else outage
-                resends += 1
-                if self._closed or not resend_after(exc, sent=bool(calls), idempotent=idempotent) \
-                        or not self.policy.may_continue(outage, now, resends):
-                    raise
-                if not isinstance(exc, ConnectionLost):  # the node answered: give it a moment
-                    time.sleep(self.policy.delay(resends, random.Random()))
+                delay = resend.after(exc, sent=bool(calls), now=time.monotonic(), closed=self._closed)
+                if delay:
+                    time.sleep(delay)
 
     def _request(self, opcode: int, payload: bytes, timeout: float | None = None) -> list[bytes]:
         return self._requests(opcode, [payload], timeout)[0]
