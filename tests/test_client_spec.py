@@ -261,3 +261,16 @@ def test_the_default_table_matches_the_constructors():
     epoch = Epoch("e", timestamp=1)
     assert epoch.description == "" and documented[("Epoch", "description")] == "empty"
     assert epoch.supersession_kind.name.lower() in documented[("Epoch", "supersession_kind")]
+
+
+def test_the_doc_shows_what_lens_wire_writes():
+    from stemedb.lenses import Authority, Consensus, EpochAware, from_wire
+
+    examples = [(EpochAware(inner=Consensus()), "epoch_aware"), (Authority({"clinical": 2.0}, trust=False),
+                                                                 "authority")]
+    text = " ".join(DOC.split())
+    for lens, name in examples:
+        wire_name, parameters = lens.wire()
+        assert wire_name == name
+        assert f'`{name}` with `{json.dumps({"lens_parameters": parameters})}`' in text
+        assert from_wire(wire_name, parameters) == lens  # the server rebuilds the same lens
