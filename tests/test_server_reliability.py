@@ -65,10 +65,21 @@ BAD_FRAMES: list[tuple[str, bytes, bool, int | None, bool]] = [
     ("hello-unsupported-version", hello(low=2, high=3), False, P.E_UNSUPPORTED_VERSION, True),
     ("put-before-hello", P.encode_frame(P.PUT, 0, 1, record_batch(claims(1))), False, P.E_AUTH_REQUIRED, True),
     ("auth-before-hello", P.encode_frame(P.AUTH, 0, 1, P.encode_auth("x" * 20)), False, P.E_AUTH_REQUIRED, True),
-    ("ping-too-long", P.encode_frame(P.PING, 0, 2, b"x" * 2000), True, P.E_PROTOCOL, True),
+    # Well-framed values over a documented limit: invalid_request, and the connection goes on.
+    ("ping-too-long", P.encode_frame(P.PING, 0, 2, b"x" * 2000), True, P.E_INVALID_REQUEST, False),
+    ("get-more-than-max-get-ids", P.encode_frame(P.GET, 0, 2, struct.pack("<I", P.MAX_GET_IDS + 1)
+                                                 + bytes(32 * (P.MAX_GET_IDS + 1))),
+     True, P.E_INVALID_REQUEST, False),
+    ("scan-limit-above-max-scan", P.encode_frame(P.SCAN, 0, 2, P.encode_scan("", "", 0, 2_000_000)),
+     True, P.E_INVALID_REQUEST, False),
+    ("scan-kind-5", P.encode_frame(P.SCAN, 0, 2, P.encode_scan("", "", 1, 0)[:-5] + b"\x05" + b"\0" * 4),
+     True, P.E_INVALID_REQUEST, False),
+    ("hello-token-too-long", P.encode_frame(P.HELLO, 0, 1, struct.pack("<HHB", 1, 1, 1) + b"t"
+                                            + struct.pack("<H", P.MAX_TOKEN + 1) + b"x" * (P.MAX_TOKEN + 1)),
+     False, P.E_AUTH_FAILED, True),
     ("stats-with-payload", P.encode_frame(P.STATS, 0, 2, b"x"), True, P.E_PROTOCOL, True),
     ("scan-unknown-kind", P.encode_frame(P.SCAN, 0, 2, P.encode_scan("", "", 1, 0)[:-5] + b"\x09" + b"\0" * 4),
-     True, P.E_PROTOCOL, True),
+     True, P.E_INVALID_REQUEST, False),
     ("query-truncated", P.encode_frame(P.QUERY, 0, 2, b"\x05\x00ab"), True, P.E_PROTOCOL, True),
     ("bad-signature", P.encode_frame(P.PUT, 0, 2, record_batch([
         claims(1)[0]._with_proof((SIGNER.public_key,), ((0, bytes(64)),), None)])), True, P.E_SIGNATURE, False),

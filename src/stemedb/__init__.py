@@ -76,7 +76,8 @@ _LAZY = {
     **dict.fromkeys(("connect", "connect_async"), "stemedb.client"),
     **dict.fromkeys(("open", "Database"), "stemedb.database"),
     **dict.fromkeys(("Writer", "VerifyReport", "FileLayer"), "stemedb.engine"),
-    **dict.fromkeys(("Resolution", "Contribution", "PairConflict"), "stemedb.query"),
+    **dict.fromkeys(("Resolution", "Contribution"), "stemedb.results"),
+    "PairConflict": "stemedb.query",
     **dict.fromkeys(("lenses", "Lens", "Recency", "Confidence", "Consensus", "VoteConsensus",
                      "Authority", "Skeptic", "EpochAware", "Layered", "Constraints"), "stemedb.lenses"),
 }
@@ -99,7 +100,8 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
         Skeptic,
         VoteConsensus,
     )
-    from stemedb.query import Contribution, PairConflict, Resolution
+    from stemedb.query import PairConflict
+    from stemedb.results import Contribution, Resolution
 
 
 if not TYPE_CHECKING:  # hidden from type checkers, so that a misspelt name is still an error there

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 SERVER_EXTRA = "stemedb[server]"
 
-# llvmlite is numba's own dependency; tomli and exceptiongroup are needed on Python 3.10 only.
+# llvmlite is numba's own dependency; exceptiongroup is needed on Python 3.10 only (tomli
+# too, but the clients read cluster files with it: it is a core dependency there).
 SERVER_EXTRA_IMPORTS = frozenset({"numba", "llvmlite", "trio", "h11", "prometheus_client",
-                                  "exceptiongroup", "tomli", "orjson", "tqdm"})
+                                  "exceptiongroup", "orjson", "tqdm"})
 
 
 def explain(error: ModuleNotFoundError, needed_by: str) -> None:

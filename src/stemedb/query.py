@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -59,7 +59,8 @@ from stemedb.lenses.base import (
 )
 from stemedb.lenses.simple import Confidence, Recency
 from stemedb.lenses.weighted import Consensus
-from stemedb.records import Assertion, Lifecycle, ObjectValue, RecordKind, Ref, Signer
+from stemedb.records import Assertion, RecordKind, Ref, Signer
+from stemedb.results import Contribution, Resolution, _short
 
 AgentSpec: TypeAlias = "str | bytes | bytearray | memoryview | Signer | None"
 
@@ -117,21 +118,6 @@ def _ensure_warm() -> None:
 
 # -------------------------------------------------------------- the results
 
-class Contribution(NamedTuple):
-    """One candidate assertion and the weight it carried under the lens."""
-
-    assertion_id: bytes
-    weight: float
-    lifecycle: Lifecycle
-    source_hash: bytes
-    supports: bool          # it claims the winner's value
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"assertion_id": self.assertion_id.hex(), "weight": self.weight,
-                "lifecycle": self.lifecycle.name.lower(), "source_hash": self.source_hash.hex(),
-                "supports": self.supports}
-
-
 class _ContributionSource:
     """What it takes to build the contributions later: the query's snapshot, rows and weights."""
 
@@ -161,95 +147,6 @@ class _ContributionSource:
                              self.winner_object is not None and int(objects[i]) == self.winner_object)
                 for i, record in zip(order.tolist(), records)]
 
-
-class Resolution:
-    """The answer to a query.
-
-    winner: the winning Assertion, or None. confidence and conflict_score:
-    in [0, 1]. candidates_count: assertions the lens weighed (after filters,
-    revisions and, for EpochAware, superseded epochs). contributions: every
-    weighed candidate with its weight, heaviest first (decoded on first
-    access). analysis: lens-specific (SkepticAnalysis, LayeredAnalysis,
-    EpochAnalysis, ConstraintsAnalysis) or None.
-    """
-
-    __slots__ = ("subject", "predicate", "lens", "winner", "confidence", "conflict_score",
-                 "candidates_count", "filters", "_analysis", "_contributions", "_source",
-                 "_recompute")
-
-    def __init__(self, subject: str, predicate: str | None, lens: str, winner: Assertion | None,
-                 confidence: float, conflict_score: float, candidates_count: int, *,
-                 analysis: Any = None, contributions: list[Contribution] | None = None,
-                 filters: Filters | None = None, source: _ContributionSource | None = None,
-                 recompute: Callable[[], Resolution] | None = None) -> None:
-        self.subject = subject
-        self.predicate = predicate
-        self.lens = lens
-        self.winner = winner
-        self.confidence = confidence
-        self.conflict_score = conflict_score
-        self.candidates_count = candidates_count
-        self.filters = filters
-        self._analysis = analysis
-        self._contributions = contributions
-        self._source = source
-        self._recompute = recompute
-
-    def _complete(self) -> None:
-        """A result served by a materialised view computes its details when first asked."""
-        if self._recompute is not None:
-            full = self._recompute()
-            self._analysis = full.analysis
-            self._contributions = full.contributions
-            self._recompute = None
-
-    @property
-    def analysis(self) -> Any:
-        self._complete()
-        return self._analysis
-
-    @property
-    def contributions(self) -> list[Contribution]:
-        self._complete()
-        if self._contributions is None:
-            self._contributions = self._source.build() if self._source is not None else []
-            self._source = None
-        return self._contributions
-
-    @property
-    def value(self) -> ObjectValue | None:
-        """The winner's object, or None."""
-        return self.winner.object if self.winner is not None else None
-
-    def to_dict(self, *, contributions: bool = True) -> dict[str, Any]:
-        """A JSON-ready view (bytes as hex)."""
-        analysis = self.analysis
-        out: dict[str, Any] = {
-            "subject": self.subject, "predicate": self.predicate, "lens": self.lens,
-            "winner": self.winner.to_dict() if self.winner is not None else None,
-            "confidence": self.confidence, "conflict_score": self.conflict_score,
-            "candidates_count": self.candidates_count,
-            "analysis": analysis.to_dict() if hasattr(analysis, "to_dict") else analysis,
-        }
-        if self.filters is not None:
-            out["filters"] = self.filters.as_dict()
-        if contributions:
-            out["contributions"] = [c.to_dict() for c in self.contributions]
-        return out
-
-    def __repr__(self) -> str:
-        value = _short(self.value) if self.winner is not None else "no winner"
-        return (f"<Resolution {self.subject!r} {self.predicate!r} by {self.lens}: {value} "
-                f"confidence={self.confidence:.3f} conflict={self.conflict_score:.3f} "
-                f"candidates={self.candidates_count}>")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# ---------------------------------------------------------------- planning
 
 def _context(db: Database, state: QueryState, filters: Filters) -> Context:
     snapshot = state.snapshot(db)

@@ -71,7 +71,23 @@ def vectors() -> list[dict]:
         timestamp=T)
     absent = bytes(32)
     token = "example-token-0123456789"
-    result = json.dumps({"winner": claim.id.hex(), "candidates": 1, "confidence": 1.0, "conflict": 0.0})
+    # What a server answers for query-request when it holds only `claim` (checked against a
+    # live server by tests/test_client_spec.py); the shape is docs/schemas/query-result.schema.json,
+    # written out here member by member in the order a server writes them.
+    zeros = "00" * 32
+    result = json.dumps({
+        "subject": "aspirin", "predicate": "treats", "lens": "recency",
+        "winner": {"kind": "assertion", "id": claim.id.hex(), "subject": "aspirin", "predicate": "treats",
+                   "object": {"ref": "headache"}, "confidence": 0.75, "timestamp": T,
+                   "source_class": "clinical", "lifecycle": "approved", "source_hash": zeros,
+                   "parent_hash": None, "epoch": None, "visual_hash": None, "vector": None,
+                   "signers": [SIGNER.public_key.hex()],
+                   "signatures": [claim.signatures[0][1].hex()], "envelope": None},
+        "confidence": 0.75, "conflict_score": 0.0, "candidates_count": 1, "analysis": None,
+        "filters": {"lifecycle": "approved", "as_of": None, "epoch": None, "decay": False, "now": None},
+        "contributions": [{"assertion_id": claim.id.hex(), "weight": 0.75, "lifecycle": "approved",
+                           "source_hash": zeros, "supports": True}],
+    })
     stats = json.dumps({"records": 1})
     vote = Vote(claim.id, 1.0, timestamp=T).sign(SIGNER)
     epoch = Epoch("guidelines-2024", "first edition", timestamp=T).sign(SIGNER)

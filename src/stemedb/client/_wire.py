@@ -10,8 +10,9 @@ sockets), or define an error class (they all live in stemedb.errors).
 
 from __future__ import annotations
 
+import enum
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +30,7 @@ from stemedb.errors import (
     error_from_code,
 )
 from stemedb.records import Envelope, RecordKind, Signer
+from stemedb.results import Resolution
 
 DEFAULT_PORT = 7440
 CLIENT_NAME = "stemedb-python"
@@ -151,6 +153,13 @@ def signed_batch(records: Sequence[Any], signer: Signer, max_frame: int) -> byte
     return payload
 
 
+def of_kind(record: Any, kind: type, name: str) -> Any:
+    """`record` if it is a `kind` (a Vote for vote(), an Epoch for epoch()), as the embedded API checks."""
+    if not isinstance(record, kind):
+        raise InvalidRecord(f"{name}: expected a stemedb.{kind.__name__}, got {type(record).__name__}")
+    return record
+
+
 def ids_from(payloads: list[bytes]) -> list[bytes]:
     out: list[bytes] = []
     for payload in payloads:
@@ -205,20 +214,127 @@ def query_payload(subject: str, predicate: str | None, lens: str | None, filters
     return bytes(_protocol.encode_query(subject, predicate or "", lens or "", options))
 
 
+def query_request(subject: str, predicate: str | None, lens: Any, lifecycle: Any, epoch: Any,
+                  as_of: int | None, decay: bool, now: int | None, audit: bool) -> bytes:
+    """A QUERY payload for `Database.query`'s arguments; only non-default options are sent.
+
+    `lens` is a name, a Lens object or a Lens class: objects are sent by
+    their `wire()` (name and parameters), so the lens engine is never
+    imported here. `epoch` is an Epoch, its ID or its hex.
+    """
+    if not isinstance(subject, str) or not subject:
+        raise InvalidRequest(f"subject: expected a non-empty str, got {subject!r}")
+    if predicate is not None and (not isinstance(predicate, str) or not predicate):
+        raise InvalidRequest(f"predicate: expected a non-empty str or None, got {predicate!r}")
+    name, parameters = lens_wire(lens)
+    options: dict[str, Any] = {}
+    if not (isinstance(lifecycle, str) and lifecycle.lower() == "any"):
+        options["lifecycle"] = list(lifecycle) if isinstance(lifecycle, (list, tuple, set, frozenset)) \
+            else lifecycle
+    if epoch is not None:
+        epoch = getattr(epoch, "id", epoch)
+        options["epoch"] = bytes(epoch).hex() if isinstance(epoch, (bytes, bytearray, memoryview)) else epoch
+    for key, value, default in (("as_of", as_of, None), ("decay", decay, False), ("now", now, None),
+                                ("audit", audit, False)):
+        if value != default or type(value) is not type(default):
+            options[key] = value
+    if parameters:
+        options["lens_parameters"] = parameters
+    return query_payload(subject, predicate, name, options)
+
+
+def lens_wire(lens: Any) -> tuple[str, dict[str, Any]]:
+    """(name, parameters) of a lens given by name, Lens object or Lens class."""
+    if lens is None:
+        return "", {}
+    if isinstance(lens, str):
+        return lens, {}
+    if isinstance(lens, type):
+        lens = lens()
+    wire = getattr(lens, "wire", None)
+    if not callable(wire):
+        raise TypeError(f"lens: expected a name or a stemedb.lenses.Lens, got {type(lens).__name__}")
+    name, parameters = wire()
+    return str(name), dict(parameters)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).hex()
-    if hasattr(value, "name"):
+    if isinstance(value, enum.Enum):
         return str(value.name).lower()
     raise TypeError(f"cannot send {type(value).__name__} as a query filter")
 
 
-def query_result(payload: bytes) -> dict[str, Any]:
-    """The resolution as a dict, with the contributing records decoded under "records"."""
-    text, blob, offsets = _protocol.decode_query_result(payload)
+def query_resolution(payloads: list[bytes]) -> Resolution | dict[str, Resolution]:
+    """What `Database.query` returns, rebuilt from a QUERY answer: a Resolution, or a
+    mapping predicate → Resolution (docs/schemas/query-result.schema.json)."""
+    document = query_result(payloads)
+    records = document.pop("records")
+    if Resolution.is_document(document):
+        return Resolution.from_document(document, records)
+    return {predicate: Resolution.from_document(part, records) for predicate, part in document.items()}
+
+
+class Scanned(Iterator[Any]):
+    """The records of a SCAN answer, as an iterator (as `Database.scan` gives); len() is their count."""
+
+    def __init__(self, records: list[Any]) -> None:
+        self._count = len(records)
+        self._records = iter(records)
+
+    def __iter__(self) -> Scanned:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._records)
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def agent_name(agent: Any) -> str | None:
+    """The audit log's name for `agent` (as the embedded audit filter reads it)."""
+    if agent is None or isinstance(agent, str):
+        return agent
+    key = getattr(agent, "public_key", agent)
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return bytes(key).hex()
+    raise TypeError(f"agent: expected a str, public key bytes or Signer, got {type(agent).__name__}")
+
+
+def audit_entries(entries: list[Any], agent: Any, since: int | None, limit: int | None) -> list[Any]:
+    """The embedded `audit` filter over entries fetched whole: by agent, since, the last `limit`."""
+    name = agent_name(agent)
+    kept = [entry for entry in entries if isinstance(entry, dict)
+            and (name is None or entry.get("agent") == name)
+            and (since is None or entry.get("at", 0) >= since)]
+    if limit is not None:
+        kept = kept[-limit:] if limit else []
+    return kept
+
+
+def audit_limit(agent: Any, since: int | None, limit: int | None) -> int:
+    """The AUDIT request's limit: all entries when filtering here, else the last `limit`."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise InvalidRequest(f"limit: expected a count >= 0 or None, got {limit!r}")
+    if agent is not None or since is not None or limit is None or limit > 0xFFFFFFFF:
+        return 0xFFFFFFFF
+    return max(limit, 1)
+
+
+def query_result(payloads: list[bytes]) -> dict[str, Any]:
+    """The resolution as a dict, with the contributing records decoded under "records".
+
+    A large answer is streamed: the first frame holds the result (and maybe
+    records), the frames after it more records (docs/protocol.md, "QUERY").
+    """
+    text, blob, offsets = _protocol.decode_query_result(payloads[0])
     result = json.loads(text)
     document = result if isinstance(result, dict) else {"result": result}
-    document["records"] = _codec.decode_many(blob, offsets) if len(offsets) > 1 else []
+    records = list(_codec.decode_many(blob, offsets)) if len(offsets) > 1 else []
+    records += records_from(payloads[1:], allow_absent=False)
+    document["records"] = records
     return document
 
 

@@ -3,10 +3,12 @@
     async with stemedb.client.connect_async("stemedb://host:7440", token=...) as client:
         record_id = await client.put(record)
 
-Owns: one connection at a time with a reader task (answers are matched to
-requests by request id, so any number of tasks may have requests in flight:
-pipelining), per-request timeouts, reconnection with retry (requests are
-idempotent), and the async group-signing writer. Must never: block the event
+Owns: one connection at a time to one of its nodes, with a reader task
+(answers are matched to requests by request id, so any number of tasks may
+have requests in flight: pipelining), per-request timeouts, reconnection and
+failover on the schedule of stemedb.client._policy (resending only what is
+safe: see the blocking client), and the async group-signing writer. Its
+methods are the embedded Database's, awaited. Must never: block the event
 loop (large batches are signed in a worker thread).
 
 Resource handling: the client's task group (entered by ``async with``) owns
@@ -20,6 +22,7 @@ connecting is retried only after retry_safe refusals.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import time
 from collections.abc import Iterable, Sequence
@@ -30,18 +33,27 @@ import anyio
 import anyio.abc
 
 from stemedb import _protocol
+from stemedb.client._core import ClientCore, Exchange
+from stemedb.client._policy import (
+    Nodes,
+    ReconnectPlan,
+    Resend,
+    RetryPolicy,
+    connect_refusal_is_final,
+)
 from stemedb.client._wire import (
     CLIENT_NAME,
+    Address,
+    Scanned,
     Session,
-    check_hello,
-    error_from_frame,
+    audit_entries,
+    audit_limit,
     get_payloads,
-    hello_payload,
     id_array,
     ids_from,
-    parse_url,
-    query_payload,
-    query_result,
+    of_kind,
+    query_request,
+    query_resolution,
     records_batches,
     records_from,
     scan_payload,
@@ -56,60 +68,52 @@ from stemedb.errors import (
     RequestTimeout,
     SignatureError,
     StemeError,
+    Unavailable,
 )
-from stemedb.records import Envelope, Signer
+from stemedb.records import Envelope, Epoch, Signer, Vote
+from stemedb.results import Resolution
 
 RECEIVE_BYTES = 256 * 1024
 SIGN_IN_THREAD = 256  # batches at least this large are signed off the event loop
 
 
-class _Waiter:
-    """One pending answer (a request's frames, or a writer record's ID)."""
+class _Waiter(Exchange):
+    """One request in flight (a core Exchange) that a task can wait for."""
 
-    __slots__ = ("event", "payloads", "value", "error", "request_id")
+    __slots__ = ("event",)
 
-    def __init__(self) -> None:
+    def __init__(self, opcode: int) -> None:
+        super().__init__(opcode)
         self.event = anyio.Event()
-        self.payloads: list[bytes] = []
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.request_id = 0
-
-    def result(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.value if self.value is not None else self.payloads
 
 
 class _AsyncConnection:
-    def __init__(self, stream: anyio.abc.ByteStream, session: Session,
-                 reader: _protocol.FrameReader) -> None:
+    """The anyio driver of one connected, authenticated ClientCore: a reader task feeds it."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, core: ClientCore) -> None:
+        assert core.session is not None
         self.stream = stream
-        self.session = session
-        self.reader = reader
-        self.error: BaseException | None = None
-        self._pending: dict[int, _Waiter] = {}
-        self._next_id = 2
+        self.core = core
+        self.session: Session = core.session
         self._send_lock = anyio.Lock()
 
+    @property
+    def error(self) -> BaseException | None:
+        return self.core.error
+
     async def start(self, opcode: int, payload: bytes) -> _Waiter:
-        if self.error is not None:
-            raise ConnectionLost(f"connection lost: {self.error}")
-        waiter = _Waiter()
-        waiter.request_id = self._next_id
-        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
-        self._pending[waiter.request_id] = waiter
+        waiter = _Waiter(opcode)
+        _exchange, frame = self.core.request_exchange(waiter, payload)
         try:
             async with self._send_lock:
-                await self.stream.send(_protocol.frame_header(opcode, 0, waiter.request_id,
-                                                              len(payload)) + payload)
+                await self.stream.send(frame)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             await self.fail(ConnectionLost(f"connection lost while sending: {exc}"))
             raise ConnectionLost(f"connection lost while sending: {exc}") from None
         return waiter
 
     def forget(self, waiter: _Waiter) -> None:
-        self._pending.pop(waiter.request_id, None)
+        self.core.forget(waiter)
 
     async def read_loop(self) -> None:
         try:
@@ -118,9 +122,7 @@ class _AsyncConnection:
                     data = await self.stream.receive(RECEIVE_BYTES)
                 except anyio.EndOfStream:
                     raise ConnectionLost("the server closed the connection") from None
-                self.reader.feed(data)
-                for frame in self.reader.frames():
-                    self._deliver(frame)
+                _wake(self.core.receive(data))
         except anyio.get_cancelled_exc_class():
             await self.fail(ConnectionLost("the client closed the connection"))
             raise
@@ -129,49 +131,34 @@ class _AsyncConnection:
                 exc = ConnectionLost(f"connection lost: {exc}")
             await self.fail(exc)
 
-    def _deliver(self, frame: _protocol.Frame) -> None:
-        if frame.request_id == 0:
-            if frame.opcode == _protocol.ERROR:
-                raise ConnectionLost(f"the server closed the connection: {error_from_frame(frame.payload)}")
-            raise ProtocolError(f"unexpected frame {frame!r} with request id 0")
-        waiter = self._pending.get(frame.request_id)
-        if waiter is None:
-            return
-        if frame.opcode == _protocol.ERROR:
-            waiter.error = error_from_frame(frame.payload)
-        else:
-            waiter.payloads.append(frame.payload)
-        if not frame.more or frame.opcode == _protocol.ERROR:
-            del self._pending[frame.request_id]
-            waiter.event.set()
-
     async def fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-        pending, self._pending = self._pending, {}
-        for waiter in pending.values():
-            waiter.error = error if isinstance(error, ConnectionLost) else ConnectionLost(str(error))
-            waiter.event.set()
+        _wake(self.core.lost(error))
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(self.stream)
+
+
+def _wake(exchanges: list[Exchange]) -> None:
+    for exchange in exchanges:
+        assert isinstance(exchange, _Waiter)
+        exchange.event.set()
 
 
 class AsyncClient:
     """An anyio client; use ``async with connect_async(url, token=...) as client``."""
 
-    def __init__(self, url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None,
-                 timeout: float = 30.0, connect_timeout: float = 10.0,
+    def __init__(self, url: str | Sequence[str] | None = "stemedb://127.0.0.1:7440", *,
+                 token: str | None = None, timeout: float = 30.0, connect_timeout: float = 10.0,
                  ssl_context: ssl.SSLContext | None = None, reconnect: bool = True,
-                 retries: int = 3, name: str = CLIENT_NAME) -> None:
-        self.address = parse_url(url)
+                 retries: int | None = None, reconnect_window: float = 10.0,
+                 cluster: str | os.PathLike[str] | None = None, name: str = CLIENT_NAME) -> None:
+        self.nodes = Nodes.of(url, cluster, tls=ssl_context is not None)
+        self.policy = RetryPolicy(enabled=reconnect, window=reconnect_window, retries=retries)
         self.token = token
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
-        if self.address.tls and ssl_context is None:
+        if ssl_context is None and any(address.tls for address in self.nodes.addresses):
             self.ssl_context = ssl.create_default_context()
-        self.reconnect = reconnect
-        self.retries = retries
         self.name = name
         self.reconnects = 0
         self._conn: _AsyncConnection | None = None
@@ -207,39 +194,40 @@ class AsyncClient:
             await self._conn.fail(ConnectionLost("the client closed the connection"))
 
     @property
+    def address(self) -> Address:
+        """The node this client uses (or last used)."""
+        return self.nodes.current
+
+    @property
     def session(self) -> Session:
         if self._conn is None:
             raise ClientClosed("not connected: use `async with connect_async(...) as client`")
         return self._conn.session
 
-    async def _open(self) -> _AsyncConnection:
+    async def _open(self, address: Address) -> _AsyncConnection:
         with anyio.fail_after(self.connect_timeout):
             stream: anyio.abc.ByteStream
             if self.ssl_context is not None:
-                stream = await anyio.connect_tcp(self.address.host, self.address.port, tls=True,
+                stream = await anyio.connect_tcp(address.host, address.port, tls=True,
                                                  ssl_context=self.ssl_context,
                                                  tls_standard_compatible=False)
             else:
-                stream = await anyio.connect_tcp(self.address.host, self.address.port)
+                stream = await anyio.connect_tcp(address.host, address.port)
             try:
-                payload = hello_payload(self.token, self.name)
-                await stream.send(_protocol.frame_header(_protocol.HELLO, 0, 1, len(payload)) + payload)
-                reader = _protocol.FrameReader(_protocol.DEFAULT_PREAUTH_FRAME * 16, from_server=True)
-                frame = None
-                while frame is None:
+                core = ClientCore(self.token, self.name)
+                await stream.send(core.hello())
+                while core.session is None:
                     try:
-                        reader.feed(await stream.receive(RECEIVE_BYTES))
+                        core.receive_hello(await stream.receive(RECEIVE_BYTES))
                     except anyio.EndOfStream:
                         raise ConnectionLost("the server closed the connection during the handshake") from None
-                    frame = reader.next()
-                session = check_hello(frame.opcode, frame.payload, self.token)
-                reader.max_payload = session.max_frame
             except BaseException:
                 await anyio.aclose_forcefully(stream)
                 raise
-        return _AsyncConnection(stream, session, reader)
+        return _AsyncConnection(stream, core)
 
     async def _connection(self) -> _AsyncConnection:
+        """The open connection, or a new one: every node in turn, with backoff (_policy)."""
         conn = self._conn
         if conn is not None and conn.error is None:
             return conn
@@ -251,30 +239,32 @@ class AsyncClient:
             conn = self._conn
             if conn is not None and conn.error is None:
                 return conn
-            attempt = 0
+            plan = ReconnectPlan(self.nodes, self.policy, time.monotonic())
             while True:
+                address, delay = plan.next_attempt(time.monotonic())
+                if delay:
+                    await anyio.sleep(delay)
                 try:
-                    conn = await self._open()
+                    conn = await self._open(address)
                     break
                 except ssl.SSLCertVerificationError:
                     raise
                 except (OSError, StemeError, anyio.BrokenResourceError) as exc:
-                    if isinstance(exc, StemeError) and not exc.retry_safe:
+                    if connect_refusal_is_final(exc):
                         raise  # e.g. a refused token: trying again cannot help
-                    attempt += 1
-                    if not self.reconnect or attempt > self.retries:
-                        raise ConnectionLost(f"cannot connect to {self.address}: {exc}") from None
-                    await anyio.sleep(min(0.05 * 2 ** attempt, 1.0))
+                    plan.failed(address, exc)
+            self.nodes.worked(address)
             if self._conn is not None:
                 self.reconnects += 1
             self._conn = conn
             self._tg.start_soon(conn.read_loop)
             return conn
 
-    async def _requests(self, opcode: int, payloads: Sequence[bytes],
-                        timeout: float | None = None) -> list[list[bytes]]:
-        attempt = 0
+    async def _requests(self, opcode: int, payloads: Sequence[bytes], timeout: float | None = None, *,
+                        idempotent: bool = True) -> list[list[bytes]]:
+        """As Client._requests: resent whole while the policy allows (_policy.resend_after)."""
         limit = self.timeout if timeout is None else timeout
+        resend = Resend(self.policy, idempotent=idempotent)
         while True:
             conn = await self._connection()
             waiters: list[_Waiter] = []
@@ -292,11 +282,10 @@ class AsyncClient:
                         f"no answer from {self.address} within {limit:g} s; writes are idempotent, "
                         "retrying is safe") from None
                 return [waiter.result() for waiter in waiters]
-            except ConnectionLost:
-                attempt += 1
-                if not self.reconnect or attempt > self.retries or self._closed:
-                    raise
-                await anyio.sleep(min(0.02 * 2 ** attempt, 1.0))
+            except (ConnectionLost, Unavailable) as exc:
+                delay = resend.after(exc, sent=bool(waiters), now=time.monotonic(), closed=self._closed)
+                if delay:
+                    await anyio.sleep(delay)
 
     async def _request(self, opcode: int, payload: bytes, timeout: float | None = None) -> list[bytes]:
         return (await self._requests(opcode, [payload], timeout))[0]
@@ -323,10 +312,10 @@ class AsyncClient:
         return ids_from([payload for answer in answers for payload in answer])[envelopes:]
 
     async def vote(self, vote: Any, *, timeout: float | None = None) -> bytes:
-        return (await self._put(_protocol.VOTE, [vote], None, timeout))[0]
+        return (await self._put(_protocol.VOTE, [of_kind(vote, Vote, "vote")], None, timeout))[0]
 
     async def epoch(self, epoch: Any, *, timeout: float | None = None) -> bytes:
-        return (await self._put(_protocol.EPOCH, [epoch], None, timeout))[0]
+        return (await self._put(_protocol.EPOCH, [of_kind(epoch, Epoch, "epoch")], None, timeout))[0]
 
     async def get(self, record_id: bytes, *, timeout: float | None = None) -> Any:
         record = (await self.get_many([record_id], timeout=timeout))[0]
@@ -340,29 +329,55 @@ class AsyncClient:
         answers = await self._requests(_protocol.GET, get_payloads(array, self.session.max_frame), timeout)
         return records_from([p for answer in answers for p in answer], allow_absent=True)[:len(array)]
 
-    async def query(self, subject: str, predicate: str | None = None, *, lens: str | None = None,
-                    timeout: float | None = None, **filters: Any) -> dict[str, Any]:
-        payload = query_payload(subject, predicate, lens, filters)
-        return query_result((await self._request(_protocol.QUERY, payload, timeout))[0])
+    async def query(self, subject: str, predicate: str | None = None, *, lens: Any = "recency",
+                    lifecycle: Any = "any", epoch: Any = None, as_of: int | None = None,
+                    decay: bool = False, now: int | None = None, audit: bool = False,
+                    timeout: float | None = None) -> Resolution | dict[str, Resolution]:
+        """As Client.query (and `Database.query`): a Resolution or predicate → Resolution."""
+        payload = query_request(subject, predicate, lens, lifecycle, epoch, as_of, decay, now, audit)
+        answers = await self._requests(_protocol.QUERY, [payload], timeout, idempotent=not audit)
+        return query_resolution(answers[0])
 
     async def scan(self, subject: str | None = None, predicate: str | None = None, *,
-                   kind: str | None = None, limit: int = 10_000,
-                   timeout: float | None = None) -> list[Any]:
-        payloads = await self._request(_protocol.SCAN, scan_payload(subject, predicate, kind, limit), timeout)
-        return records_from(payloads, allow_absent=False)
+                   kind: str | None = None, limit: int | None = None,
+                   timeout: float | None = None) -> Scanned:
+        """As Client.scan: an iterator over the records (at most MAX_SCAN when limit is None)."""
+        wanted = _protocol.MAX_SCAN if limit is None else limit
+        payloads = await self._request(_protocol.SCAN, scan_payload(subject, predicate, kind, wanted), timeout)
+        return Scanned(records_from(payloads, allow_absent=False))
 
     async def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         payload = (await self._request(_protocol.STATS, b"", timeout))[0]
         return dict(json.loads(_protocol.decode_text(payload)))
 
-    async def audit(self, limit: int = 100, *, timeout: float | None = None) -> Any:
-        payload = (await self._request(_protocol.AUDIT, _protocol.encode_u32(limit), timeout))[0]
-        return json.loads(_protocol.decode_text(payload))
+    async def audit(self, agent: Any = None, since: int | None = None, limit: int | None = 100, *,
+                    timeout: float | None = None) -> list[dict[str, Any]]:
+        """As Client.audit (and `Database.audit`)."""
+        wanted = audit_limit(agent, since, limit)
+        payload = (await self._request(_protocol.AUDIT, _protocol.encode_u32(wanted), timeout))[0]
+        return audit_entries(json.loads(_protocol.decode_text(payload)), agent, since, limit)
 
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
                max_batches_in_flight: int = 16) -> AsyncWriter:
         return AsyncWriter(self, signer, linger=linger, max_records=max_records,
                            max_batches_in_flight=max_batches_in_flight)
+
+
+class _Written:
+    """One record put through an AsyncWriter: its ID once its batch is durable, or the error."""
+
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.value: bytes | None = None
+        self.error: BaseException | None = None
+
+    def result(self) -> bytes:
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
 
 
 class AsyncWriter:
@@ -383,14 +398,17 @@ class AsyncWriter:
         self.linger = linger
         self.max_records = max_records
         self.batches_sent = 0
-        self._pending: list[tuple[Any, _Waiter]] = []
+        self._pending: list[tuple[Any, _Written]] = []
         self._wakeup: anyio.Event | None = None
         self._slots = anyio.Semaphore(max_batches_in_flight)
         self._running = False
         self._unanswered = 0
         self._idle: anyio.Event | None = None
+        self._closed = False
 
-    def _queue(self, record: Any) -> _Waiter:
+    def _queue(self, record: Any) -> _Written:
+        if self._closed:
+            raise ClientClosed("the writer is closed")
         if not hasattr(record, "_with_proof") or isinstance(record, Envelope):
             raise InvalidRecord(f"expected an Assertion, Vote or Epoch, got {type(record).__name__}")
         if record.signers not in ((), (self.signer.public_key,)):
@@ -401,7 +419,7 @@ class AsyncWriter:
             self._running = True
             self._wakeup = anyio.Event()
             self.client._tg.start_soon(self._flusher)
-        waiter = _Waiter()
+        waiter = _Written()
         self._pending.append((record, waiter))
         self._unanswered += 1
         assert self._wakeup is not None
@@ -415,6 +433,7 @@ class AsyncWriter:
         return bytes(waiter.result())
 
     async def put_many(self, records: Iterable[Any]) -> list[bytes]:
+        """Store many records (signed in batches of max_records); their IDs once all are durable."""
         waiters = [self._queue(record) for record in records]
         out = []
         for waiter in waiters:
@@ -427,6 +446,17 @@ class AsyncWriter:
         while self._unanswered:
             self._idle = anyio.Event()
             await self._idle.wait()
+
+    async def close(self) -> None:
+        """Wait for what was put, then refuse further puts (ClientClosed)."""
+        self._closed = True
+        await self.flush()
+
+    async def __aenter__(self) -> AsyncWriter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def _flusher(self) -> None:
         assert self.client._tg is not None
@@ -442,7 +472,7 @@ class AsyncWriter:
                 await self._slots.acquire()
                 self.client._tg.start_soon(self._send, batch)
 
-    async def _send(self, batch: list[tuple[Any, _Waiter]]) -> None:
+    async def _send(self, batch: list[tuple[Any, _Written]]) -> None:
         try:
             records = [record for record, _ in batch]
             await self.client._connection()
@@ -471,8 +501,8 @@ class AsyncWriter:
                 self._idle.set()
 
 
-def connect_async(url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None,
-                  **options: Any) -> AsyncClient:
+def connect_async(url: str | Sequence[str] | None = "stemedb://127.0.0.1:7440", *,
+                  token: str | None = None, **options: Any) -> AsyncClient:
     """An AsyncClient to enter with ``async with`` (see AsyncClient for options)."""
     return AsyncClient(url, token=token, **options)
 

@@ -1,27 +1,32 @@
 """The blocking client: `stemedb.client.connect("stemedb://host:port", token=...)`.
 
-Owns: one TCP (or TLS) connection at a time, a reader thread that matches
-answers to requests by request id (so any number of threads can have
-requests in flight on the one connection: pipelining), per-request timeouts,
-reconnection with retry (every request is idempotent — records are
-content-addressed — so retrying a write after a lost connection is safe), and
-the group-signing writer. Must never: hold the send lock while waiting for an
-answer, or run user code in the reader thread.
+Owns: one TCP (or TLS) connection at a time to one of its nodes (a URL,
+several, or a cluster file's), a reader thread that matches answers to
+requests by request id (so any number of threads can have requests in
+flight on the one connection: pipelining), per-request timeouts, reconnection
+and failover on the schedule of stemedb.client._policy (every node in turn,
+backoff, a time window), resending what is safe to resend (every write is
+idempotent — records are content-addressed — and reads change nothing; an
+audited query is not resent once sent), and the group-signing writer. Its
+methods are the embedded Database's (docs/protocol.md, "Python clients").
+Must never: hold the send lock while waiting for an answer, or run user code
+in the reader thread.
 
 Resource handling: a Client owns its socket and reader thread; `close()` (or
 the context manager) closes both. A ClientWriter owns one flusher thread;
 `close()` flushes and stops it.
 Error handling: error frames become the StemeError class that owns their
 code (stemedb.errors); RequestTimeout when no answer arrives in time;
-ConnectionLost (an Unavailable) when the connection broke and retries were
-exhausted. Connecting is retried after refusals whose class is retry_safe
-(too many connections, rate limited, unavailable), never after the others
-(a refused token, a protocol error).
+ConnectionLost (an Unavailable) when the connection broke and the reconnect
+window passed. Connecting goes on after failures whose class is retry_safe
+(too many connections, unavailable, timeouts) and socket errors, never after
+the others (a refused token, a protocol error).
 """
 
 from __future__ import annotations
 
-import itertools
+import json
+import os
 import socket
 import ssl
 import threading
@@ -30,17 +35,28 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from stemedb import _protocol
+from stemedb.client._core import ClientCore, Exchange
+from stemedb.client._policy import (
+    Nodes,
+    ReconnectPlan,
+    Resend,
+    RetryPolicy,
+    connect_refusal_is_final,
+    resend_after,
+)
 from stemedb.client._wire import (
     CLIENT_NAME,
+    Address,
+    Scanned,
     Session,
-    check_hello,
-    error_from_frame,
+    audit_entries,
+    audit_limit,
     get_payloads,
-    hello_payload,
     id_array,
     ids_from,
-    parse_url,
-    query_result,
+    of_kind,
+    query_request,
+    query_resolution,
     records_batches,
     records_from,
     scan_payload,
@@ -55,8 +71,10 @@ from stemedb.errors import (
     RequestTimeout,
     SignatureError,
     StemeError,
+    Unavailable,
 )
-from stemedb.records import Envelope, Signer
+from stemedb.records import Envelope, Epoch, Signer, Vote
+from stemedb.results import Resolution
 
 RECEIVE_BYTES = 256 * 1024
 
@@ -146,54 +164,43 @@ class _TlsTransport(_PlainTransport):
                 self._incoming.write(raw)
 
 
-class _Call:
-    """One request in flight: its answer frames, or the error that ended it."""
+class _Call(Exchange):
+    """One request in flight (a core Exchange) that a thread can wait for."""
 
-    __slots__ = ("event", "payloads", "error", "callback", "request_id")
+    __slots__ = ("event", "callback")
 
-    def __init__(self, callback: Callable[[_Call], None] | None = None) -> None:
+    def __init__(self, opcode: int, callback: Callable[[_Call], None] | None = None) -> None:
+        super().__init__(opcode)
         self.event = threading.Event()
-        self.payloads: list[bytes] = []
-        self.error: BaseException | None = None
         self.callback = callback
-        self.request_id = 0
-
-    def finish(self) -> None:
-        self.event.set()
-        if self.callback is not None:
-            self.callback(self)
-
-    def result(self) -> list[bytes]:
-        if self.error is not None:
-            raise self.error
-        return self.payloads
 
 
 class _Connection:
-    """One connected, authenticated session with a reader thread."""
+    """The socket driver of one connected, authenticated ClientCore: a reader thread feeds it.
 
-    def __init__(self, transport: _PlainTransport, session: Session,
-                 reader: _protocol.FrameReader) -> None:
+    Every call into the core is made under `_lock` (threads start requests
+    while the reader thread delivers answers); waiters are woken outside it.
+    """
+
+    def __init__(self, transport: _PlainTransport, core: ClientCore) -> None:
+        assert core.session is not None
         self.transport = transport
-        self.session = session
-        self.reader = reader
-        self.error: BaseException | None = None
-        self._pending: dict[int, _Call] = {}
+        self.core = core
+        self.session: Session = core.session
         self._lock = threading.Lock()
-        self._ids = itertools.count(2)  # 1 was the HELLO
         self._thread = threading.Thread(target=self._read_loop, name="stemedb-client-reader", daemon=True)
         self._thread.start()
 
+    @property
+    def error(self) -> BaseException | None:
+        return self.core.error
+
     def start(self, opcode: int, payload: bytes, callback: Callable[[_Call], None] | None = None) -> _Call:
-        call = _Call(callback)
+        call = _Call(opcode, callback)
         with self._lock:
-            if self.error is not None:
-                raise ConnectionLost(f"connection lost: {self.error}")
-            request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids) & 0xFFFFFFFF
-            call.request_id = request_id
-            self._pending[request_id] = call
+            _exchange, frame = self.core.request_exchange(call, payload)
         try:
-            self.transport.send(_protocol.frame_header(opcode, 0, request_id, len(payload)), payload)
+            self.transport.send(frame)
         except OSError as exc:
             self._break(ConnectionLost(f"connection lost while sending: {exc}"))
             raise ConnectionLost(f"connection lost while sending: {exc}") from None
@@ -201,7 +208,7 @@ class _Connection:
 
     def forget(self, call: _Call) -> None:
         with self._lock:
-            self._pending.pop(call.request_id, None)
+            self.core.forget(call)
 
     def _read_loop(self) -> None:
         try:
@@ -209,45 +216,30 @@ class _Connection:
                 data = self.transport.recv()
                 if not data:
                     raise ConnectionLost("the server closed the connection")
-                self.reader.feed(data)
-                for frame in self.reader.frames():
-                    self._deliver(frame)
+                with self._lock:
+                    finished = self.core.receive(data)
+                _wake(finished)
         except BaseException as exc:  # noqa: B036 - the reader thread must report everything
             if not isinstance(exc, StemeError):
                 exc = ConnectionLost(f"connection lost: {exc}")
             self._break(exc)
 
-    def _deliver(self, frame: _protocol.Frame) -> None:
-        if frame.request_id == 0:  # about the connection, not one request: it is closing
-            if frame.opcode == _protocol.ERROR:
-                raise ConnectionLost(f"the server closed the connection: {error_from_frame(frame.payload)}")
-            raise ProtocolError(f"unexpected frame {frame!r} with request id 0")
-        with self._lock:
-            call = self._pending.get(frame.request_id)
-            if call is None:
-                return  # the answer to a request that timed out
-            last = not frame.more or frame.opcode == _protocol.ERROR
-            if last:
-                del self._pending[frame.request_id]
-        if frame.opcode == _protocol.ERROR:
-            call.error = error_from_frame(frame.payload)
-        else:
-            call.payloads.append(frame.payload)
-        if last:
-            call.finish()
-
     def _break(self, error: BaseException) -> None:
         with self._lock:
-            if self.error is None:
-                self.error = error
-            pending, self._pending = self._pending, {}
-        for call in pending.values():
-            call.error = error if isinstance(error, ConnectionLost) else ConnectionLost(str(error))
-            call.finish()
+            failed = self.core.lost(error)
+        _wake(failed)
         self.transport.close()
 
     def close(self) -> None:
         self._break(ConnectionLost("the client closed the connection"))
+
+
+def _wake(exchanges: list[Exchange]) -> None:
+    for exchange in exchanges:
+        assert isinstance(exchange, _Call)
+        exchange.event.set()
+        if exchange.callback is not None:
+            exchange.callback(exchange)
 
 
 class Client:
@@ -257,19 +249,19 @@ class Client:
     close() it, or use ``with connect(...) as client``.
     """
 
-    def __init__(self, url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None,
-                 timeout: float = 30.0, connect_timeout: float = 10.0,
+    def __init__(self, url: str | Sequence[str] | None = "stemedb://127.0.0.1:7440", *,
+                 token: str | None = None, timeout: float = 30.0, connect_timeout: float = 10.0,
                  ssl_context: ssl.SSLContext | None = None, reconnect: bool = True,
-                 retries: int = 3, name: str = CLIENT_NAME) -> None:
-        self.address = parse_url(url)
+                 retries: int | None = None, reconnect_window: float = 10.0,
+                 cluster: str | os.PathLike[str] | None = None, name: str = CLIENT_NAME) -> None:
+        self.nodes = Nodes.of(url, cluster, tls=ssl_context is not None)
+        self.policy = RetryPolicy(enabled=reconnect, window=reconnect_window, retries=retries)
         self.token = token
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
-        if self.address.tls and ssl_context is None:
+        if ssl_context is None and any(address.tls for address in self.nodes.addresses):
             self.ssl_context = ssl.create_default_context()
-        self.reconnect = reconnect
-        self.retries = retries
         self.name = name
         self.reconnects = 0
         self._conn: _Connection | None = None
@@ -280,38 +272,39 @@ class Client:
     # ------------------------------------------------------------ connection
 
     @property
+    def address(self) -> Address:
+        """The node this client uses (or last used)."""
+        return self.nodes.current
+
+    @property
     def session(self) -> Session:
         """The server's HELLO answer (protocol version, role, limits)."""
         return self._connection().session
 
-    def _open(self) -> _Connection:
-        sock = socket.create_connection((self.address.host, self.address.port), timeout=self.connect_timeout)
+    def _open(self, address: Address) -> _Connection:
+        sock = socket.create_connection((address.host, address.port), timeout=self.connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             transport: _PlainTransport
             if self.ssl_context is not None:
-                transport = _TlsTransport(sock, self.ssl_context, self.address.host)
+                transport = _TlsTransport(sock, self.ssl_context, address.host)
             else:
                 transport = _PlainTransport(sock)
-            payload = hello_payload(self.token, self.name)
-            transport.send(_protocol.frame_header(_protocol.HELLO, 0, 1, len(payload)), payload)
-            reader = _protocol.FrameReader(_protocol.DEFAULT_PREAUTH_FRAME * 16, from_server=True)
-            frame = None
-            while frame is None:
+            core = ClientCore(self.token, self.name)
+            transport.send(core.hello())
+            while core.session is None:
                 data = transport.recv()
                 if not data:
                     raise ConnectionLost("the server closed the connection during the handshake")
-                reader.feed(data)
-                frame = reader.next()
-            session = check_hello(frame.opcode, frame.payload, self.token)
-            reader.max_payload = session.max_frame
+                core.receive_hello(data)
             sock.settimeout(None)
-            return _Connection(transport, session, reader)
+            return _Connection(transport, core)
         except BaseException:
             sock.close()
             raise
 
     def _connection(self) -> _Connection:
+        """The open connection, or a new one: every node in turn, with backoff (_policy)."""
         conn = self._conn
         if conn is not None and conn.error is None:
             return conn
@@ -321,34 +314,38 @@ class Client:
             conn = self._conn
             if conn is not None and conn.error is None:
                 return conn
-            attempt = 0
+            plan = ReconnectPlan(self.nodes, self.policy, time.monotonic())
             while True:
+                address, delay = plan.next_attempt(time.monotonic())
+                if delay:
+                    time.sleep(delay)
                 try:
-                    conn = self._open()
+                    conn = self._open(address)
                     break
                 except ssl.SSLCertVerificationError:
                     raise
                 except (OSError, StemeError) as exc:
-                    if isinstance(exc, StemeError) and not exc.retry_safe:
+                    if connect_refusal_is_final(exc):
                         raise  # e.g. a refused token: trying again cannot help
-                    attempt += 1
-                    if not self.reconnect or attempt > self.retries:
-                        raise ConnectionLost(f"cannot connect to {self.address}: {exc}") from None
-                    time.sleep(min(0.05 * 2 ** attempt, 1.0))
+                    plan.failed(address, exc)
+            self.nodes.worked(address)
             if self._conn is not None:
                 self.reconnects += 1
             self._conn = conn
             return conn
 
-    def _requests(self, opcode: int, payloads: Sequence[bytes], timeout: float | None = None) -> list[list[bytes]]:
-        """Send every payload (pipelined), wait for all answers; retried whole after a lost connection."""
-        attempt = 0
+    def _requests(self, opcode: int, payloads: Sequence[bytes], timeout: float | None = None, *,
+                  idempotent: bool = True) -> list[list[bytes]]:
+        """Send every payload (pipelined), wait for all answers; resent whole after a lost
+        connection or an unavailable node, while the policy allows (_policy.resend_after)."""
         limit = self.timeout if timeout is None else timeout
+        resend = Resend(self.policy, idempotent=idempotent)
         while True:
             conn = self._connection()
             calls: list[_Call] = []
             try:
-                calls = [conn.start(opcode, payload) for payload in payloads]
+                for payload in payloads:
+                    calls.append(conn.start(opcode, payload))
                 deadline = time.monotonic() + limit
                 for call in calls:
                     if not call.event.wait(max(deadline - time.monotonic(), 0.0)):
@@ -359,11 +356,10 @@ class Client:
                             f"({_protocol.OPCODE_NAMES.get(opcode, opcode)}); writes are idempotent, "
                             "retrying is safe")
                 return [call.result() for call in calls]
-            except ConnectionLost:
-                attempt += 1
-                if not self.reconnect or attempt > self.retries or self._closed:
-                    raise
-                time.sleep(min(0.02 * 2 ** attempt, 1.0))
+            except (ConnectionLost, Unavailable) as exc:
+                delay = resend.after(exc, sent=bool(calls), now=time.monotonic(), closed=self._closed)
+                if delay:
+                    time.sleep(delay)
 
     def _request(self, opcode: int, payload: bytes, timeout: float | None = None) -> list[bytes]:
         return self._requests(opcode, [payload], timeout)[0]
@@ -413,11 +409,11 @@ class Client:
 
     def vote(self, vote: Any, *, timeout: float | None = None) -> bytes:
         """Store one signed Vote; returns its ID once durable."""
-        return self._put(_protocol.VOTE, [vote], None, timeout)[0]
+        return self._put(_protocol.VOTE, [of_kind(vote, Vote, "vote")], None, timeout)[0]
 
     def epoch(self, epoch: Any, *, timeout: float | None = None) -> bytes:
         """Store one signed Epoch; returns its ID once durable."""
-        return self._put(_protocol.EPOCH, [epoch], None, timeout)[0]
+        return self._put(_protocol.EPOCH, [of_kind(epoch, Epoch, "epoch")], None, timeout)[0]
 
     def get(self, record_id: bytes, *, timeout: float | None = None) -> Any:
         """The record with this ID; NotFound if the server has none."""
@@ -432,36 +428,44 @@ class Client:
         answers = self._requests(_protocol.GET, get_payloads(array, self.session.max_frame), timeout)
         return records_from([payload for answer in answers for payload in answer], allow_absent=True)[:len(array)]
 
-    def query(self, subject: str, predicate: str | None = None, *, lens: str | None = None,
-              timeout: float | None = None, **filters: Any) -> dict[str, Any]:
-        """Resolve (subject, predicate) with a lens and filters (lifecycle, epoch, as_of, decay, …).
+    def query(self, subject: str, predicate: str | None = None, *, lens: Any = "recency",
+              lifecycle: Any = "any", epoch: Any = None, as_of: int | None = None,
+              decay: bool = False, now: int | None = None, audit: bool = False,
+              timeout: float | None = None) -> Resolution | dict[str, Resolution]:
+        """Resolve claims as `Database.query` does (same arguments, defaults and result types).
 
-        Returns the resolution as a dict; its "records" holds the contributing
-        records. Raises Unsupported if the server has no resolution engine.
+        A Resolution, or with predicate=None a mapping predicate → Resolution.
+        `lens` is a name, a Lens object or a Lens class. There is no `agent`:
+        the server records the token's name. Raises Unsupported if the
+        server has no resolution engine.
         """
-        from stemedb.client._wire import query_payload
-
-        return query_result(self._request(_protocol.QUERY, query_payload(subject, predicate, lens, filters),
-                                          timeout)[0])
+        payload = query_request(subject, predicate, lens, lifecycle, epoch, as_of, decay, now, audit)
+        # An audited query appends to the audit log: not resent once sent (it could count twice).
+        return query_resolution(self._requests(_protocol.QUERY, [payload], timeout, idempotent=not audit)[0])
 
     def scan(self, subject: str | None = None, predicate: str | None = None, *,
-             kind: str | None = None, limit: int = 10_000, timeout: float | None = None) -> list[Any]:
-        """Stored records in write order, by subject and/or predicate and kind (streamed in frames)."""
-        payloads = self._request(_protocol.SCAN, scan_payload(subject, predicate, kind, limit), timeout)
-        return records_from(payloads, allow_absent=False)
+             kind: str | None = None, limit: int | None = None,
+             timeout: float | None = None) -> Scanned:
+        """Stored records in write order, by subject and/or predicate and kind (an iterator).
+
+        One SCAN: at most `limit` records, and at most MAX_SCAN (1,000,000)
+        when `limit` is None (the embedded scan has no limit).
+        """
+        wanted = _protocol.MAX_SCAN if limit is None else limit
+        payloads = self._request(_protocol.SCAN, scan_payload(subject, predicate, kind, wanted), timeout)
+        return Scanned(records_from(payloads, allow_absent=False))
 
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
-        """The store's and the server's figures."""
-        import json
-
+        """The store's figures (as `Database.stats`), and the server's under "server"."""
         return dict(json.loads(_protocol.decode_text(self._request(_protocol.STATS, b"", timeout)[0])))
 
-    def audit(self, limit: int = 100, *, timeout: float | None = None) -> Any:
-        """Recorded queries (admin role)."""
-        import json
-
-        return json.loads(_protocol.decode_text(
-            self._request(_protocol.AUDIT, _protocol.encode_u32(limit), timeout)[0]))
+    def audit(self, agent: Any = None, since: int | None = None, limit: int | None = 100, *,
+              timeout: float | None = None) -> list[dict[str, Any]]:
+        """Recorded queries, oldest first, as `Database.audit` (admin role)."""
+        wanted = audit_limit(agent, since, limit)
+        entries = json.loads(_protocol.decode_text(
+            self._request(_protocol.AUDIT, _protocol.encode_u32(wanted), timeout)[0]))
+        return audit_entries(entries, agent, since, limit)
 
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
                max_batches_in_flight: int = 16) -> ClientWriter:
@@ -499,7 +503,7 @@ class WriteTicket:
 class _Batch:
     """Records gathered for one envelope; answered together."""
 
-    __slots__ = ("records", "event", "ids", "error", "tries")
+    __slots__ = ("records", "event", "ids", "error", "tries", "outage")
 
     def __init__(self) -> None:
         self.records: list[Any] = []
@@ -507,6 +511,7 @@ class _Batch:
         self.ids: list[bytes] | None = None
         self.error: BaseException | None = None
         self.tries = 0
+        self.outage: float | None = None  # when its first send was cut off
 
 
 class ClientWriter:
@@ -668,14 +673,17 @@ class ClientWriter:
             self.batches_sent += 1
         except BaseException as exc:  # noqa: B036 - every waiter must hear about it
             self._slots.release()
-            if not (isinstance(exc, ConnectionLost) and self._requeue(batch)):
+            if not (resend_after(exc, sent=False, idempotent=True) and self._requeue(batch)):
                 self._settle(batch, error=exc)
 
     def _requeue(self, batch: _Batch) -> bool:
-        """Put a batch cut off by a lost connection back in front of the queue (to be re-signed)."""
-        if not self.client.reconnect or batch.tries >= self.client.retries:
-            return False
+        """Put a batch cut off by a lost connection (or an unavailable node) back in front of the
+        queue, to be re-signed and resent while the reconnect window lasts."""
+        now = time.monotonic()
+        batch.outage = now if batch.outage is None else batch.outage
         batch.tries += 1
+        if self.client._closed or not self.client.policy.may_continue(batch.outage, now, batch.tries):
+            return False
         with self._cond:
             self._sealed.insert(0, batch)
             self._cond.notify_all()
@@ -684,7 +692,8 @@ class ClientWriter:
     def _answered(self, batch: _Batch, call: _Call) -> None:
         """Runs in the reader thread: settle the batch (or requeue it)."""
         self._slots.release()
-        if isinstance(call.error, ConnectionLost) and self._requeue(batch):
+        if call.error is not None and resend_after(call.error, sent=True, idempotent=True) \
+                and self._requeue(batch):
             return
         if call.error is not None:
             self._settle(batch, error=call.error)
@@ -707,8 +716,10 @@ class ClientWriter:
             self._unanswered.discard(batch)
 
 
-def connect(url: str = "stemedb://127.0.0.1:7440", *, token: str | None = None, **options: Any) -> Client:
-    """Open a blocking client (see Client for options: timeout, ssl_context, reconnect, retries)."""
+def connect(url: str | Sequence[str] | None = "stemedb://127.0.0.1:7440", *, token: str | None = None,
+            **options: Any) -> Client:
+    """Open a blocking client: `url` one URL or several, or `cluster=` a cluster file (see Client
+    for the options: timeout, ssl_context, reconnect, reconnect_window, retries)."""
     return Client(url, token=token, **options)
 
 

@@ -57,7 +57,14 @@ from stemedb.engine.sidefiles import LineFile
 from stemedb.engine.snapshots import Checkpointer
 from stemedb.engine.view import ReadView, WriteNotifier
 from stemedb.engine.writes import WritePath
-from stemedb.errors import ConfigError, DatabaseClosed, InvalidRecord, SignatureError, StemeError
+from stemedb.errors import (
+    ClientClosed,
+    ConfigError,
+    DatabaseClosed,
+    InvalidRecord,
+    SignatureError,
+    StemeError,
+)
 from stemedb.records import Envelope, Epoch, RecordKind, Signer, Vote
 
 DURABILITY_MODES = ("sync", "batch", "none")
@@ -544,18 +551,37 @@ class Writer:
 
     Records from all threads that arrive while a commit is in flight form the
     next batch, which is signed with one envelope by this writer's signer,
-    appended and fsynced once. Thread-safe.
+    appended and fsynced once. Thread-safe. The shape every writer has (the
+    clients' too): `put`, `put_many`, `flush`, `close`, and ``with``.
     """
 
     def __init__(self, db: Database, signer: Signer) -> None:
         self.db = db
         self.signer = signer
+        self._closed = False
 
     def put(self, record: Record) -> bytes:
-        return self.db._put_unsigned([record], self.signer)[0]
+        """Sign `record` with the batch it joins and store it; its ID once durable."""
+        return self.put_many([record])[0]
 
     def put_many(self, records: Iterable[Record]) -> list[bytes]:
+        """Store many unsigned records (signed in envelopes); their IDs once all are durable."""
+        if self._closed:
+            raise ClientClosed("the writer is closed")
         return self.db._put_unsigned(list(records), self.signer)
+
+    def flush(self) -> None:
+        """Nothing to wait for: every put has returned only once durable."""
+
+    def close(self) -> None:
+        """Refuse further puts (ClientClosed); what was put is already durable."""
+        self._closed = True
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _default_segment_size() -> int:

@@ -9,7 +9,8 @@ subclassing `Lens` (see docs/query.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from stemedb.lenses.base import (
     HALF_LIVES_DAYS,
@@ -47,7 +48,7 @@ __all__ = [
     "ConstraintsAnalysis", "Rule",
     "UNANIMOUS", "AGREED", "CONTESTED", "CONTESTED_AT",
     "HALF_LIVES_DAYS", "SOURCE_MULTIPLIERS",
-    "claims_of", "conflict_score", "pick", "get_lens", "register", "lens_names",
+    "claims_of", "conflict_score", "pick", "get_lens", "register", "lens_names", "from_wire",
 ]
 
 LensFactory = Callable[[], Lens]
@@ -97,3 +98,34 @@ def get_lens(spec: LensSpec) -> Lens:
             _BY_NAME[spec] = lens  # built-in lenses hold only parameters: one instance serves all
         return lens
     raise TypeError(f"lens: expected a name or a stemedb.lenses.Lens, got {type(spec).__name__}")
+
+
+def from_wire(name: str, parameters: Mapping[str, Any] | None) -> Lens:
+    """The lens a QUERY names: `name` with the `lens_parameters` of `Lens.wire()` (docs/protocol.md).
+
+    Parameters are passed to the lens's class as keyword arguments; a lens
+    inside is {"lens": name, "parameters": {...}}. Raises ValueError naming
+    what is wrong (an unknown lens or parameter, a lens that takes none).
+    """
+    if not parameters:
+        return get_lens(name)
+    if not isinstance(parameters, Mapping):
+        raise ValueError("lens_parameters: expected a JSON object")
+    found = _REGISTRY.get(_normal(name))
+    if found is None:
+        raise ValueError(f"lens: {name!r}, expected one of {', '.join(lens_names())}")
+    factory = found[1]
+    if not (isinstance(factory, type) and issubclass(factory, Lens)):
+        raise ValueError(f"lens {name!r} takes no parameters")
+    arguments = {key: _lens_argument(value) for key, value in parameters.items()}
+    try:
+        return factory(**arguments)
+    except TypeError as exc:
+        raise ValueError(f"lens_parameters of {name!r}: {exc}") from None
+
+
+def _lens_argument(value: Any) -> Any:
+    if isinstance(value, Mapping) and set(value) == {"lens", "parameters"}:
+        return from_wire(value["lens"], value["parameters"])
+    return value
+

@@ -378,6 +378,16 @@ class Lens:
         inner = ", ".join(f"{k}={_describe(v)}" for k, v in sorted(params.items()))
         return f"{self.name}({inner})"
 
+    def wire(self) -> tuple[str, dict[str, Any]]:
+        """(name, parameters): how a client sends this lens in a QUERY (docs/protocol.md).
+
+        The name goes in QUERY's `lens` field, non-empty parameters in the
+        `lens_parameters` option, as JSON values: a lens inside (EpochAware's
+        `inner`) as {"lens": name, "parameters": {...}}, source classes by
+        name. The server rebuilds the lens with `stemedb.lenses.from_wire`.
+        """
+        return self.name, {str(key): _wire_value(value) for key, value in self.params().items()}
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Lens) and self.key() == other.key()
 
@@ -398,6 +408,21 @@ def _hashable(value: Any) -> Hashable:
     if isinstance(value, np.ndarray):
         return tuple(value.tolist())
     return value  # type: ignore[no-any-return]
+
+
+def _wire_value(value: Any) -> Any:
+    if isinstance(value, Lens):
+        name, parameters = value.wire()
+        return {"lens": name, "parameters": parameters}
+    if isinstance(value, SourceClass):
+        return value.name.lower()
+    if isinstance(value, dict):
+        return {str(_wire_value(k)): _wire_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_wire_value(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"lens parameter {value!r}: cannot be sent to a server (not a JSON value)")
 
 
 def _describe(value: Any) -> str:

@@ -5,8 +5,12 @@ authentication, then requests), the reader loop that cuts frames out of the
 receive buffer with the compiled FrameReader, one task per request (many in
 flight, answered by request id, possibly out of order), the sender task that
 writes queued answers (small ones coalesced into one `send_all`, large ones in
-slices), GET answers streamed frame by frame from the store, and the
-handshake, idle and send timeouts. Every request goes through the request
+slices), GET answers streamed frame by frame from the store, QUERY and SCAN
+answers streamed in frames of about ANSWER_FRAME bytes, and the
+handshake, idle and send timeouts, and the order requests take effect in:
+a read (GET, QUERY, SCAN, STATS, AUDIT) waits for every write sent before it
+on the same connection to be answered, so a connection reads its own writes
+(PING and writes are not held back). Every request goes through the request
 pipeline (stemedb.server.pipeline: authorize, admit, run in a worker thread,
 metrics, errors through the one table); the connection is given a
 DoorContext, not the Server. Must never: run a database call on the event
@@ -59,7 +63,7 @@ from stemedb.errors import (
 from stemedb.server.auth import Peer, Principal, describe_peer
 from stemedb.server.buffers import COALESCE_BYTES, SEND_SLICE, InputAccount, OutputQueue
 from stemedb.server.pipeline import Caller, DoorContext, Operation, operation_of
-from stemedb.server.service import Blob, IdArray, frame_spans, parse_options
+from stemedb.server.service import KIND_NAMES, Blob, IdArray, frame_spans, parse_options
 
 log = logging.getLogger("stemedb.server")
 
@@ -94,6 +98,9 @@ class Connection:
         self._receive_scope: trio.CancelScope | None = None
         self._requests: trio.Nursery | None = None
         self._handed_off = False  # the frame just dispatched now belongs to a request task
+        # Writes dispatched and not yet answered, each settled by its request task: a read
+        # waits for those sent before it (read your own writes, docs/protocol.md "Ordering").
+        self._unsettled_writes: set[trio.Event] = set()
 
     @property
     def caller(self) -> Caller:
@@ -273,6 +280,10 @@ class Connection:
             self._fail(type(exc)(f"{operation.name}: {exc}", request_id=frame.request_id),
                        frame.request_id)
             return False
+        except InvalidRequest as exc:  # well framed, but a value over its limit: refuse, go on
+            self.metrics.rejected.labels(exc.name).inc()
+            await self.reply_refusal(frame.request_id, refusal(exc))
+            return True
         acquired = False
         with trio.move_on_after(self.limits.idle_timeout):
             await self.slots.acquire()  # backpressure: no more reading while max_inflight are open
@@ -281,21 +292,34 @@ class Connection:
             self._fail(ConnectionTimeout("the client does not read its answers"), reason="slow_reader")
             return False
         self.inflight += 1
+        settled: trio.Event | None = None
+        earlier: tuple[trio.Event, ...] = ()
+        if operation.writes:
+            settled = trio.Event()
+            self._unsettled_writes.add(settled)
+        elif opcode != _protocol.PING:
+            earlier = tuple(self._unsettled_writes)
         assert self._requests is not None
         self._requests.start_soon(self._serve, operation, handler, frame.request_id, args,
-                                  len(frame.payload))
+                                  len(frame.payload), settled, earlier)
         self._handed_off = True
         return True
 
     async def _serve(self, operation: Operation, handler: Handler, request_id: int, args: Any,
-                     size: int) -> None:
+                     size: int, settled: trio.Event | None, earlier: tuple[trio.Event, ...]) -> None:
+        """Run one admitted request: a read first waits for the writes sent before it."""
         try:
+            for write in earlier:
+                await write.wait()
             outcome = await self.pipeline.run(self.caller, operation,
                                               partial(handler, self, operation, request_id, args),
                                               size=size)
             if isinstance(outcome, Refusal):
                 await self.reply_refusal(request_id, outcome)
         finally:
+            if settled is not None:  # answered (or failed, or cancelled): reads behind it may go
+                settled.set()
+                self._unsettled_writes.discard(settled)
             self.inflight -= 1
             self.requests_served += 1
             self.slots.release()
@@ -308,7 +332,11 @@ class Connection:
             self._fail(ProtocolError("HELLO sent twice"), frame.request_id)
             return False
         try:
+            _check_token_length(frame.payload, 5 + frame.payload[4] if len(frame.payload) > 4 else None)
             min_version, max_version, _client, token = _protocol.decode_hello(frame.payload)
+        except AuthError as exc:
+            self._fail(exc, frame.request_id)
+            return False
         except FrameError as exc:
             self._fail(type(exc)(f"HELLO: {exc}", request_id=frame.request_id), frame.request_id)
             return False
@@ -343,6 +371,7 @@ class Connection:
 
     async def _auth(self, frame: _protocol.Frame) -> bool:
         try:
+            _check_token_length(frame.payload, 0)
             token = _protocol.decode_auth(frame.payload)
             principal = self._authenticate(token)
         except FrameError as exc:
@@ -364,13 +393,28 @@ class Connection:
         self.reader.max_payload = self.limits.max_frame
 
 
+def _check_token_length(payload: bytes, at: int | None) -> None:
+    """Refuse a token longer than MAX_TOKEN (its u16 length at `at`) as auth_failed.
+
+    No configured token is that long, so the answer is the one a wrong token
+    gets (and the connection closes, as after any failed authentication).
+    """
+    if at is None or len(payload) < at + 2:
+        return  # truncated: the codec reports it as malformed
+    length = int.from_bytes(payload[at:at + 2], "little")
+    if length > _protocol.MAX_TOKEN:
+        raise AuthError(f"token: {length} bytes, the limit is {_protocol.MAX_TOKEN}")
+
+
 # ---------------------------------------------------------------- handlers
 # Each opcode: (payload parser run on the event loop — its FrameError is a protocol
-# violation —, async handler run by the pipeline once the request is admitted).
+# violation that closes the connection; its InvalidRequest, a well-framed value over
+# a documented limit, is answered `invalid_request` and the connection goes on —,
+# async handler run by the pipeline once the request is admitted).
 
 def _parse_ping(payload: bytes) -> bytes:
     if len(payload) > _protocol.MAX_PING:
-        raise FrameError(f"PING: {len(payload)} bytes, the limit is {_protocol.MAX_PING}")
+        raise InvalidRequest(f"PING: {len(payload)} bytes, the limit is {_protocol.MAX_PING}")
     return payload
 
 
@@ -387,8 +431,28 @@ async def _put(conn: Connection, operation: Operation, request_id: int,
 
 
 def _parse_get(payload: bytes) -> IdArray:
-    ids: IdArray = _protocol.decode_ids(payload, _protocol.MAX_GET_IDS)
+    ids: IdArray = _protocol.decode_ids(payload)
+    if len(ids) > _protocol.MAX_GET_IDS:
+        raise InvalidRequest(f"GET: {len(ids)} IDs, the limit is {_protocol.MAX_GET_IDS}; "
+                             "split the request")
     return ids
+
+
+def _parse_scan(payload: bytes) -> tuple[str, str, int, int]:
+    """(subject, predicate, kind, limit): kind 0 (every kind) or a record kind 1..4."""
+    kind_at = None
+    if len(payload) >= 2:
+        predicate_at = 2 + int.from_bytes(payload[0:2], "little")
+        if len(payload) >= predicate_at + 2:
+            kind_at = predicate_at + 2 + int.from_bytes(payload[predicate_at:predicate_at + 2], "little")
+    if kind_at is not None and len(payload) == kind_at + 5 and payload[kind_at] > max(KIND_NAMES):
+        raise InvalidRequest(f"SCAN: kind {payload[kind_at]}; expected 0 (any) or "
+                             + ", ".join(f"{code} ({name})" for code, name in sorted(KIND_NAMES.items())))
+    subject, predicate, kind, limit = _protocol.decode_scan(payload)
+    if limit > _protocol.MAX_SCAN:
+        raise InvalidRequest(f"SCAN: limit {limit}, the most is {_protocol.MAX_SCAN} "
+                             "(0: the default, 10,000)")
+    return subject, predicate, kind, limit
 
 
 async def _get(conn: Connection, operation: Operation, request_id: int, ids: IdArray) -> None:
@@ -445,17 +509,25 @@ async def _query(conn: Connection, operation: Operation, request_id: int,
     result, records = await conn.pipeline.query(conn.caller, operation, subject, predicate, lens,
                                                 options)
     blob, offsets, _ids = _codec.encode_many(records)
-    payload = _protocol.encode_query_result(json.dumps(result), blob, offsets)
-    if len(payload) > conn.limits.max_frame:
-        raise InvalidRequest(f"the result is {len(payload)} bytes, above the frame limit; "
-                             "narrow the query")
-    await conn.reply(_protocol.QUERY, request_id, payload)
+    text = json.dumps(result)
+    payload = _protocol.encode_query_result(text, blob, offsets)
+    if len(payload) <= answer_frame(conn):
+        await conn.reply(_protocol.QUERY, request_id, payload)
+        return
+    # Streamed: the result with no records first, then the records in GET-like frames.
+    head = _protocol.encode_query_result(text, b"", [0])
+    if len(head) > conn.limits.max_frame:
+        raise InvalidRequest(f"the result is {len(head)} bytes of JSON, above the "
+                             f"{conn.limits.max_frame}-byte frame limit; narrow the query")
+    frame_spans(np.diff(offsets), answer_frame(conn), conn.limits.max_frame)  # refuses a record too large
+    await conn.reply(_protocol.QUERY, request_id, head, more=True)
+    await send_record_batches(conn, _protocol.QUERY, request_id, blob, offsets, final=True)
 
 
 async def _scan(conn: Connection, operation: Operation, request_id: int,
                 args: tuple[str, str, int, int]) -> None:
     subject, predicate, kind, limit = args
-    limit = min(limit or DEFAULT_SCAN_LIMIT, _protocol.MAX_SCAN)
+    limit = limit or DEFAULT_SCAN_LIMIT
     chunks = conn.pipeline.service.scan(subject, predicate, kind, limit)
     while True:
         chunk = await conn.pipeline.call(operation, next, chunks, None)
@@ -496,7 +568,7 @@ HANDLERS: dict[int, tuple[Callable[[bytes], Any], Handler]] = {
     _protocol.EPOCH: (_parse_batch, _put),
     _protocol.GET: (_parse_get, _get),
     _protocol.QUERY: (_protocol.decode_query, _query),
-    _protocol.SCAN: (_protocol.decode_scan, _scan),
+    _protocol.SCAN: (_parse_scan, _scan),
     _protocol.STATS: (_parse_empty, _stats),
     _protocol.AUDIT: (_parse_audit, _audit),
 }

@@ -121,9 +121,16 @@ class Service:
             raise InvalidRequest("options: agent is set by the server")
         if kwargs.get("audit"):
             kwargs["agent"] = agent
-        if lens:
-            kwargs["lens"] = lens
+        parameters = kwargs.pop("lens_parameters", None)
+        if parameters is not None and not lens:
+            raise InvalidRequest("options: lens_parameters needs a lens name")
         try:
+            if parameters is not None:
+                from stemedb.lenses import from_wire  # with the query engine: loaded on first query
+
+                kwargs["lens"] = from_wire(lens or "", parameters)
+            elif lens:
+                kwargs["lens"] = lens
             result = self.db.query(subject, predicate or None, **kwargs)
         except StemeError:
             raise
