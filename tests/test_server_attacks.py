@@ -52,6 +52,8 @@ OUTPUT_BUFFER = 4 * MIB           # limits.output_buffer: answers queued per con
 SEND_TIMEOUT = 3.0                # limits.send_timeout
 SLACK = 24 * MIB                  # allocator overhead, per-connection allowances, one frame in transit
 P99_BOUND = 0.15                  # seconds; the defect measured 0.408 s (0.268 s here)
+# On a busy machine every ping is slower, attack or not: the bound grows by twice the p99 the
+# same pinger measured just before the attack (1-2 ms on an idle machine, so 0.15 s there).
 CONFIG = f"""
 [limits]
 buffer_budget = {BUDGET}
@@ -194,6 +196,11 @@ class Figures:
                 f"{self.p99_attack * 1000:.1f} ms under attack ({self.pings} pings)")
 
 
+def assert_latency_held(figures: Figures) -> None:
+    bound = P99_BOUND + 2 * figures.p99_quiet
+    assert figures.p99_attack < bound, figures.line(f"p99 (bound {bound * 1000:.0f} ms)")
+
+
 def under_attack(running: Running, attack: Callable[[], Awaitable[Any]]) -> tuple[Figures, Any]:
     """Run `attack` (a trio coroutine function) beside a pinging client; memory and latency figures."""
     pinger = Pinger(running)
@@ -302,7 +309,7 @@ def test_http_refuses_an_unauthenticated_body_from_its_headers(server):
         assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
         assert b"connection: close" in head and b"www-authenticate: bearer" in head
     assert figures.growth < 8 * MIB, figures.line("growth")
-    assert figures.p99_attack < P99_BOUND, figures.line("p99")
+    assert_latency_held(figures)
 
 
 def test_http_bodies_in_flight_share_the_request_budget(server):
@@ -339,7 +346,7 @@ def test_http_bodies_in_flight_share_the_request_budget(server):
     assert requests["capacity"] == REQUEST_SHARE
     assert requests["used"] <= REQUEST_SHARE and requests["waiting"] > 0  # backpressure engaged
     assert figures.growth < REQUEST_SHARE + SLACK, figures.line("growth")
-    assert figures.p99_attack < P99_BOUND, figures.line("p99")
+    assert_latency_held(figures)
     wait_for(lambda: server.buffers()["requests"]["used"] == 0, 10, "the bodies' budget to come back")
 
 
@@ -373,7 +380,7 @@ def test_clients_that_do_not_read_are_bounded_then_disconnected(server):
                               f"of answers queued, disconnected after the {SEND_TIMEOUT:g} s send timeout)"))
     assert answers["used"] <= 4 * (OUTPUT_BUFFER + 2 * MIB)
     assert figures.growth < 4 * (OUTPUT_BUFFER + 2 * MIB) + SLACK, figures.line("growth")
-    assert figures.p99_attack < P99_BOUND, figures.line("p99")
+    assert_latency_held(figures)
     assert server.buffers()["answers"]["used"] == 0
 
 
@@ -404,7 +411,7 @@ def test_get_naming_one_large_record_many_times_streams(server):
     print("\n" + figures.line(f"get-512-times-1-MiB (512 MiB streamed, largest frame {largest / MIB:.2f} MiB)"))
     assert records == 512 and largest < 2 * MIB
     assert figures.growth < OUTPUT_BUFFER + 2 * MIB + SLACK, figures.line("growth")
-    assert figures.p99_attack < P99_BOUND, figures.line("p99")
+    assert_latency_held(figures)
 
 
 def test_get_of_the_most_ids_allowed_streams_instead_of_failing(server):
@@ -431,7 +438,7 @@ def test_get_of_the_most_ids_allowed_streams_instead_of_failing(server):
     print("\n" + figures.line(f"get-65536-ids ({records} records read in 2 s, then the client left)"))
     assert 64 <= records < P.MAX_GET_IDS
     assert figures.growth < OUTPUT_BUFFER + 2 * MIB + SLACK, figures.line("growth")
-    assert figures.p99_attack < P99_BOUND, figures.line("p99")
+    assert_latency_held(figures)
     wait_for(lambda: server.buffers()["answers"]["used"] == 0, 10, "the abandoned GET to stop")
 
 
@@ -462,7 +469,7 @@ def test_unfinished_large_frames_share_the_request_budget(server):
                               f"{requests['used'] / MIB:.1f} MiB, {requests['waiting']} readers waiting)"))
     assert requests["used"] <= REQUEST_SHARE and requests["waiting"] > 0
     assert figures.growth < REQUEST_SHARE + SLACK, figures.line("growth")
-    assert figures.p99_attack < P99_BOUND, figures.line("p99")
+    assert_latency_held(figures)
     wait_for(lambda: server.buffers()["requests"]["used"] == 0, 10, "the frames' budget to come back")
 
 
