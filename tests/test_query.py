@@ -6,6 +6,7 @@ import json
 import math
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -724,6 +725,36 @@ def test_warm_up_is_idempotent(monkeypatch):
     q.warm_up()
     assert compiles == []  # once per process: later calls neither compile nor start a thread
     assert "stemedb-jit-warm-up" not in {t.name for t in threading.enumerate()} - threads_before
+
+
+def test_a_warm_up_that_compiles_says_so_and_a_quick_one_says_nothing(monkeypatch, caplog):
+    """Issue 11 item 3: a user is told when the first query waits for the JIT."""
+    from stemedb.lenses import _kernels
+
+    compiling = threading.Event()
+    monkeypatch.setattr(q, "WARM_UP_NOTICE_SECONDS", 0.0)
+    monkeypatch.setattr(_kernels, "warm_up", lambda: compiling.wait(30))
+    monkeypatch.setattr(q, "_warm_done", threading.Event())
+    with caplog.at_level("WARNING", logger="stemedb.query"):
+        worker = threading.Thread(target=q._run_warm_up)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not q._warm_done.is_set()  # told while it is still compiling
+        compiling.set()
+        worker.join(30)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0].startswith("compiling the query kernels: the first query after an install")
+    assert messages[1].startswith("query kernels ready after ") and len(messages) == 2
+    assert q._warm_done.is_set()
+
+    caplog.clear()
+    monkeypatch.setattr(q, "WARM_UP_NOTICE_SECONDS", 30.0)
+    monkeypatch.setattr(_kernels, "warm_up", lambda: None)  # loading from the cache: quick
+    with caplog.at_level("WARNING", logger="stemedb.query"):
+        q._run_warm_up()
+    assert caplog.records == []
 
 
 def test_the_custom_lens_example_of_the_docs(db):

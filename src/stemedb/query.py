@@ -34,6 +34,7 @@ CorruptionError from the engine.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -78,6 +79,12 @@ AUDIT_VERSION = 1
 
 # ------------------------------------------------------------------ warm-up
 
+log = logging.getLogger("stemedb.query")
+
+# A warm-up still running after this many seconds is compiling (loading the kernels from
+# numba's cache takes well under a second): say so, since a first query then takes 10-20 s.
+WARM_UP_NOTICE_SECONDS = 1.0
+
 _warm_lock = threading.Lock()
 _warm_started = False
 _warm_done = threading.Event()
@@ -105,9 +112,23 @@ def warm_up(*, background: bool = False) -> None:
 
 
 def _run_warm_up() -> None:
+    started = time.perf_counter()
+    told = threading.Event()
+
+    def tell() -> None:
+        told.set()
+        log.warning("compiling the query kernels: the first query after an install waits 10-20 s "
+                    "for this; the compiled code is cached for later processes")
+
+    notice = threading.Timer(WARM_UP_NOTICE_SECONDS, tell)
+    notice.daemon = True
+    notice.start()
     try:
         _kernels.warm_up()
     finally:
+        notice.cancel()
+        if told.is_set():
+            log.warning("query kernels ready after %.1f s", time.perf_counter() - started)
         _warm_done.set()
 
 
