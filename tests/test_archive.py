@@ -103,6 +103,42 @@ def test_as_of_across_sealed_segments_archived_in_one_round(store, tmp_path):
         assert ids_of(target) == set().union(*groups[:n + 1]), n
 
 
+def test_a_restored_store_archives_on_incrementally_but_an_earlier_point_is_refused(store, tmp_path):
+    archive = f"file://{tmp_path}/archive"
+    archiver = Archiver(store, archive, 1.0)
+    try:
+        store.put_many(batch("r0"))
+        cut = now_us()
+        store.put_many(batch("r1"))
+        archiver.round()
+    finally:
+        archiver.close()
+    restore([archive], str(tmp_path / "whole"))
+    restore([archive], str(tmp_path / "earlier"), as_of_us=cut)
+    whole = database.open(tmp_path / "whole")
+    try:
+        again = Archiver(whole, archive, 1.0)
+        try:
+            whole.put_many(batch("r2"))
+            copied = again.round()
+            assert copied is not None and copied.recopied == [] and copied.manifest.records == 60
+            assert copied.objects == 1          # only the new batch: the rest was already there
+        finally:
+            again.close()
+    finally:
+        whole.close()
+    earlier = database.open(tmp_path / "earlier")
+    try:
+        late = Archiver(earlier, archive, 1.0)
+        try:
+            with pytest.raises(stemedb.StemeError, match="restored to an earlier point"):
+                late.round()
+        finally:
+            late.close()
+    finally:
+        earlier.close()
+
+
 def test_as_of_on_an_untimed_backup_never_includes_later_writes(store, tmp_path):
     dest = str(tmp_path / "dest")
     store.put_many(batch("u0"))

@@ -102,9 +102,9 @@ def _copy_segment(extent: Extent, held: dict[str, Any] | None, point: Point, obj
         if held_length > extent.length:
             raise StemeError(
                 f"{extent.path}: the store holds {extent.length} bytes of this segment, the "
-                f"backup at {objects.describe('')} already {held_length}; the store lost "
-                "acknowledged-then-unsynced bytes or is not the one backed up there: back it "
-                "up to a new destination")
+                f"backup at {objects.describe('')} already {held_length}; the store was "
+                "restored to an earlier point, or lost unsynced bytes in a crash: back it up "
+                "(or archive it) to a new destination")
         parts = [dict(p) for p in held["parts"]]
         if held_length < extent.length and parts and not _unchanged(extent.path, parts[-1]):
             copied.recopied.append(extent.number)
