@@ -222,3 +222,26 @@ def test_cli_backup_list_and_restore(store, tmp_path, capsys):
     assert "restored 80 records" in capsys.readouterr().out
     assert main(["restore", dest, "--to", str(tmp_path / "r")]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_tail_the_store_rewrote_is_copied_again(tmp_path):
+    """After a crash, recovery may set a torn tail aside and new batches take its place: the
+    bytes a backup holds are then no longer the store's, and the segment is copied again."""
+    import shutil
+
+    original, rewritten, dest = tmp_path / "a", tmp_path / "a-after-crash", str(tmp_path / "dest")
+    db = database.open(original, segment_size=SEGMENT)
+    db.put_many(batch("common"))
+    db.close()
+    shutil.copytree(original, rewritten)              # the same store, as a crash left it
+    db = database.open(original)
+    db.put_many(batch("lost-in-the-crash"))
+    db.close()
+    backup(str(original), dest)
+    db = database.open(rewritten)
+    db.put_many(batch("written-after-recovery", 40))
+    db.close()
+    copied = backup(str(rewritten), dest)
+    assert copied.recopied == [0]
+    restore([dest], str(tmp_path / "restored"))
+    assert stored_ids(tmp_path / "restored")[0] == stored_ids(rewritten)[0]

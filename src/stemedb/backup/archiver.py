@@ -116,7 +116,8 @@ class Archiver:
                 self.last_success = time.time()
                 return None
             copied = copy_point(point, self.objects, kind="archive", previous=self.previous,
-                                commit_times=self.clock.times, name=catalog.ARCHIVE)
+                                commit_times=self.clock.times, name=catalog.ARCHIVE,
+                                trusted=self.point is not None)
             self.objects.put(catalog.ARCHIVE, copied.manifest.encode())
             self.previous, self.point = copied.manifest, point
             self.archived = point.position

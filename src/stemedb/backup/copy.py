@@ -64,10 +64,13 @@ def _previous(objects: Objects) -> Manifest | None:
 
 
 def copy_point(point: Point, objects: Objects, *, kind: str, previous: Manifest | None,
-               commit_times: CommitTimes | None = None, name: str | None = None) -> Copied:
+               commit_times: CommitTimes | None = None, name: str | None = None,
+               trusted: bool = False) -> Copied:
     """Store the parts `point` needs beyond `previous` and return the manifest naming them all.
 
     The manifest itself is not written (the caller names it: a backup or archive.json).
+    `trusted`: `previous` was made by this process from the store it holds open, which no
+    recovery can have rewritten since, so its tail is extended without reading it back.
     """
     store = {"segment_size": point.segment_size, "created_us": point.created_us}
     if previous is not None and previous.document["store"] != store:
@@ -81,7 +84,7 @@ def copy_point(point: Point, objects: Objects, *, kind: str, previous: Manifest 
     segments: list[dict[str, Any]] = []
     for extent in point.extents:
         segments.append(_copy_segment(extent, held.get(extent.number), point, objects, copied,
-                                      commit_times))
+                                      commit_times, trusted))
     records = sum(int(p["records"]) for s in segments for p in s["parts"])
     digest = sum(catalog.digest_value(p["record_digest"]) for s in segments
                  for p in s["parts"]) % catalog.MODULUS
@@ -94,7 +97,8 @@ def copy_point(point: Point, objects: Objects, *, kind: str, previous: Manifest 
 
 
 def _copy_segment(extent: Extent, held: dict[str, Any] | None, point: Point, objects: Objects,
-                  copied: Copied, commit_times: CommitTimes | None) -> dict[str, Any]:
+                  copied: Copied, commit_times: CommitTimes | None,
+                  trusted: bool) -> dict[str, Any]:
     parts: list[dict[str, Any]] = []
     start = 0
     if held is not None:
@@ -106,7 +110,8 @@ def _copy_segment(extent: Extent, held: dict[str, Any] | None, point: Point, obj
                 "restored to an earlier point, or lost unsynced bytes in a crash: back it up "
                 "(or archive it) to a new destination")
         parts = [dict(p) for p in held["parts"]]
-        if held_length < extent.length and parts and not _unchanged(extent.path, parts[-1]):
+        if held_length < extent.length and parts and not trusted and \
+                not _unchanged(extent.path, parts[-1]):
             copied.recopied.append(extent.number)
             parts = []
         start = sum(int(p["length"]) for p in parts)
