@@ -313,3 +313,24 @@ def test_a_server_archives_exports_the_lag_and_backs_up_by_url(tmp_path, capsys)
     assert server.returncode == 0
     target = str(tmp_path / "restored")
     assert restore([str(tmp_path / "dest")], target).records == 40
+
+
+def test_an_unreachable_archive_fails_rounds_not_the_server(store, tmp_path, monkeypatch):
+    import trio
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{_free_port()}")   # nobody there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    archiver = Archiver(store, "s3://nowhere/db1", 1.0)      # starts: nothing reached yet
+    try:
+        store.put_many(batch("u"))
+        with pytest.raises(stemedb.StemeError, match="S3 refused or could not be reached"):
+            archiver.round()
+        trio.run(archiver._round_in_thread)                   # what the server's loop runs
+        status = archiver.status()
+        assert status.failures == 1 and status.last_success_unix is None
+        assert status.lag_seconds > 0                         # the write is not archived
+    finally:
+        archiver.close()

@@ -95,8 +95,8 @@ class Archiver:
         self.started = capture(db.path)
         self.point: Point | None = None
         self.previous: Manifest | None = None
-        if catalog.manifest_names(self.objects):
-            self.previous = catalog.newest(self.objects, url)
+        # Read in the first round: an unreachable archive fails a round, never the server's start.
+        self._read_previous = False
         self.archived: tuple[int, int] = (-1, 0)
         self.last_success: float | None = None
         self.archived_bytes = 0
@@ -109,6 +109,10 @@ class Archiver:
     def round(self) -> Copied | None:
         """Archive what is new; returns what was written (None: nothing new)."""
         with self._round_lock:
+            if not self._read_previous:
+                if catalog.manifest_names(self.objects):
+                    self.previous = catalog.newest(self.objects, self.url)
+                self._read_previous = True
             point = _trim(capture(self.db.path, since=self.point),
                           max(self.started.position, self.clock.last() or (0, 0)))
             if self.previous is not None and self.point is not None and \
