@@ -56,22 +56,39 @@ def digest_value(text: str) -> int:
     return int.from_bytes(bytes.fromhex(text), "little")
 
 
-def part_records(data: bytes | memoryview, offset: int, frame_end: int) -> tuple[int, int]:
+def part_records(data: bytes | bytearray | memoryview, offset: int,
+                 frame_end: int) -> tuple[int, int]:
     """(record frames, record digest) of a part: segment bytes [offset, offset+len) of a segment
     whose frames end at `frame_end` (the footer's place)."""
+    records, digest, _ = part_contents(data, offset, frame_end)
+    return records, digest
+
+
+def part_contents(data: bytes | bytearray | memoryview, offset: int,
+                  frame_end: int) -> tuple[int, int, int]:
+    """part_records, and the segment offset just past the part's last complete batch (one walk).
+
+    The part must start at a frame boundary (offset 0, or the end of a batch).
+    """
     view = memoryview(data)
     start = max(_segment.HEADER_SIZE - offset, 0)
     end = min(len(view), frame_end - offset)
     ids = [np.zeros((0, 32), dtype=np.uint8)]
+    batches_end = start
     for run in frame_runs(view, start, end) if start < end else ():
-        positions = run["positions"][run["types"] == _segment.RECORD]
-        if len(positions):
-            ids.append(_segment.read_ids(view, positions))
+        types, positions = run["types"], run["positions"]
+        records = positions[types == _segment.RECORD]
+        if len(records):
+            ids.append(_segment.read_ids(view, records))
+        for position in positions[types == _segment.BATCH].tolist():
+            batch_bytes = _segment.batch_info(view, position)[2]
+            if position + batch_bytes <= run["stop"]:
+                batches_end = max(batches_end, position + batch_bytes)
     every = np.concatenate(ids)
-    return len(every), record_digest(every)
+    return len(every), record_digest(every), offset + batches_end
 
 
-def blake3_hex(data: bytes | memoryview) -> str:
+def blake3_hex(data: bytes | bytearray | memoryview) -> str:
     return _hash.blake3(data).hex()
 
 

@@ -30,7 +30,7 @@ from stemedb import _segment
 from stemedb.backup import catalog
 from stemedb.backup.catalog import Manifest
 from stemedb.backup.objects import Objects, open_objects
-from stemedb.backup.point import Extent, Point, capture, complete_batches_end
+from stemedb.backup.point import Extent, Point, capture
 from stemedb.errors import StemeError
 
 # (segment, start, end) -> [(batch end offset, commit µs), …] of the batches ending in (start, end]
@@ -121,19 +121,21 @@ def _copy_segment(extent: Extent, held: dict[str, Any] | None, point: Point, obj
             "parts": parts}
 
 
-def _read(path: str, offset: int, length: int) -> bytes:
+def _read(path: str, offset: int, length: int) -> bytearray:
+    """Bytes [offset, offset+length) of a file, read straight into one buffer."""
+    data = bytearray(length)
+    view = memoryview(data)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
-        while length > 0:
-            chunk = os.pread(fd, min(length, 16 << 20), offset)
-            if not chunk:
-                raise StemeError(f"{path}: ended at {offset} while it was being copied")
-            chunks.append(chunk)
-            offset += len(chunk)
-            length -= len(chunk)
-        return b"".join(chunks)
+        done = 0
+        while done < length:
+            got = os.preadv(fd, [view[done:done + (16 << 20)]], offset + done)
+            if not got:
+                raise StemeError(f"{path}: ended at {offset + done} while it was being copied")
+            done += got
+        return data
     finally:
+        view.release()
         os.close(fd)
 
 
@@ -146,12 +148,8 @@ def _store_part(extent: Extent, start: int, point: Point, objects: Objects, copi
                 commit_times: CommitTimes | None) -> dict[str, Any]:
     data = _read(extent.path, start, extent.length - start)
     checksum = catalog.blake3_hex(data)
-    frame_end = point.segment_size - _segment.FOOTER_SIZE
-    records, digest = catalog.part_records(data, start, frame_end)
-    view = memoryview(data)
-    batches_end = start + complete_batches_end(view, max(_segment.HEADER_SIZE - start, 0),
-                                               min(len(data), frame_end - start))
-    view.release()
+    records, digest, batches_end = catalog.part_contents(
+        data, start, point.segment_size - _segment.FOOTER_SIZE)
     name = catalog.part_name(extent.number, start, checksum)
     if not objects.exists(name):
         objects.put(name, data)

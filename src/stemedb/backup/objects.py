@@ -25,7 +25,7 @@ from stemedb.errors import StemeError
 
 
 class Objects(Protocol):
-    def put(self, name: str, data: bytes | memoryview) -> None: ...
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
     def get(self, name: str) -> bytes: ...
     def exists(self, name: str) -> bool: ...
     def names(self, prefix: str) -> list[str]: ...
@@ -58,7 +58,7 @@ class LocalObjects:
     def _path(self, name: str) -> str:
         return os.path.join(self.root, *name.split("/"))
 
-    def put(self, name: str, data: bytes | memoryview) -> None:
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(name)
         directory = os.path.dirname(path)
         created = not os.path.isdir(directory)
@@ -123,7 +123,7 @@ class S3Objects:
     def _fail(self, what: str, exc: BaseException) -> StemeError:
         return StemeError(f"{what}: S3 refused or could not be reached: {exc}")
 
-    def put(self, name: str, data: bytes | memoryview) -> None:
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
         try:
             self._client.put_object(Bucket=self.bucket, Key=self._key(name), Body=bytes(data))
         except self._errors as exc:
