@@ -245,3 +245,29 @@ def test_a_tail_the_store_rewrote_is_copied_again(tmp_path):
     assert copied.recopied == [0]
     restore([dest], str(tmp_path / "restored"))
     assert stored_ids(tmp_path / "restored")[0] == stored_ids(rewritten)[0]
+
+
+def test_a_lost_footer_before_a_written_segment_is_reported(store, tmp_path):
+    for n in range(24):
+        store.put_many(batch(f"l{n}"))
+    assert store.stats()["segments"] >= 2
+    store.close()
+    first = os.path.join(store.path, "segments", "00000000.seg")
+    with open(first, "r+b") as handle:            # what durability "none" and a power loss can do
+        handle.seek(SEGMENT - 128)
+        handle.write(bytes(128))
+    with pytest.raises(StemeError, match="a footer was lost"):
+        backup(store.path, str(tmp_path / "dest"))
+    assert not os.path.exists(tmp_path / "dest" / "backups")
+
+
+def test_a_damaged_footer_is_refused_naming_the_segment(store, tmp_path):
+    for n in range(24):
+        store.put_many(batch(f"f{n}"))
+    store.close()
+    first = os.path.join(store.path, "segments", "00000000.seg")
+    with open(first, "r+b") as handle:
+        handle.seek(SEGMENT - 100)
+        handle.write(b"\xff")
+    with pytest.raises(CorruptionError, match="00000000.seg: segment footer: checksum mismatch"):
+        backup(store.path, str(tmp_path / "dest"))

@@ -88,8 +88,9 @@ def capture(directory: str, *, since: Point | None = None) -> Point:
         if extents is not None:
             return Point(directory, manifest.segment_size, manifest.created_us, tuple(extents),
                          taken_us)
-    raise StemeError(f"{directory}: the store sealed segments faster than a backup could look "
-                     f"({ATTEMPTS} attempts); try again")
+    raise StemeError(f"{directory}: a segment without a footer is followed by one holding frames "
+                     f"at each of {ATTEMPTS} looks: either the store seals segments faster than a "
+                     "backup can look (try again), or a footer was lost (run stemedb verify)")
 
 
 def _look(segments_dir: str, segment_size: int, newest: int,
@@ -120,9 +121,7 @@ def _look(segments_dir: str, segment_size: int, newest: int,
         # The first unsealed segment ends the point; a later one holding frames means it was
         # sealed (and written past) while we read it: look again.
         for later in range(number + 1, highest + 1):
-            _, later_frames = _segment_extent(later, os.path.join(segments_dir, segment_name(later)),
-                                              segment_size, 0)
-            if later_frames:
+            if _starts_with_a_frame(os.path.join(segments_dir, segment_name(later))):
                 return None
         extents.append(extent)   # (its header at least: a sealed predecessor names it)
         return extents
@@ -162,6 +161,14 @@ def _segment_extent(number: int, path: str, segment_size: int, start: int) -> tu
                 return Extent(number, path, end, False), end > _segment.HEADER_SIZE
             finally:
                 buffer.release()
+
+
+def _starts_with_a_frame(path: str) -> bool:
+    """Whether a segment after the first unsealed one has been written to (a spare has not:
+    writing a segment always starts right after its header)."""
+    with open(path, "rb") as handle:
+        head = os.pread(handle.fileno(), _segment.FRAME_HEADER, _segment.HEADER_SIZE)
+    return any(head)
 
 
 def _footer(buffer: memoryview, size: int, path: str) -> dict[str, int] | None:
