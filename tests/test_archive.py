@@ -334,3 +334,27 @@ def test_an_unreachable_archive_fails_rounds_not_the_server(store, tmp_path, mon
         assert status.lag_seconds > 0                         # the write is not archived
     finally:
         archiver.close()
+
+
+def test_a_stopping_server_archives_what_its_last_interval_left(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    archive = tmp_path / "archive"
+    config = tmp_path / "stemedb.toml"
+    config.write_text(f'[archive]\nurl = "file://{archive}"\ninterval = 3600\n')   # one round, at start
+    server = subprocess.Popen([sys.executable, "-m", "stemedb.server", "--data", str(tmp_path / "d"),
+                               "--listen", "127.0.0.1:0", "--config", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        announcement = json.loads(server.stdout.readline())
+        with stemedb.connect(f"stemedb://{announcement['listen']}") as client:
+            ids = client.put_many(batch("last", 25))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert server.returncode == 0
+    manifest = catalog.read_manifest(open_objects(str(archive)), catalog.ARCHIVE)
+    assert manifest.records == len(ids) == 25
