@@ -358,3 +358,28 @@ def test_a_stopping_server_archives_what_its_last_interval_left(tmp_path):
     assert server.returncode == 0
     manifest = catalog.read_manifest(open_objects(str(archive)), catalog.ARCHIVE)
     assert manifest.records == len(ids) == 25
+
+
+def test_a_full_commit_clock_thins_out_but_never_dates_a_batch_early(store, tmp_path, monkeypatch):
+    archive = f"file://{tmp_path}/archive"
+    archiver = Archiver(store, archive, 1.0)
+    monkeypatch.setattr(archiver.clock, "limit", 4)
+    try:
+        groups, cuts = [], []
+        for n in range(9):
+            groups.append(set(store.put_many(batch(f"h{n}", 10))))
+            cuts.append(now_us())
+        assert len(archiver.clock.times(0, 0, 1 << 32)) <= 5
+        archiver.round()
+    finally:
+        archiver.close()
+    for n in range(9):
+        target = str(tmp_path / f"as-of-{n}")
+        restored = ids_of_restore(archive, target, cuts[n])
+        assert restored <= set().union(*groups[:n + 1])      # never a later batch
+    assert ids_of_restore(archive, str(tmp_path / "all"), cuts[-1]) == set().union(*groups)
+
+
+def ids_of_restore(archive, target, as_of):
+    restore([archive], target, as_of_us=as_of)
+    return ids_of(target)

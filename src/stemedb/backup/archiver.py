@@ -47,7 +47,15 @@ log = logging.getLogger("stemedb.archive")
 
 
 class CommitClock:
-    """(segment, batch end offset, commit µs) of each batch since it subscribed, oldest first."""
+    """(segment, batch end offset, commit µs) of each batch since it subscribed, oldest first.
+
+    While the archive is unreachable the entries pile up; past `limit` every other one is
+    dropped (the oldest and the newest kept). A dropped batch then reads as committed at the
+    next kept batch's time, later than it was: a point-in-time restore may leave it out
+    but never includes a batch committed after the time asked for.
+    """
+
+    limit = 1_000_000
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -61,6 +69,8 @@ class CommitClock:
         with self._lock:
             self._entries.append((location >> 32, end, now))
             self._last = (location >> 32, end)
+            if len(self._entries) > self.limit:
+                self._entries = self._entries[:-1:2] + self._entries[-1:]
 
     def last(self) -> tuple[int, int] | None:
         """(segment, end) of the newest batch seen."""
