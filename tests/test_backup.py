@@ -271,3 +271,32 @@ def test_a_damaged_footer_is_refused_naming_the_segment(store, tmp_path):
         handle.write(b"\xff")
     with pytest.raises(CorruptionError, match="00000000.seg: segment footer: checksum mismatch"):
         backup(store.path, str(tmp_path / "dest"))
+
+
+def test_a_store_written_before_footers_backs_up_and_restores(tmp_path):
+    """Version-1 segments have no footer: one with a written successor is sealed by position."""
+    import struct
+
+    from stemedb import _hash
+
+    path = tmp_path / "v1"
+    db = database.open(path, segment_size=SEGMENT)
+    for n in range(24):
+        db.put_many(batch(f"v{n}"))
+    db.close()
+    expected = stored_ids(path)[0]
+    manifest = json.loads((path / "MANIFEST").read_text())     # as version 1 wrote a store
+    (path / "MANIFEST").write_text(json.dumps({"version": 1, "segment_size": SEGMENT,
+                                               "created_us": manifest["created_us"]}))
+    segments = sorted((path / "segments").glob("*.seg"))
+    assert len(segments) >= 2
+    for number, segment in enumerate(segments):
+        header = b"STEMESEG" + struct.pack("<IIQQQ", 1, 0, number, SEGMENT, 123) + bytes(20)
+        with open(segment, "r+b") as handle:
+            handle.write(header + struct.pack("<I", _hash.crc32c(header)))
+            handle.seek(SEGMENT - 128)
+            handle.write(bytes(128))
+    copied = backup(str(path), str(tmp_path / "dest"))
+    assert [s["sealed"] for s in copied.manifest.segments][:-1] == [True] * (len(segments) - 1)
+    restore([str(tmp_path / "dest")], str(tmp_path / "restored"))
+    assert stored_ids(tmp_path / "restored") == (expected, True)

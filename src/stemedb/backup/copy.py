@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stemedb import _segment
 from stemedb.backup import catalog
 from stemedb.backup.catalog import Manifest
 from stemedb.backup.objects import Objects, open_objects
@@ -118,7 +117,7 @@ def _copy_segment(extent: Extent, held: dict[str, Any] | None, point: Point, obj
     if start < extent.length:
         parts.append(_store_part(extent, start, point, objects, copied, commit_times))
     return {"number": extent.number, "length": extent.length, "sealed": extent.sealed,
-            "parts": parts}
+            "version": extent.version, "parts": parts}
 
 
 def _read(path: str, offset: int, length: int) -> bytearray:
@@ -149,7 +148,7 @@ def _store_part(extent: Extent, start: int, point: Point, objects: Objects, copi
     data = _read(extent.path, start, extent.length - start)
     checksum = catalog.blake3_hex(data)
     records, digest, batches_end = catalog.part_contents(
-        data, start, point.segment_size - _segment.FOOTER_SIZE)
+        data, start, extent.frames_end(point.segment_size))
     name = catalog.part_name(extent.number, start, checksum)
     if not objects.exists(name):
         objects.put(name, data)

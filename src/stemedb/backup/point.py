@@ -44,6 +44,15 @@ class Extent:
     path: str
     length: int
     sealed: bool      # the whole file, footer included
+    version: int = _segment.SEGMENT_VERSION   # 1: no footer, frames may fill the whole file
+
+    def frames_end(self, segment_size: int) -> int:
+        """Where frames may end in this segment: the footer's place, or (version 1) the file's end."""
+        return frames_end(self.version, segment_size)
+
+
+def frames_end(version: int, segment_size: int) -> int:
+    return segment_size - _segment.FOOTER_SIZE if version >= 2 else segment_size
 
 
 @dataclass(frozen=True)
@@ -120,9 +129,13 @@ def _look(segments_dir: str, segment_size: int, newest: int,
             continue
         # The first unsealed segment ends the point; a later one holding frames means it was
         # sealed (and written past) while we read it: look again.
-        for later in range(number + 1, highest + 1):
-            if _starts_with_a_frame(os.path.join(segments_dir, segment_name(later))):
-                return None
+        written_after = any(_starts_with_a_frame(os.path.join(segments_dir, segment_name(later)))
+                            for later in range(number + 1, highest + 1))
+        if written_after and extent.version < 2:   # sealed by position: version 1 has no footer
+            extents.append(Extent(number, path, segment_size, True, extent.version))
+            continue
+        if written_after:
+            return None
         extents.append(extent)   # (its header at least: a sealed predecessor names it)
         return extents
     return extents
@@ -154,11 +167,11 @@ def _segment_extent(number: int, path: str, segment_size: int, start: int) -> tu
                 if header_number != number:
                     raise CorruptionError(f"{path}: its header says segment {header_number}",
                                           path=path, offset=0)
-                frame_end = size - _segment.FOOTER_SIZE if version >= 2 else size
+                frame_end = frames_end(version, size)
                 if version >= 2 and _footer(buffer, size, path) is not None:
-                    return Extent(number, path, size, True), True
+                    return Extent(number, path, size, True, version), True
                 end = complete_batches_end(buffer, max(start, _segment.HEADER_SIZE), frame_end)
-                return Extent(number, path, end, False), end > _segment.HEADER_SIZE
+                return Extent(number, path, end, False, version), end > _segment.HEADER_SIZE
             finally:
                 buffer.release()
 

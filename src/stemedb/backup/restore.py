@@ -41,6 +41,7 @@ from stemedb import _segment
 from stemedb.backup import catalog
 from stemedb.backup.catalog import Manifest
 from stemedb.backup.objects import Objects, open_objects
+from stemedb.backup.point import frames_end
 from stemedb.engine import database
 from stemedb.engine.files import FileLayer
 from stemedb.engine.manifest import Manifest as StoreManifest
@@ -157,6 +158,7 @@ def _write_store(temp: str, store: dict[str, Any], chosen: list[_Choice],
         if cut is not None and number > cut[0]:
             break
         limit = cut[1] if cut is not None and number == cut[0] else int(choice.segment["length"])
+        frame_end = frames_end(int(choice.segment.get("version", 2)), segment_size)
         path = os.path.join(segments_dir, f"{number:08d}.seg")
         fd = files.open(path, create=True)
         try:
@@ -173,12 +175,11 @@ def _write_store(temp: str, store: dict[str, Any], chosen: list[_Choice],
                     expected_digest = (expected_digest
                                        + catalog.digest_value(part["record_digest"])) % catalog.MODULUS
                 else:
-                    count, value = catalog.part_records(keep, offset,
-                                                        segment_size - _segment.FOOTER_SIZE)
+                    count, value = catalog.part_records(keep, offset, frame_end)
                     expected_records += count
                     expected_digest = (expected_digest + value) % catalog.MODULUS
             files.fsync(fd)
-            count, value = _segment_records(fd, files, segment_size)
+            count, value = catalog.part_records(files.read(fd, segment_size, 0), 0, frame_end)
         finally:
             files.close(fd)
         records += count
@@ -212,11 +213,6 @@ def _fetch(objects: Objects, part: dict[str, Any]) -> bytes:
                               "manifest (the file is damaged); nothing was restored — use another "
                               "backup, or the archive", path=objects.describe(name), offset=0)
     return data
-
-
-def _segment_records(fd: int, files: FileLayer, segment_size: int) -> tuple[int, int]:
-    data = files.read(fd, segment_size, 0)
-    return catalog.part_records(data, 0, segment_size - _segment.FOOTER_SIZE)
 
 
 def _check_opened(temp: str, records: int, digest: int) -> None:
