@@ -81,6 +81,7 @@ def test_every_setting_can_come_from_its_environment_variable(tmp_path):
         "tls.cert": str(cert), "tls.key": str(key),
         "http.metrics_token_sha256": digest,
         "log.level": "debug", "log.format": "json", "log.access": "yes",
+        "archive.url": "s3://bucket/db1", "archive.interval": "0.25",
     }
     assert set(values) == {s.key for s in SETTINGS}, "a setting this test does not cover"
     environ = {s.environment: values[s.key] for s in SETTINGS}
@@ -100,6 +101,7 @@ def test_every_setting_can_come_from_its_environment_variable(tmp_path):
     assert (config.tls_cert, config.tls_key) == (str(cert), str(key))
     assert config.metrics_tokens == [bytes.fromhex(digest)]
     assert (config.log_level, config.log_format, config.access_log) == ("debug", "json", True)
+    assert (config.archive_url, config.archive_interval) == ("s3://bucket/db1", 0.25)
 
 
 def test_registry_defaults_are_the_real_defaults(tmp_path):
@@ -108,7 +110,9 @@ def test_registry_defaults_are_the_real_defaults(tmp_path):
     actual = {"server.listen": f'"{config.listen}"', "server.http": "off" if config.http is None else "",
               "server.name": f'"{config.name}"', "log.level": f'"{config.log_level}"',
               "log.format": f'"{config.log_format}"',
-              "log.access": str(config.access_log).lower()}
+              "log.access": str(config.access_log).lower(),
+              "archive.url": "off" if config.archive_url is None else "",
+              "archive.interval": str(config.archive_interval)}
     for field in dataclasses.fields(Limits):
         actual[f"limits.{field.name}"] = str(getattr(config.limits, field.name))
     for name in ("write_threads", "bulk_threads", "read_threads"):

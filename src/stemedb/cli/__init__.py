@@ -24,7 +24,19 @@ import sys
 from collections.abc import Sequence
 
 import stemedb
-from stemedb.cli import bench, dataio, demo, keys, records, resolve, serve, shell, store, token
+from stemedb.cli import (
+    backup,
+    bench,
+    dataio,
+    demo,
+    keys,
+    records,
+    resolve,
+    serve,
+    shell,
+    store,
+    token,
+)
 from stemedb.cli.core import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -39,7 +51,7 @@ from stemedb.cli.core import (
 )
 from stemedb.cli.target import Context
 
-COMMAND_GROUPS = (demo, keys, records, resolve, store, dataio, token, serve, shell, bench)
+COMMAND_GROUPS = (demo, keys, records, resolve, store, dataio, token, backup, serve, shell, bench)
 
 
 def build_parser() -> Parser:

@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -51,6 +51,9 @@ from stemedb.server.limits import RequestLimits
 from stemedb.server.metrics import ServerMetrics, stemedb_version
 from stemedb.server.pipeline import DoorContext, Pipeline
 from stemedb.server.service import JSON, Service
+
+if TYPE_CHECKING:
+    from stemedb.backup.archiver import Archiver
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -373,6 +376,7 @@ def _sole_error(error: BaseException) -> BaseException:
 
 async def _main(db: Database, config: ServerConfig) -> None:
     server = Server(db, config)
+    archiver: Archiver | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
@@ -394,9 +398,26 @@ async def _main(db: Database, config: ServerConfig) -> None:
 
             nursery.start_soon(watch_signals)
             nursery.start_soon(_warm_up_queries)
+            archiver = _start_archiver(db, config, server)
+            if archiver is not None:
+                nursery.start_soon(archiver.run)
             assert server.stopped is not None
             await server.stopped.wait()
             nursery.cancel_scope.cancel()
+    if archiver is not None:
+        archiver.close()
+
+
+def _start_archiver(db: Database, config: ServerConfig, server: Server) -> Archiver | None:
+    """The continuous archiver of `[archive] url`, its metrics registered; None when off."""
+    if not config.archive_url:
+        return None
+    from stemedb.backup.archiver import Archiver
+
+    archiver = Archiver(db, config.archive_url, config.archive_interval)
+    server.metrics.track_archive(archiver.status)
+    log.info("archiving to %s every %.1f s", config.archive_url, config.archive_interval)
+    return archiver
 
 
 async def _warm_up_queries() -> None:

@@ -106,6 +106,8 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "text"
     access_log: bool = False
+    archive_url: str | None = None   # continuous archival target (stemedb.backup.archiver); None: off
+    archive_interval: float = 1.0
 
     @property
     def protected_mode(self) -> bool:
@@ -195,6 +197,11 @@ class ServerConfig:
         config.log_level = _choice(log, "log.level", config.log_level, LOG_LEVELS)
         config.log_format = _choice(log, "log.format", config.log_format, LOG_FORMATS)
         config.access_log = _boolean(log, "log.access", config.access_log)
+        archive = _table(document, "archive")
+        _known(archive, "archive.", _keys_of("archive"))
+        config.archive_url = _archive_url(archive)
+        config.archive_interval = _positive_number(archive, "archive.interval",
+                                                   config.archive_interval)
         return config
 
 
@@ -290,6 +297,10 @@ SETTINGS: tuple[Setting, ...] = (
             "object per line)", "--log-format"),
     Setting("log.access", "boolean", "false", "one `stemedb.access` log line per request: door, "
             "op, peer, principal, status, bytes, duration"),
+    Setting("archive.url", "text", "off", "continuous archival to `file:///dir` or "
+            "`s3://bucket/prefix` (\"Backup and archival\")"),
+    Setting("archive.interval", "number", "1.0", "seconds between archive rounds (the most "
+            "acknowledged writes a restore from the archive can lose)"),
 )
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
 SETTINGS_BY_VARIABLE = {setting.environment: setting for setting in SETTINGS}
@@ -427,6 +438,16 @@ def _opt_str(table: Mapping[str, Any], key: str, default: str | None) -> str | N
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected \"host:port\"")
     parse_address(value, key)
+    return value
+
+
+def _archive_url(table: Mapping[str, Any]) -> str | None:
+    value = table.get("url")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.startswith(("file:///", "s3://")):
+        raise ConfigError(f"archive.url: expected \"file:///dir\" or \"s3://bucket/prefix\", "
+                          f"got {value!r}")
     return value
 
 

@@ -1,0 +1,165 @@
+"""Online, incremental backup: copy a consistent point of a store to a destination.
+
+Owns: turning a Point (backup/point.py) into parts and a manifest
+(backup/catalog.py) at a destination, copying only what the destination
+lacks. The incremental rule: segments are append-only and sealed ones are
+never written again, so for each segment the destination's newest manifest
+already holds bytes [0, L); a backup copies only [L, length) as one new part
+— a sealed segment it holds whole is not read at all, the segment that was
+the tail last time is extended by its growth. Before extending, the bytes of
+that segment's last part are read back from the store and their checksum
+compared: if the store rewrote them (recovery after a crash set a torn tail
+aside and new batches took its place) the whole segment is copied again as
+new parts; the old parts stay for the older manifests that name them. Must
+never: write a manifest before every part it names is stored, or rewrite a
+part (each part's name carries its checksum).
+
+Error handling: a destination that holds another store's backups, or a store
+shorter than its backup, is refused (StemeError, nothing written); the
+source's errors are point.py's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stemedb.backup import catalog
+from stemedb.backup.catalog import Manifest
+from stemedb.backup.objects import Objects, open_objects
+from stemedb.backup.point import Extent, Point, capture
+from stemedb.errors import StemeError
+
+# (segment, start, end) -> [(batch end offset, commit µs), …] of the batches ending in (start, end]
+CommitTimes = Callable[[int, int, int], Sequence[tuple[int, int]]]
+
+
+@dataclass
+class Copied:
+    """What one backup or archive round wrote."""
+
+    manifest: Manifest
+    objects: int = 0
+    bytes: int = 0
+    recopied: list[int] = field(default_factory=list)   # segments copied again from 0
+
+
+def backup(source: str, destination: str) -> Copied:
+    """Back up the store in directory `source` (open or not) to `destination`; see the module doc."""
+    objects = open_objects(destination)
+    previous = _previous(objects)
+    point = capture(source)
+    copied = copy_point(point, objects, kind="backup", previous=previous)
+    objects.put(copied.manifest.name, copied.manifest.encode())
+    return copied
+
+
+def _previous(objects: Objects) -> Manifest | None:
+    if not catalog.manifest_names(objects):
+        return None
+    return catalog.newest(objects, objects.describe(""))
+
+
+def copy_point(point: Point, objects: Objects, *, kind: str, previous: Manifest | None,
+               commit_times: CommitTimes | None = None, name: str | None = None,
+               trusted: bool = False) -> Copied:
+    """Store the parts `point` needs beyond `previous` and return the manifest naming them all.
+
+    The manifest itself is not written (the caller names it: a backup or archive.json).
+    `trusted`: `previous` was made by this process from the store it holds open, which no
+    recovery can have rewritten since, so its tail is extended without reading it back.
+    """
+    store = {"segment_size": point.segment_size, "created_us": point.created_us}
+    if previous is not None and previous.document["store"] != store:
+        raise StemeError(
+            f"{objects.describe('')} holds backups of another store (created "
+            f"{catalog.iso(int(previous.document['store']['created_us']))}, segments of "
+            f"{previous.document['store']['segment_size']} bytes); give each store its own "
+            "destination")
+    held = {int(s["number"]): s for s in previous.segments} if previous is not None else {}
+    copied = Copied(Manifest({}, name or catalog.backup_name(point.taken_us)))
+    segments: list[dict[str, Any]] = []
+    for extent in point.extents:
+        segments.append(_copy_segment(extent, held.get(extent.number), point, objects, copied,
+                                      commit_times, trusted))
+    records = sum(int(p["records"]) for s in segments for p in s["parts"])
+    digest = sum(catalog.digest_value(p["record_digest"]) for s in segments
+                 for p in s["parts"]) % catalog.MODULUS
+    copied.manifest.document = {
+        "format": catalog.FORMAT, "kind": kind, "taken_us": point.taken_us,
+        "store": store, "position": list(point.position), "records": records,
+        "record_digest": catalog.digest_hex(digest), "segments": segments,
+    }
+    return copied
+
+
+def _copy_segment(extent: Extent, held: dict[str, Any] | None, point: Point, objects: Objects,
+                  copied: Copied, commit_times: CommitTimes | None,
+                  trusted: bool) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = []
+    start = 0
+    if held is not None:
+        held_length = int(held["length"])
+        if held_length > extent.length:
+            raise StemeError(
+                f"{extent.path}: the store holds {extent.length} bytes of this segment, the "
+                f"backup at {objects.describe('')} already {held_length}; the store was "
+                "restored to an earlier point, or lost unsynced bytes in a crash: back it up "
+                "(or archive it) to a new destination")
+        parts = [dict(p) for p in held["parts"]]
+        if held_length < extent.length and parts and not trusted and \
+                not _unchanged(extent.path, parts[-1]):
+            copied.recopied.append(extent.number)
+            parts = []
+        start = sum(int(p["length"]) for p in parts)
+    if start < extent.length:
+        parts.append(_store_part(extent, start, point, objects, copied, commit_times))
+    return {"number": extent.number, "length": extent.length, "sealed": extent.sealed,
+            "version": extent.version, "parts": parts}
+
+
+def _read(path: str, offset: int, length: int) -> bytearray:
+    """Bytes [offset, offset+length) of a file, read straight into one buffer."""
+    data = bytearray(length)
+    view = memoryview(data)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        done = 0
+        while done < length:
+            got = os.preadv(fd, [view[done:done + (16 << 20)]], offset + done)
+            if not got:
+                raise StemeError(f"{path}: ended at {offset + done} while it was being copied")
+            done += got
+        return data
+    finally:
+        view.release()
+        os.close(fd)
+
+
+def _unchanged(path: str, part: dict[str, Any]) -> bool:
+    data = _read(path, int(part["offset"]), int(part["length"]))
+    return catalog.blake3_hex(data) == part["blake3"]
+
+
+def _store_part(extent: Extent, start: int, point: Point, objects: Objects, copied: Copied,
+                commit_times: CommitTimes | None) -> dict[str, Any]:
+    data = _read(extent.path, start, extent.length - start)
+    checksum = catalog.blake3_hex(data)
+    records, digest, batches_end = catalog.part_contents(
+        data, start, extent.frames_end(point.segment_size))
+    name = catalog.part_name(extent.number, start, checksum)
+    if not objects.exists(name):
+        objects.put(name, data)
+        copied.objects += 1
+        copied.bytes += len(data)
+    part: dict[str, Any] = {"object": name, "offset": start, "length": len(data),
+                            "blake3": checksum, "records": records,
+                            "record_digest": catalog.digest_hex(digest),
+                            "batches_end": batches_end, "captured_us": point.taken_us,
+                            "commits": None}
+    if commit_times is not None:
+        times = [list(pair) for pair in commit_times(extent.number, start, extent.length)]
+        part["commits"] = times
+    return part
