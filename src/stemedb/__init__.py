@@ -3,12 +3,21 @@
 The public API lives here; everything compiled is private (``stemedb._name``).
 Every error StemeDB raises, the clients' included, is one of stemedb.errors'
 classes, all exported here.
+
+Records and errors load with the package; every other name (the clients,
+``open`` and the engine, query results, lenses) loads on first use (PEP 562),
+so ``import stemedb`` and ``import stemedb.client`` load neither the engine
+nor numba, and work in a client-only install (``pip install stemedb``). The
+engine's queries and the server need the ``server`` extra; without it, the
+first use of a name that needs it says so (stemedb._extras).
 """
 
-from stemedb.client import connect, connect_async
-from stemedb.database import Database
-from stemedb.database import open as open  # noqa: A004 - stemedb.open(path) is the API
-from stemedb.engine import FileLayer, VerifyReport, Writer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from stemedb import _extras
 from stemedb.errors import (
     AuthError,
     AuthRequired,
@@ -62,25 +71,55 @@ from stemedb.records import (
 
 __version__ = "0.1.0"
 
-# Query results and lenses load on first use, so `import stemedb` does not pull in numba.
+# Name -> the module that defines it, imported when the name is first used.
 _LAZY = {
-    "Resolution": "stemedb.query",
-    "Contribution": "stemedb.query",
-    "PairConflict": "stemedb.query",
-    "lenses": "stemedb.lenses",
-    **{name: "stemedb.lenses" for name in ("Lens", "Recency", "Confidence", "Consensus",
-                                           "VoteConsensus", "Authority", "Skeptic", "EpochAware",
-                                           "Layered", "Constraints")},
+    **dict.fromkeys(("connect", "connect_async"), "stemedb.client"),
+    **dict.fromkeys(("open", "Database"), "stemedb.database"),
+    **dict.fromkeys(("Writer", "VerifyReport", "FileLayer"), "stemedb.engine"),
+    **dict.fromkeys(("Resolution", "Contribution", "PairConflict"), "stemedb.query"),
+    **dict.fromkeys(("lenses", "Lens", "Recency", "Confidence", "Consensus", "VoteConsensus",
+                     "Authority", "Skeptic", "EpochAware", "Layered", "Constraints"), "stemedb.lenses"),
 }
 
+if TYPE_CHECKING:  # the same names, eagerly, for type checkers
+    from stemedb import lenses
+    from stemedb.client import connect, connect_async
+    from stemedb.database import Database
+    from stemedb.database import open as open  # noqa: A004 - stemedb.open(path) is the API
+    from stemedb.engine import FileLayer, VerifyReport, Writer
+    from stemedb.lenses import (
+        Authority,
+        Confidence,
+        Consensus,
+        Constraints,
+        EpochAware,
+        Layered,
+        Lens,
+        Recency,
+        Skeptic,
+        VoteConsensus,
+    )
+    from stemedb.query import Contribution, PairConflict, Resolution
 
-def __getattr__(name: str) -> object:  # PEP 562
-    if name in _LAZY:
-        import importlib
 
-        module = importlib.import_module(_LAZY[name])
-        return module if name == "lenses" else getattr(module, name)
-    raise AttributeError(f"module 'stemedb' has no attribute {name!r}")
+if not TYPE_CHECKING:  # hidden from type checkers, so that a misspelt name is still an error there
+
+    def __getattr__(name: str) -> Any:  # PEP 562: called only for names not yet in globals()
+        module_name = _LAZY.get(name)
+        if module_name is None:
+            raise AttributeError(f"module 'stemedb' has no attribute {name!r}")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            _extras.explain(error, f"stemedb.{name}")
+            raise
+        value = module if name == "lenses" else getattr(module, name)
+        globals()[name] = value  # later uses are plain lookups
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

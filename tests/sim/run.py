@@ -21,6 +21,7 @@ import contextlib
 import os
 import random
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,9 @@ from .cluster import SimCluster
 from .forgery import Tamperer
 from .network import SimNetwork
 from .workload import Workload
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 REPLAY = "STEMEDB_SIM_SEED={seed} python -m pytest tests/test_cluster_sim.py::test_replay_seed -s"
 
@@ -125,10 +129,19 @@ def run_seed(seed: int, base: str, *, keep: bool = False) -> SimReport:
     try:
         with deterministic_scheduling(seed):
             trio.run(_scenario, seed, work, report, clock=trio.testing.MockClock(autojump_threshold=0))
+    except BaseExceptionGroup as group:  # trio's strict nurseries wrap a lone SimulationFailure
+        raise _sole_error(group) from None
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _sole_error(error: BaseException) -> BaseException:
+    """The one error inside (nested) groups of one; else the group."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 async def _scenario(seed: int, work: str, report: SimReport) -> None:

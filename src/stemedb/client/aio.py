@@ -196,7 +196,10 @@ class AsyncClient:
         await self.aclose()
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(exc_type, exc, tb)
+        # The body's exception is not the task group's: handed to it, anyio 4 would raise it
+        # wrapped in an ExceptionGroup. It propagates as itself once this returns.
+        await self._tg.__aexit__(None, None, None)
+        return None
 
     async def aclose(self) -> None:
         self._closed = True

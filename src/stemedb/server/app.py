@@ -59,6 +59,9 @@ from stemedb.server.metrics import PeerStatus, ServerMetrics, stemedb_version
 from stemedb.server.pipeline import DoorContext, Pipeline, Replication
 from stemedb.server.service import JSON, Service
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 log = logging.getLogger("stemedb.server")
 
 LINGER_SECONDS = 0.5
@@ -400,6 +403,8 @@ def serve(data_dir: str | os.PathLike[str], listen: str | None = None, http: str
         raise ConfigError(f"[database]: {exc}") from None
     try:
         trio.run(_main, db, settings, cluster_file)
+    except BaseExceptionGroup as group:  # trio's strict nurseries wrap even a lone error
+        raise _sole_error(group) from None
     finally:
         db.close()
     log.info("store closed")
@@ -465,6 +470,13 @@ def start_line(server: Server, data_dir: str, durability: str) -> tuple[str, dic
         return (f"stemedb {fields['version']} serving {data_dir} as node {fields['node']} of "
                 f"cluster {fields['cluster']}"), fields
     return f"stemedb {fields['version']} serving {data_dir}", fields
+
+
+def _sole_error(error: BaseException) -> BaseException:
+    """The one error inside (nested) groups of one, e.g. the address in use; else the group."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 async def _main(db: Database, config: ServerConfig, cluster: ClusterFile | None = None) -> None:
@@ -534,7 +546,7 @@ async def _warm_up_queries() -> None:
             warm_up()
             log.info("query kernels warmed up in %.1f s", time.perf_counter() - started)
 
-    await trio.to_thread.run_sync(warm, cancellable=True)  # shutdown need not wait for it
+    await trio.to_thread.run_sync(warm, abandon_on_cancel=True)  # shutdown need not wait for it
 
 
 def main(argv: list[str] | None = None) -> int:

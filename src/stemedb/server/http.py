@@ -233,7 +233,7 @@ class HttpConnection:
                 raise ConnectionTimeout("request not received in time")
             self._fed += len(data)
             try:
-                self.h11.receive_data(data)
+                self.h11.receive_data(bytes(data))  # trio types receive_some as bytes | bytearray
             except h11.RemoteProtocolError as exc:
                 raise _malformed(exc) from None
 
