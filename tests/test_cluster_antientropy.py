@@ -223,7 +223,7 @@ def test_the_responder_refuses_steps_out_of_order_unknown_sessions_and_unshared_
     async def main():
         with pytest.raises(ProtocolError, match="no open session 9 with n1"):
             await pair.responder.handle("n1", SyncRequest(9, 3, 0, b"", empty))
-        with pytest.raises(ProtocolError, match=f"scope {scope_of(foreign)} is not shared by n2 and n1"):
+        with pytest.raises(ProtocolError, match=f"scope {scope_of(foreign)} is not one n1 may reconcile with n2"):
             await pair.responder.handle("n1", SyncRequest(1, 0, framing.SYNC_START, b"", empty,
                                                           bytes(8), (scope_of(foreign),)))
         with pair.stores[0].lock:

@@ -65,7 +65,13 @@ from stemedb.replication.membership import (
 from stemedb.replication.placement import GLOBAL, Placement, scope_of
 from stemedb.replication.push import PushBatch, PushQueue
 from stemedb.replication.reconcile import WHOLE_STORE
-from stemedb.replication.routing import WritePlan, plan_write, push_shares, read_order, with_envelopes
+from stemedb.replication.routing import (
+    WritePlan,
+    plan_write,
+    push_shares,
+    read_order,
+    with_envelopes,
+)
 from stemedb.replication.store import PROBE_SALT, ReplicaStore, Verified
 from stemedb.replication.transport import Connect, Link
 

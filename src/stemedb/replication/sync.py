@@ -24,22 +24,32 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import trio
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 from stemedb import _protocol
 from stemedb.errors import Forbidden, InvalidRequest, Unsupported
 from stemedb.replication import framing
-from stemedb.replication.antientropy import Mover, Responder, RunBlocking, SessionResult, run_session
+from stemedb.replication.antientropy import (
+    Mover,
+    Responder,
+    RunBlocking,
+    SessionResult,
+    run_session,
+)
 from stemedb.replication.cluster import ClusterFile
 from stemedb.replication.framing import NodeHello, SyncWith
 from stemedb.replication.placement import Placement
 from stemedb.replication.reconcile import WHOLE_STORE
 from stemedb.replication.store import EngineStore
-from stemedb.replication.transport import Connect, Link, tcp_connector
+from stemedb.replication.transport import Connect, Link, sole_error, tcp_connector
 
 log = logging.getLogger("stemedb.replication")
 
@@ -91,6 +101,14 @@ async def sync_with_server(url: str, mover: Mover, *, token: str = "", pull: boo
     address = parse_peer(url)
     rng = rng or random.SystemRandom()
     connect = connect or tcp_connector(lambda _peer: (address.host, address.port, address.tls))
+    try:
+        return await _session(address, mover, connect, token, pull, push, rng, timeout)
+    except BaseExceptionGroup as group:   # the nursery around one session: its one error
+        raise sole_error(group) from None
+
+
+async def _session(address: PeerAddress, mover: Mover, connect: Connect, token: str, pull: bool,
+                   push: bool, rng: random.Random, timeout: float) -> SessionResult:
     async with trio.open_nursery() as nursery:
         link = Link(str(address), connect, nursery, token=token, client_name="stemedb-sync",
                     hello_timeout=timeout)
@@ -153,9 +171,9 @@ class StoreSync:
             _mover, responder = await self._ready()
             return framing.encode_sync_answer(await responder.handle(client, request))
         if opcode == _protocol.SYNC_WITH:
-            request = framing.decode_sync_with(payload)
+            sync_with = framing.decode_sync_with(payload)
             mover, _responder = await self._ready()
-            return framing.encode_json(await sync_with_request(request, mover))
+            return framing.encode_json(await sync_with_request(sync_with, mover))
         if opcode in (_protocol.REPLICA_PUT, _protocol.PUSH):
             raise Forbidden("this server is not a cluster node")
         raise Unsupported("this server is not a cluster node (stemedb serve --cluster)")

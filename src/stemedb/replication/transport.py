@@ -26,10 +26,14 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 from stemedb import _protocol
 from stemedb.errors import (
@@ -238,6 +242,12 @@ class Link:
             code, retry_ms, message = _protocol.decode_error(frame.payload)
             slot.error = error_from_code(code, message, retry_ms / 1000.0)
             slot.done = True
+            if _protocol.ERROR_CODES.get(code, ("", True))[1]:
+                # The server closes after an error of this code: the next request must not
+                # be sent on this connection, it reconnects.
+                slot.event.set()
+                self._drop(stream, f"the server closed the connection after: {message}")
+                return
         else:
             slot.payloads.append(frame.payload)
             slot.done = not frame.more
@@ -263,6 +273,14 @@ class Link:
                 slot.error = error or Unavailable(f"connection to {self.peer} lost: {reason}")
                 slot.done = True
                 slot.event.set()
+
+
+def sole_error(error: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups of one — what a nursery around a single
+    request raises under trio's strict groups; else `error` itself."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def _name(opcode: int) -> str:

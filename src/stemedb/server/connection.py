@@ -47,7 +47,6 @@ import numpy as np
 import trio
 
 from stemedb import _codec, _protocol
-from stemedb.records import RecordKind
 from stemedb.errors import (
     AuthError,
     AuthRequired,
@@ -61,6 +60,7 @@ from stemedb.errors import (
     UnsupportedVersion,
     refusal,
 )
+from stemedb.records import RecordKind
 from stemedb.server.auth import Peer, Principal, describe_peer
 from stemedb.server.buffers import COALESCE_BYTES, SEND_SLICE, InputAccount, OutputQueue
 from stemedb.server.pipeline import Caller, DoorContext, Operation
@@ -583,14 +583,14 @@ async def _scan_cluster(conn: Connection, operation: Operation, request_id: int,
         except StemeError as exc:
             log.info("SCAN forwarded to %s failed: %s", node, exc)
             continue
-        for payload in frames:
-            blob, offsets = _protocol.decode_record_batch(payload)
-            ids = _codec.hash_encoded(blob, offsets)
+        for answer in frames:
+            remote, bounds = _protocol.decode_record_batch(answer)
+            ids = _codec.hash_encoded(remote, bounds)
             fresh = [i for i, row in enumerate(ids) if bytes(row) not in sent][:limit - len(sent)]
             if not fresh:
                 continue
             sent.update(bytes(ids[i]) for i in fresh)
-            parts = [bytes(blob[offsets[i]:offsets[i + 1]]) for i in fresh]
+            parts = [bytes(remote[bounds[i]:bounds[i + 1]]) for i in fresh]
             merged = np.concatenate(([0], np.cumsum([len(p) for p in parts]))).astype(np.int64)
             await send_record_batches(conn, _protocol.SCAN, request_id, b"".join(parts), merged,
                                       final=False)
