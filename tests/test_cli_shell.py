@@ -65,7 +65,8 @@ def test_a_session_on_a_data_directory(tmp_path, capsys, monkeypatch):
     assert err.splitlines() == [
         "stemedb get: error: ID: 'zz' is not hex",
         "stemedb: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'demo', 'keygen', "
-        "'put', 'get', 'scan', 'list', 'query', 'conflicts', 'stats', 'verify', 'serve', 'shell') "
+        "'put', 'get', 'scan', 'list', 'query', 'conflicts', 'stats', 'verify', 'serve', 'shell', 'sync', "
+        "'cluster') "
         "(see stemedb --help)",
         f"stemedb stats: error: this shell works on {data}; start another shell for another store or server",
         "stemedb serve: error: serve is not available inside the shell",

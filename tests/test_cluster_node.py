@@ -222,3 +222,43 @@ def test_status_reports_peers_queues_and_rounds(tmp_path):
             fingerprint = cluster.nodes["n1"].store.fingerprint(scope_of(-1))
             assert fingerprint == cluster.nodes["n2"].store.fingerprint(scope_of(-1))
     run(main)
+
+
+def test_a_node_exports_its_peers_push_queues_and_sync_rounds_as_metrics(tmp_path):
+    """The server of a node registers it with ServerMetrics.track_cluster: node states, push
+    lag and queue depth, records pushed, and anti-entropy rounds, records and bytes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(node):
+        found = {}
+        for family in text_string_to_metric_families(node.server.metrics.render().decode()):
+            for sample in family.samples:
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return found
+
+    async def main():
+        async with running(CLUSTER, str(tmp_path)) as cluster:
+            await all_up(cluster)
+            s0 = subject_in(cluster, 0)          # held by n2, n3
+            records = signed_batch([s0, s0])
+            await cluster.nodes["n2"].write(batch_of(records), "1", 10)
+            n2 = cluster.nodes["n2"]
+            await wait_until(lambda: n2.node.queues["n3"].stats.sent_records >= 3)
+            await n2.node.anti_entropy.sync_now("n1")
+            before = samples(n2)
+            assert before[("stemedb_node_up", (("node", "n2"),))] == 1
+            assert before[("stemedb_node_up", (("node", "n3"),))] == 1
+            assert before[("stemedb_push_records_total", (("peer", "n3"),))] >= 3
+            assert before[("stemedb_push_queue_records", (("peer", "n3"),))] == 0
+            assert before[("stemedb_replication_lag_seconds", (("peer", "n3"),))] == 0
+            assert before[("stemedb_sync_rounds_total", ())] >= 1
+            assert before[("stemedb_sync_bytes_total", (("direction", "sent"),))] > 0
+            await cluster.nodes["n3"].crash()
+            await wait_until(lambda: n2.node.membership.is_down("n3"))
+            more = signed_batch([s0], timestamp=5000)
+            await n2.write(batch_of(more), "1", 10)
+            after = samples(n2)
+            assert after[("stemedb_node_up", (("node", "n3"),))] == 0
+            assert after[("stemedb_push_queue_records", (("peer", "n3"),))] == 2
+            assert after[("stemedb_replication_lag_seconds", (("peer", "n3"),))] >= 0
+    run(main)

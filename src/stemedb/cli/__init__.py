@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 
 import stemedb
-from stemedb.cli import demo, keys, records, resolve, serve, shell, store
+from stemedb.cli import cluster, demo, keys, records, resolve, serve, shell, store, sync
 from stemedb.cli.core import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -39,7 +39,7 @@ from stemedb.cli.core import (
 )
 from stemedb.cli.target import Context
 
-COMMAND_GROUPS = (demo, keys, records, resolve, store, serve, shell)
+COMMAND_GROUPS = (demo, keys, records, resolve, store, serve, shell, sync, cluster)
 
 
 def build_parser() -> Parser:

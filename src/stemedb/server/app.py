@@ -45,17 +45,18 @@ import trio
 from stemedb import _protocol, database
 from stemedb.database import Database
 from stemedb.errors import ConfigError, StemeError, TooManyConnections
+from stemedb.logs import configure_logging
 from stemedb.replication.cluster import ClusterFile
 from stemedb.replication.node import ClusterNode
+from stemedb.replication.store import EngineStore
 from stemedb.replication.sync import StoreSync
-from stemedb.logs import configure_logging
 from stemedb.server.auth import Authenticator, Peer, describe_peer
 from stemedb.server.buffers import BufferBudget
 from stemedb.server.config import LOG_FORMATS, LOG_LEVELS, ServerConfig, parse_address
 from stemedb.server.connection import Connection
 from stemedb.server.http import HttpConnection
 from stemedb.server.limits import RequestLimits
-from stemedb.server.metrics import PeerStatus, ServerMetrics, stemedb_version
+from stemedb.server.metrics import PeerStatus, ServerMetrics, SyncTotals, stemedb_version
 from stemedb.server.pipeline import DoorContext, Pipeline, Replication
 from stemedb.server.service import JSON, Service
 
@@ -99,7 +100,8 @@ class Server:
                                  access=self.config.access_log, replication=replication,
                                  cluster=self.cluster, run_blocking=run_blocking)
         if self.cluster is not None:
-            self.metrics.track_cluster(self.cluster.node_id, partial(peer_statuses, self.cluster))
+            self.metrics.track_cluster(self.cluster.node_id, partial(peer_statuses, self.cluster),
+                                       partial(sync_totals, self.cluster))
         self.door = DoorContext(self.pipeline, self.config.limits, self.budget, self.metrics,
                                 server_name=self.config.name, tls=self.config.tls)
         self.ssl_context = _ssl_context(self.config) if self.config.tls else None
@@ -176,10 +178,9 @@ class Server:
             self.stopped.set()
 
     def close(self) -> None:
-        """Release what the replication side holds of the store (its reconciliation trees)."""
-        if self.cluster is not None:
-            self.cluster.store.close()
-        elif isinstance(self.replication, StoreSync):
+        """Release what a single server's sync side holds of the store (its reconciliation
+        trees). A cluster node's store adapter belongs to whoever built the node."""
+        if isinstance(self.replication, StoreSync):
             self.replication.close()
 
     def shutdown(self) -> None:
@@ -265,8 +266,23 @@ def peer_statuses(node: ClusterNode) -> dict[str, PeerStatus]:
     for peer in node.peers:
         queue = node.queues.get(peer)
         state = node.membership.state(peer).value if peer in node.membership.peers else "down"
-        statuses[peer] = PeerStatus(up=state != "down", lag_seconds=queue.lag() if queue else None)
+        if queue is None:
+            statuses[peer] = PeerStatus(up=state != "down", lag_seconds=None)
+            continue
+        statuses[peer] = PeerStatus(up=state != "down", lag_seconds=queue.lag(),
+                                    queue_records=queue.depth_records,
+                                    pushed_records=queue.stats.sent_records,
+                                    dropped_records=queue.stats.dropped_records)
     return statuses
+
+
+def sync_totals(node: ClusterNode) -> SyncTotals:
+    """What `ServerMetrics.track_cluster` reads of a node's anti-entropy at each scrape."""
+    stats = node.anti_entropy.stats
+    return SyncTotals(rounds=stats.rounds, failed_rounds=stats.failed_rounds,
+                      records_sent=stats.records_sent, records_received=stats.records_received,
+                      bytes_sent=stats.bytes_sent + stats.record_bytes_sent,
+                      bytes_received=stats.bytes_received + stats.record_bytes_received)
 
 
 def _check_node_budget(config: ServerConfig) -> None:
@@ -426,10 +442,11 @@ def _cluster_of(settings: ServerConfig, listen: str | None) -> ClusterFile | Non
     return cluster
 
 
-def cluster_node(db: Database, settings: ServerConfig, cluster: ClusterFile) -> ClusterNode:
-    """The ClusterNode of a server process: its store, its peers over TCP (TLS when [tls] is set)."""
+def cluster_node(db: Database, settings: ServerConfig,
+                 cluster: ClusterFile) -> tuple[ClusterNode, EngineStore]:
+    """The ClusterNode of a server process, and the store adapter it runs on (the caller closes
+    it after the server): its peers over TCP (TLS when [tls] is set)."""
     from stemedb.replication.placement import Placement
-    from stemedb.replication.store import EngineStore
     from stemedb.replication.sync import sync_with_request
     from stemedb.replication.transport import tcp_connector
 
@@ -449,7 +466,7 @@ def cluster_node(db: Database, settings: ServerConfig, cluster: ClusterFile) -> 
     node = ClusterNode(cluster, settings.cluster_node, store, tcp_connector(address, context),
                        token=settings.cluster_token or "", sync_with_server=sync_with_request,
                        load_cluster=lambda: ClusterFile.load(path))
-    return node
+    return node, store
 
 
 def start_line(server: Server, data_dir: str, durability: str) -> tuple[str, dict[str, Any]]:
@@ -480,10 +497,10 @@ def _sole_error(error: BaseException) -> BaseException:
 
 
 async def _main(db: Database, config: ServerConfig, cluster: ClusterFile | None = None) -> None:
-    node = None
+    node, store = None, None
     if cluster is not None:
         # Building the node's reconciliation trees reads every record's key: not on the loop.
-        node = await trio.to_thread.run_sync(cluster_node, db, config, cluster)
+        node, store = await trio.to_thread.run_sync(cluster_node, db, config, cluster)
     server = Server(db, config, replication=node)
     signals_wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if node is not None else [])
     try:
@@ -520,6 +537,8 @@ async def _main(db: Database, config: ServerConfig, cluster: ClusterFile | None 
                 nursery.cancel_scope.cancel()
     finally:
         server.close()
+        if store is not None:
+            store.close()
 
 
 async def _reload(node: ClusterNode) -> None:
