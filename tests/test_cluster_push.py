@@ -165,3 +165,25 @@ def test_offer_never_waits_even_while_the_drain_is_stuck():
         figures = queue.figures()
         assert figures["depth_records"] == 3 and figures["dropped_records"] == 7
     run(main)
+
+
+def test_push_delays_are_enqueued_to_confirmed_and_give_p50_and_p99():
+    async def send(pushed):
+        await trio.sleep(0.01 * pushed.records)     # the peer confirms after records × 10 ms
+
+    async def main():
+        queue = PushQueue("b")
+        assert queue.delay_quantiles() is None and queue.figures()["delay_p99_seconds"] is None
+        queue.peer_up()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, send)
+            for records in [1] * 98 + [50, 100]:
+                queue.offer(batch(records))
+                await trio.sleep(2)                  # each batch sent alone: delay = its own send
+            nursery.cancel_scope.cancel()
+        assert len(queue.delays) == 100
+        p50, p99 = queue.delay_quantiles()
+        assert p50 == pytest.approx(0.01) and p99 == pytest.approx(0.5)
+        figures = queue.figures()
+        assert (figures["delay_p50_seconds"], figures["delay_samples"]) == (p50, 100)
+    run(main)

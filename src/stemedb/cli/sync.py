@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from typing import Any
 
 from stemedb.cli.core import EXIT_ERROR, EXIT_OK, UsageError, add_json_option, add_target_options
@@ -57,7 +58,8 @@ def run_sync(args: argparse.Namespace, context: Any) -> int:
         print(f"peer          {args.peer}")
         print(f"received      {result['received']:,} records ({result['record_bytes_received']:,} bytes)")
         print(f"sent          {result['sent']:,} records ({result['record_bytes_sent']:,} bytes)")
-        print(f"round trips   {result['round_trips']:,}")
+        print(f"round trips   {result['round_trips']:,}"
+              + (f" in {result['seconds']:.2f} s" if "seconds" in result else ""))
         print(f"bytes         {result['bytes_sent']:,} sent, {result['bytes_received']:,} received "
               f"(reconciliation messages {result['message_bytes_sent']:,} / "
               f"{result['message_bytes_received']:,})")
@@ -93,8 +95,9 @@ def _from_directory(data: str, peer: str, peer_token: str, pull: bool, push: boo
         try:
             async def main() -> dict[str, Any]:
                 mover = Mover(store, trio.to_thread.run_sync)
+                started = time.perf_counter()
                 session = await sync_with_server(peer, mover, token=peer_token, pull=pull, push=push)
-                return session.to_dict()
+                return {**session.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
 
             return trio.run(main)
         finally:

@@ -5,7 +5,9 @@ by bytes), `offer()` that never blocks (a batch that does not fit is dropped
 and counted: anti-entropy repairs what push dropped), the drain task that
 hands each batch to an injected async `send(batch)`, retrying with backoff
 while the peer is up or suspect and suspended while it is down, and the
-figures metrics read (depth, lag, dropped, sent, refused). Must never: block
+figures metrics read (depth, lag, dropped, sent, refused, and the push
+delay — enqueued to confirmed by the peer — of the last DELAY_SAMPLES
+batches sent, as p50 / p99). Must never: block
 a local write, hold records that were not durable here first (the caller
 offers only durable batches), or retry a batch the peer refused as invalid.
 
@@ -21,6 +23,7 @@ stays at the head of the queue and is sent again after a backoff.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from stemedb.replication.framing import RecordBatch
 log = logging.getLogger("stemedb.replication")
 
 PERMANENT = (SignatureError, InvalidRecord, ProtocolError)
+DELAY_SAMPLES = 10_000      # push delays kept for the p50 / p99 figures (the most recent ones)
 TRANSIENT = (StemeError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
@@ -87,6 +91,7 @@ class PushQueue:
         self._bytes = 0
         self._down = True                 # until the peer is first heard from
         self._wakeup: trio.Event | None = None
+        self.delays: deque[float] = deque(maxlen=DELAY_SAMPLES)
 
     # ------------------------------------------------------------ producers
 
@@ -130,9 +135,21 @@ class PushQueue:
         """Seconds the oldest queued batch has waited (0 when empty)."""
         return self.clock() - self._batches[0].enqueued_at if self._batches else 0.0
 
-    def figures(self) -> dict[str, float | int]:
+    def delay_quantiles(self) -> tuple[float, float] | None:
+        """(p50, p99) in seconds of the push delays kept (enqueued → the peer confirmed durable);
+        None before the first batch was sent."""
+        if not self.delays:
+            return None
+        ordered = sorted(self.delays)
+        return ordered[math.ceil(0.5 * len(ordered)) - 1], ordered[math.ceil(0.99 * len(ordered)) - 1]
+
+    def figures(self) -> dict[str, float | int | None]:
+        quantiles = self.delay_quantiles()
         return {"depth_batches": self.depth_batches, "depth_records": self.depth_records,
                 "depth_bytes": self.depth_bytes, "lag_seconds": self.lag(),
+                "delay_p50_seconds": quantiles[0] if quantiles else None,
+                "delay_p99_seconds": quantiles[1] if quantiles else None,
+                "delay_samples": len(self.delays),
                 "dropped_records": self.stats.dropped_records, "sent_records": self.stats.sent_records,
                 "refused_records": self.stats.refused_records, "send_failures": self.stats.send_failures}
 
@@ -161,6 +178,7 @@ class PushQueue:
                 continue
             else:
                 self._pop()
+                self.delays.append(self.clock() - batch.enqueued_at)
                 self.stats.sent_batches += 1
                 self.stats.sent_records += batch.records
             delay = self.retry_initial
