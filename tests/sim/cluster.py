@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio.testing
 from faults import FaultyFiles
 
 import stemedb
@@ -115,6 +116,14 @@ class SimNode:
         finally:
             self._nursery = None
             self._stopped.set()
+
+    async def server_stream(self) -> trio.abc.Stream:
+        """A client's connection to this node's server (from loopback: admin in protected mode)."""
+        if not self.running or self._nursery is None or self.server is None:
+            raise OSError(f"{self.node_id} is down")
+        client, served = trio.testing.memory_stream_pair()
+        self._nursery.start_soon(self.server.handle_stream, served, LOOPBACK_PEER)
+        return client
 
     async def crash(self, *, wipe: bool = False) -> None:
         """Power loss: tasks gone, connections broken, the disk as the last syncs left it."""
