@@ -271,3 +271,36 @@ def test_stemedb_sync_to_a_server_that_does_not_answer_is_one_line(tmp_path):
 def test_stemedb_sync_refuses_a_bad_peer_url(tmp_path, bad):
     answer = stemedb_command("sync", "--data", str(tmp_path / "d"), "--peer", bad)
     assert answer.returncode == 2 and "--peer" in answer.stderr
+
+
+def test_sighup_reloads_the_cluster_file_and_sync_with_runs_a_round_on_demand(tmp_path):
+    """A node re-reads its cluster file on SIGHUP (version raised, a node added); `stemedb sync
+    --url NODE --peer OTHER` runs an anti-entropy round between two nodes now."""
+    cluster = Cluster(tmp_path)
+    extra_port = free_ports(1)[0]
+    text = cluster.file.read_text()
+    two_nodes = text.split('[[nodes]]\nid = "n3"')[0] + "[replication]" + text.split("[replication]")[1]
+    cluster.file.write_text(two_nodes)
+    try:
+        for node in ("n1", "n2"):
+            cluster.start(node)
+        with connect(cluster.url("n1")) as client:
+            ids = client.put_many([stemedb.Assertion(f"hup-{i}", "p", i).sign(SIGNER) for i in range(20)])
+        on_demand = stemedb_command("sync", "--url", cluster.url("n1"), "--peer", "n2", "--json")
+        assert on_demand.returncode == 0, on_demand.stderr
+        figures = json.loads(on_demand.stdout)
+        assert (figures["node"], figures["ok"], figures["error"]) == ("n2", True, None)
+        cluster.file.write_text(two_nodes.replace("version = 1", "version = 2").replace(
+            "[replication]", f'[[nodes]]\nid = "n3"\naddress = "127.0.0.1:{extra_port}"\n[replication]'))
+        cluster.processes["n1"].send_signal(signal.SIGHUP)
+
+        def version_of_n1() -> int:
+            with connect(cluster.url("n1")) as client:
+                return int(client.stats()["server"]["cluster"]["version"])
+
+        assert cluster.wait_until(lambda: version_of_n1() == 2, "n1 running version 2")
+        assert cluster.processes["n1"].poll() is None          # reloaded, not stopped
+        with connect(cluster.url("n2")) as client:
+            assert all(r is not None for r in client.get_many(ids))
+    finally:
+        cluster.stop()
