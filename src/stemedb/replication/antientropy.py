@@ -249,6 +249,8 @@ async def run_session(peer: str, scopes: list[int], exchange: Exchange, mover: M
             trio.TooSlowError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         log.info("anti-entropy with %s ended early: %s", peer, result.error)
+    # Members held until their envelope arrived were stored after the answer that brought them.
+    result.records_stored = max(result.records_stored, intake.stored)
     return result
 
 
