@@ -36,6 +36,16 @@ def disk_usage(root: str) -> int:
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compile the query kernels before the first test (on a fresh install numba has nothing
+    cached yet, and compiling takes 10-20 s): no test pays for it inside its own timing, and
+    the warm-up's notice on stderr lands here, not in a test that checks its stderr."""
+    from stemedb import query
+
+    query.warm_up()
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if its temporary directory holds more than TMP_LIMIT bytes."""
     factory = getattr(session.config, "_tmp_path_factory", None)

@@ -223,7 +223,7 @@ def test_the_responder_refuses_steps_out_of_order_unknown_sessions_and_unshared_
     async def main():
         with pytest.raises(ProtocolError, match="no open session 9 with n1"):
             await pair.responder.handle("n1", SyncRequest(9, 3, 0, b"", empty))
-        with pytest.raises(ProtocolError, match=f"scope {scope_of(foreign)} is not shared by n2 and n1"):
+        with pytest.raises(ProtocolError, match=f"scope {scope_of(foreign)} is not one n1 may reconcile with n2"):
             await pair.responder.handle("n1", SyncRequest(1, 0, framing.SYNC_START, b"", empty,
                                                           bytes(8), (scope_of(foreign),)))
         with pair.stores[0].lock:
@@ -324,3 +324,22 @@ def test_probe_is_one_whole_range_fingerprint_per_scope(tmp_path):
     assert blocks[0][1] == b"\x00\x80" + whole and len(blocks[1][1]) == 18
     assert GLOBAL != GLOBAL_PARTITION
     db.close()
+
+
+def test_members_that_arrive_before_their_envelope_are_stored_and_counted(tmp_path):
+    """A client's envelope is signed after its members, so it sorts after them: members reach an
+    empty replica frames before their envelope, are held, stored when it comes, and counted.
+    (Between cluster nodes the global partition, envelopes included, goes first; a whole-store
+    session — `stemedb sync` — sends in key order.)"""
+    from stemedb.replication.reconcile import WHOLE_STORE
+    from stemedb.replication.sync import standalone_placement
+
+    pair = Pair(tmp_path, placement=standalone_placement())
+    pair.responder.allowed = lambda peer, start: {WHOLE_STORE}
+    claims = [stemedb.Assertion(f"s{i % 97}", "p", i, timestamp=5_000 + i) for i in range(FRAME_RECORDS + 500)]
+    members, envelope = SIGNERS[0].sign_batch(claims, timestamp=20_000_000)
+    pair.dbs[1].put_many(members, envelope=envelope)
+    result = pair.session(scopes=[WHOLE_STORE])
+    assert result.ok and result.records_received == len(members) + 1
+    assert result.records_stored == len(members) + 1 == len(pair.dbs[0])
+    pair.close()

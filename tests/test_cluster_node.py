@@ -222,3 +222,76 @@ def test_status_reports_peers_queues_and_rounds(tmp_path):
             fingerprint = cluster.nodes["n1"].store.fingerprint(scope_of(-1))
             assert fingerprint == cluster.nodes["n2"].store.fingerprint(scope_of(-1))
     run(main)
+
+
+def test_a_node_exports_its_peers_push_queues_and_sync_rounds_as_metrics(tmp_path):
+    """The server of a node registers it with ServerMetrics.track_cluster: node states, push
+    lag and queue depth, records pushed, and anti-entropy rounds, records and bytes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(node):
+        found = {}
+        for family in text_string_to_metric_families(node.server.metrics.render().decode()):
+            for sample in family.samples:
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return found
+
+    async def main():
+        async with running(CLUSTER, str(tmp_path)) as cluster:
+            await all_up(cluster)
+            s0 = subject_in(cluster, 0)          # held by n2, n3
+            records = signed_batch([s0, s0])
+            await cluster.nodes["n2"].write(batch_of(records), "1", 10)
+            n2 = cluster.nodes["n2"]
+            await wait_until(lambda: n2.node.queues["n3"].stats.sent_records >= 3)
+            await n2.node.anti_entropy.sync_now("n1")
+            before = samples(n2)
+            assert before[("stemedb_node_up", (("node", "n2"),))] == 1
+            assert before[("stemedb_node_up", (("node", "n3"),))] == 1
+            assert before[("stemedb_push_records_total", (("peer", "n3"),))] >= 3
+            assert before[("stemedb_push_queue_records", (("peer", "n3"),))] == 0
+            assert before[("stemedb_replication_lag_seconds", (("peer", "n3"),))] == 0
+            assert before[("stemedb_sync_rounds_total", ())] >= 1
+            assert before[("stemedb_sync_bytes_total", (("direction", "sent"),))] > 0
+            await cluster.nodes["n3"].crash()
+            await wait_until(lambda: n2.node.membership.is_down("n3"))
+            more = signed_batch([s0], timestamp=5000)
+            await n2.write(batch_of(more), "1", 10)
+            after = samples(n2)
+            assert after[("stemedb_node_up", (("node", "n3"),))] == 0
+            assert after[("stemedb_push_queue_records", (("peer", "n3"),))] == 2
+            assert after[("stemedb_replication_lag_seconds", (("peer", "n3"),))] >= 0
+    run(main)
+
+
+def test_the_put_frame_flags_choose_the_ack_policy_per_request(tmp_path):
+    """A client's PUT through a node's server: with one replica of the partition cut off (still
+    up as far as the others know), ACKS_ALL is not acknowledged, while the file's default
+    (acks = "1") and ACKS_ONE are, by the replica that is reachable."""
+    from stemedb import _protocol
+    from stemedb.replication.transport import Link
+
+    def put(records):
+        blob, offsets, _ids = _codec.encode_many(records)
+        return _protocol.encode_record_batch(blob, offsets)
+
+    async def main():
+        async with running(CLUSTER, str(tmp_path)) as cluster:
+            await all_up(cluster)
+            n1 = cluster.nodes["n1"]
+            client = Link("n1", lambda _peer: n1.server_stream(), cluster.nursery)
+            s0 = subject_in(cluster, 0)                       # held by n2 and n3, not n1
+            cluster.network.cut({"n3"}, {"n1", "n2"})
+            every = stemedb.Assertion(s0, "p", 1, timestamp=7000).sign(SIGNER)
+            with pytest.raises(Unavailable, match="replica n3 did not confirm the write"):
+                await client.request(_protocol.PUT, put([every]), 30, flags=_protocol.ACKS_ALL)
+            default = stemedb.Assertion(s0, "p", 2, timestamp=8000).sign(SIGNER)
+            answer = await client.request(_protocol.PUT, put([default]), 30)
+            assert [bytes(i) for i in _protocol.decode_ids(answer)] == [default.id]
+            one = stemedb.Assertion(s0, "p", 3, timestamp=9000).sign(SIGNER)
+            await client.request(_protocol.PUT, put([one]), 30, flags=_protocol.ACKS_ONE)
+            assert holders(cluster, default.id) == holders(cluster, one.id) == ["n2"]
+            cluster.network.heal()
+            await wait_until(lambda: holders(cluster, one.id) == ["n2", "n3"])
+            await client.close()
+    run(main)

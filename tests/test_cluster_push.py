@@ -47,7 +47,7 @@ def test_nothing_is_sent_while_the_peer_is_down_then_everything_in_order():
         sent.append((trio.current_time(), pushed.records))
 
     async def main():
-        queue = PushQueue("b")
+        queue = PushQueue("b", coalesce_records=1)     # each batch in a push of its own
         for n in (1, 2, 3):
             queue.offer(batch(n))
         async with trio.open_nursery() as nursery:
@@ -103,7 +103,7 @@ def test_a_refused_batch_is_dropped_not_retried():
         sent.append(pushed.records)
 
     async def main():
-        queue = PushQueue("b")
+        queue = PushQueue("b", coalesce_records=1)
         queue.peer_up()
         for n in (1, 2, 3):
             queue.offer(batch(n))
@@ -165,3 +165,86 @@ def test_offer_never_waits_even_while_the_drain_is_stuck():
         figures = queue.figures()
         assert figures["depth_records"] == 3 and figures["dropped_records"] == 7
     run(main)
+
+
+def test_push_delays_are_enqueued_to_confirmed_and_give_p50_and_p99():
+    async def send(pushed):
+        await trio.sleep(0.01 * pushed.records)     # the peer confirms after records × 10 ms
+
+    async def main():
+        queue = PushQueue("b")
+        assert queue.delay_quantiles() is None and queue.figures()["delay_p99_seconds"] is None
+        queue.peer_up()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, send)
+            for records in [1] * 98 + [50, 100]:
+                queue.offer(batch(records))
+                await trio.sleep(2)                  # each batch sent alone: delay = its own send
+            nursery.cancel_scope.cancel()
+        assert len(queue.delays) == 100
+        p50, p99 = queue.delay_quantiles()
+        assert p50 == pytest.approx(0.01) and p99 == pytest.approx(0.5)
+        figures = queue.figures()
+        assert (figures["delay_p50_seconds"], figures["delay_samples"]) == (p50, 100)
+    run(main)
+
+
+def tagged(tag: int, records: int) -> PushBatch:
+    pushed = batch(records)
+    pushed.batch.ids[:, 0] = tag
+    return pushed
+
+
+def test_a_queue_that_fell_behind_drains_in_coalesced_pushes_in_order():
+    sent = []
+
+    async def send(pushed):
+        sent.append([int(i) for i in pushed.batch.ids[:, 0]])
+        await trio.sleep(0.1)
+
+    async def main():
+        queue = PushQueue("b", coalesce_records=5, coalesce_bytes=1000)
+        for tag in range(1, 8):                       # 7 batches of 2 records, queued while down
+            queue.offer(tagged(tag, 2))
+        queue.offer(tagged(8, 7))                     # larger than a push: goes alone
+        queue.offer(tagged(9, 1))
+        await trio.sleep(1)
+        queue.peer_up()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, send)
+            await trio.sleep(5)
+            nursery.cancel_scope.cancel()
+        return queue
+
+    queue = run(main)
+    assert sent == [[1, 1, 2, 2], [3, 3, 4, 4], [5, 5, 6, 6], [7, 7], [8] * 7, [9]]
+    assert (queue.stats.sent_batches, queue.stats.sent_records, queue.depth_batches) == (9, 22, 0)
+    assert len(queue.delays) == 9 and min(queue.delays) == pytest.approx(1.1)
+
+
+def test_a_refused_coalesced_push_is_sent_batch_by_batch_and_only_the_bad_one_dropped():
+    sent = []
+
+    async def send(pushed):
+        tags = [int(i) for i in pushed.batch.ids[:, 0]]
+        if 2 in tags:
+            raise SignatureError("records[0]: bad signature")
+        sent.append(tags)
+
+    async def main():
+        queue = PushQueue("b")
+        for tag in (1, 2, 3):
+            queue.offer(tagged(tag, 1))
+        queue.peer_up()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, send)
+            await trio.sleep(1)
+            queue.offer(tagged(4, 1))
+            queue.offer(tagged(5, 1))
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        return queue
+
+    queue = run(main)
+    assert sent == [[1], [3], [4, 5]]       # after the refusal one at a time, then coalesced again
+    assert (queue.stats.refused_batches, queue.stats.refused_records) == (1, 1)

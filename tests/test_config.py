@@ -82,6 +82,8 @@ def test_every_setting_can_come_from_its_environment_variable(tmp_path):
         "http.metrics_token_sha256": digest,
         "log.level": "debug", "log.format": "json", "log.access": "yes",
         "archive.url": "s3://bucket/db1", "archive.interval": "0.25",
+        "server.sync": "false", "cluster.file": str(tmp_path / "cluster.toml"), "cluster.node": "n2",
+        "cluster.token": "node-token-0123456789", "cluster.ca": str(tmp_path / "ca.pem"),
     }
     assert set(values) == {s.key for s in SETTINGS}, "a setting this test does not cover"
     environ = {s.environment: values[s.key] for s in SETTINGS}
@@ -102,6 +104,9 @@ def test_every_setting_can_come_from_its_environment_variable(tmp_path):
     assert config.metrics_tokens == [bytes.fromhex(digest)]
     assert (config.log_level, config.log_format, config.access_log) == ("debug", "json", True)
     assert (config.archive_url, config.archive_interval) == ("s3://bucket/db1", 0.25)
+    assert config.sync is False
+    assert (config.cluster_file, config.cluster_node) == (str(tmp_path / "cluster.toml"), "n2")
+    assert (config.cluster_token, config.cluster_ca) == ("node-token-0123456789", str(tmp_path / "ca.pem"))
 
 
 def test_registry_defaults_are_the_real_defaults(tmp_path):
@@ -143,7 +148,7 @@ def test_registry_defaults_are_the_real_defaults(tmp_path):
     ({"STEMEDB_LOG_FORMAT": "xml"},
      "log.format: expected one of text, json, got 'xml' (set by STEMEDB_LOG_FORMAT)"),
     ({"STEMEDB_TOKENS": '[{ name = "a", role = "root", sha256 = "00" }]'},
-     "tokens[0].role: expected one of read, write, admin (set by STEMEDB_TOKENS)"),
+     "tokens[0].role: expected one of read, write, admin, replica (set by STEMEDB_TOKENS)"),
     ({"STEMEDB_RATE_LIMITS_CLIENT": "fast"},
      "STEMEDB_RATE_LIMITS_CLIENT (rate_limits.client): expected a TOML inline table or array"),
     ({"STEMEDB_HTTP_METRICS_TOKEN_SHA256": "abc"},

@@ -29,7 +29,13 @@ from stemedb import _protocol
 from stemedb.client import connect
 from stemedb.server import Server, ServerConfig, Token, hash_token
 from stemedb.server.auth import Authenticator, new_token
-from stemedb.server.metrics import ArchiveStatus, DatabaseCollector, PeerStatus, ServerMetrics
+from stemedb.server.metrics import (
+    ArchiveStatus,
+    DatabaseCollector,
+    PeerStatus,
+    ServerMetrics,
+    SyncTotals,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -125,7 +131,7 @@ def test_every_exported_metric_is_documented(live):
     with connect(live.url) as client:
         client.put(claims(1)[0])
     live.server.metrics.track_archive(lambda: ArchiveStatus(0.0, 1.0, 0, 0))
-    live.server.metrics.track_cluster("n1", lambda: {"n2": PeerStatus(True, 0.0)})
+    live.server.metrics.track_cluster("n1", lambda: {"n2": PeerStatus(True, 0.0)}, SyncTotals)
     types, _ = parse(scrape(live.http))
     exported = {name: kind for name, kind in types.items() if name.startswith("stemedb_")}
     exported["stemedb_group_commit_batch_records"] = "histogram"  # once the engine reports it

@@ -727,34 +727,49 @@ def test_warm_up_is_idempotent(monkeypatch):
     assert "stemedb-jit-warm-up" not in {t.name for t in threading.enumerate()} - threads_before
 
 
-def test_a_warm_up_that_compiles_says_so_and_a_quick_one_says_nothing(monkeypatch, caplog):
-    """Issue 11 item 3: a user is told when the first query waits for the JIT."""
+def run_warm_up_with(monkeypatch, caplog, cold, *, notice_after: float) -> list[str]:
+    """q._run_warm_up over a stand-in kernel warm-up that lasts until a message was logged
+    (or 0.5 s), with numba's cache reported as `cold`; the messages logged."""
     from stemedb.lenses import _kernels
 
-    compiling = threading.Event()
-    monkeypatch.setattr(q, "WARM_UP_NOTICE_SECONDS", 0.0)
-    monkeypatch.setattr(_kernels, "warm_up", lambda: compiling.wait(30))
-    monkeypatch.setattr(q, "_warm_done", threading.Event())
-    with caplog.at_level("WARNING", logger="stemedb.query"):
-        worker = threading.Thread(target=q._run_warm_up)
-        worker.start()
-        deadline = time.monotonic() + 30
+    monkeypatch.setattr(q, "WARM_UP_NOTICE_SECONDS", notice_after)
+    monkeypatch.setattr(_kernels, "cache_is_cold", lambda: cold)
+    seen_while_compiling: list[bool] = []
+
+    def compile_slowly() -> None:
+        deadline = time.monotonic() + 0.5
         while not caplog.records and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not q._warm_done.is_set()  # told while it is still compiling
-        compiling.set()
-        worker.join(30)
-    messages = [record.getMessage() for record in caplog.records]
-    assert messages[0].startswith("compiling the query kernels: the first query after an install")
-    assert messages[1].startswith("query kernels ready after ") and len(messages) == 2
-    assert q._warm_done.is_set()
+        seen_while_compiling.append(bool(caplog.records) and not q._warm_done.is_set())
 
+    monkeypatch.setattr(_kernels, "warm_up", compile_slowly)
+    monkeypatch.setattr(q, "_warm_done", threading.Event())
     caplog.clear()
-    monkeypatch.setattr(q, "WARM_UP_NOTICE_SECONDS", 30.0)
-    monkeypatch.setattr(_kernels, "warm_up", lambda: None)  # loading from the cache: quick
     with caplog.at_level("WARNING", logger="stemedb.query"):
         q._run_warm_up()
-    assert caplog.records == []
+    assert q._warm_done.is_set()
+    messages = [record.getMessage() for record in caplog.records]
+    assert seen_while_compiling == [bool(messages)]  # told while it was still compiling
+    return messages
+
+
+def test_a_warm_up_that_compiles_says_so_and_one_that_loads_says_nothing(monkeypatch, caplog):
+    """Issue 11 item 3: a user is told when the first query waits for the JIT."""
+    compiling = run_warm_up_with(monkeypatch, caplog, True, notice_after=30.0)
+    assert compiling[0].startswith("compiling the query kernels: the first query after an install")
+    assert compiling[1].startswith("query kernels ready after ") and len(compiling) == 2
+    # A cache that cannot be read: a warm-up that outlasts the notice time is taken as compiling.
+    assert len(run_warm_up_with(monkeypatch, caplog, None, notice_after=0.0)) == 2
+    assert run_warm_up_with(monkeypatch, caplog, None, notice_after=30.0) == []
+    # A warm cache says nothing, however busy the machine makes the load.
+    assert run_warm_up_with(monkeypatch, caplog, False, notice_after=0.0) == []
+
+
+def test_the_kernel_cache_is_seen_as_warm_after_a_warm_up():
+    from stemedb.lenses import _kernels
+
+    q.warm_up()
+    assert _kernels._KERNELS and _kernels.cache_is_cold() is False
 
 
 def test_the_custom_lens_example_of_the_docs(db):

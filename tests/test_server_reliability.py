@@ -209,7 +209,8 @@ async def test_auth_refusals(db):
                             (P.STATS, b"")):
         async with served(server) as client:
             answer = await client.hello()
-            assert P.decode_hello_ok(answer.payload)[1:3] == (P.ROLE_NONE, P.SERVER_AUTH_REQUIRED)
+            assert P.decode_hello_ok(answer.payload)[1:3] == (P.ROLE_NONE, P.SERVER_AUTH_REQUIRED
+                                                              | P.SERVER_REPLICATION)
             await client.send(opcode, payload)
             await closed_with(client, P.E_AUTH_REQUIRED)
     async with served(server) as client:

@@ -18,7 +18,10 @@ cdef enum:
 cdef enum FrameFlag:
     FLAG_RESPONSE = 1           # set on every server -> client frame, never on a request
     FLAG_MORE = 2               # more response frames follow for this request id
-    FLAGS_KNOWN = 3             # any other bit set is a protocol violation
+    FLAGS_KNOWN = 15            # any other bit set is a protocol violation
+    FLAG_ACKS_ONE = 4           # PUT / VOTE / EPOCH request: acknowledge once durable on one replica
+    FLAG_ACKS_ALL = 8           # ... once durable on every live replica (at most one of the two)
+    FLAGS_ACKS = 12
 
 
 cdef struct Cursor:             # a payload being parsed; every read checks `end`

@@ -14,7 +14,8 @@ contents (records travel as opaque, length-delimited byte strings here;
 stemedb._codec decodes them). The one exception, group signing on the
 client, walks records with _codec's parse_header and parse_proof. Constants
 cite docs/protocol.md, and tests/test_protocol.py checks them against the
-document.
+document. The payloads of the replication opcodes (0x40-0x4F) are built and
+parsed by stemedb.replication.framing, on top of this module's record batches.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -38,6 +39,8 @@ MAGIC = b"SD"
 FRAME_HEADER = HEADER_SIZE
 RESPONSE = FLAG_RESPONSE
 MORE = FLAG_MORE
+ACKS_ONE = FLAG_ACKS_ONE            # request flags of PUT / VOTE / EPOCH (docs/protocol.md, "Frames")
+ACKS_ALL = FLAG_ACKS_ALL
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
 
@@ -61,30 +64,40 @@ VOTE = 0x14
 EPOCH = 0x15
 STATS = 0x16
 AUDIT = 0x17
-SYNC_FIRST = 0x40                   # 0x40..0x4F: replication (docs/protocol.md)
+SYNC_FIRST = 0x40                   # 0x40..0x4F: replication (docs/protocol.md, "Replication")
+NODE_HELLO = 0x40                   # a cluster node says who it is
+SYNC = 0x41                         # one step of a reconciliation session
+REPLICA_PUT = 0x42                  # a write forwarded by the node that accepted it
+PUSH = 0x44                         # records that became durable on the sender
+SYNC_WITH = 0x45                    # run a reconciliation session with another server now
+CLUSTER_STATUS = 0x46               # the node's view of the cluster (JSON)
+CLUSTER_RELOAD = 0x47               # re-read the cluster file
 SYNC_LAST = 0x4F
 ERROR = 0x7F
 
 OPCODE_NAMES = {
     HELLO: "hello", AUTH: "auth", PING: "ping", PUT: "put", GET: "get", QUERY: "query",
     SCAN: "scan", VOTE: "vote", EPOCH: "epoch", STATS: "stats", AUDIT: "audit", ERROR: "error",
-    0x40: "sync_hello", 0x41: "sync_digest", 0x42: "sync_want", 0x43: "sync_records",
-    0x44: "push",
+    NODE_HELLO: "node_hello", SYNC: "sync", REPLICA_PUT: "replica_put", PUSH: "push",
+    SYNC_WITH: "sync_with", CLUSTER_STATUS: "cluster_status", CLUSTER_RELOAD: "cluster_reload",
 }
 for _op in range(SYNC_FIRST, SYNC_LAST + 1):
-    OPCODE_NAMES.setdefault(_op, f"sync_{_op:02x}")
+    OPCODE_NAMES.setdefault(_op, f"replication_{_op:02x}")   # reserved: answered `unsupported`
 
 # docs/protocol.md, "Roles"
 ROLE_NONE = 0
 ROLE_READ = 1
 ROLE_WRITE = 2
 ROLE_ADMIN = 3
-ROLE_NAMES = ("none", "read", "write", "admin")
+ROLE_REPLICA = 4                    # a cluster node: reads and replication, not read ⊂ write ⊂ admin
+ROLE_NAMES = ("none", "read", "write", "admin", "replica")
 
 # docs/protocol.md, "HELLO" (server_flags)
 SERVER_AUTH_REQUIRED = 1
 SERVER_PROTECTED_MODE = 2
 SERVER_TLS = 4
+SERVER_REPLICATION = 8              # answers SYNC and SYNC_WITH (reconciliation of its whole store)
+SERVER_CLUSTER = 16                 # a node of a cluster: NODE_HELLO, PUSH, REPLICA_PUT, CLUSTER_*
 
 # docs/protocol.md, "Errors": the codes are stemedb.errors' table (each error class carries its
 # own); ERROR_CODES is that table as (name, closes the connection), and the E_ names are its
@@ -115,6 +128,10 @@ E_INTERNAL = StemeError.code
 cdef inline bint known_request(int opcode) noexcept:
     return (opcode == HELLO or opcode == AUTH or opcode == PING or (PUT <= opcode <= AUDIT)
             or (SYNC_FIRST <= opcode <= SYNC_LAST))
+
+
+cdef inline bint is_write(int opcode) noexcept:
+    return opcode == PUT or opcode == VOTE or opcode == EPOCH
 
 
 def is_request_opcode(int opcode):
@@ -354,16 +371,18 @@ cdef class FrameReader:
         if flags & ~FLAGS_KNOWN:
             raise FrameError(f"reserved flag bits set ({flags:#04x})", request_id=request_id)
         if self._from_server:
-            if not flags & FLAG_RESPONSE:
-                raise FrameError("a server frame lacks the RESPONSE flag", request_id=request_id)
+            if not flags & FLAG_RESPONSE or flags & FLAGS_ACKS:
+                raise FrameError(f"a server frame carries flags {flags:#04x} (RESPONSE, and "
+                                 "maybe MORE, expected)", request_id=request_id)
             if not (known_request(opcode) or opcode == ERROR):
                 raise FrameError(f"unknown opcode {opcode:#04x}", request_id=request_id)
         else:
-            if flags != 0:
-                raise FrameError(f"a request carries flags {flags:#04x} (must be 0)",
-                                 request_id=request_id)
             if not known_request(opcode):
                 raise FrameError(f"unknown opcode {opcode:#04x}", request_id=request_id)
+            if flags != 0 and not (is_write(opcode) and (flags & ~FLAGS_ACKS) == 0
+                                   and flags != FLAGS_ACKS):
+                raise FrameError(f"a request carries flags {flags:#04x} (must be 0, or one "
+                                 "of ACKS_ONE / ACKS_ALL on PUT, VOTE, EPOCH)", request_id=request_id)
         if length > <uint64_t>self.max_payload:
             raise FrameTooLarge(f"frame declares {length} payload bytes; the limit here is "
                                 f"{self.max_payload}", request_id=request_id)
@@ -437,7 +456,7 @@ def decode_hello_ok(payload):
     max_inflight = take_u32(&c, "max_inflight")
     server_name = take_str8(&c, "server_name")
     finish(&c, "HELLO response")
-    if role > ROLE_ADMIN:
+    if role > ROLE_REPLICA:
         raise FrameError(f"HELLO response: unknown role {role}")
     return version, role, server_flags, max_frame, max_inflight, server_name
 
@@ -466,8 +485,8 @@ def encode_role(int role):
 
 
 def decode_role(payload):
-    if len(payload) != 1 or payload[0] > ROLE_ADMIN:
-        raise FrameError("AUTH response: expected one byte holding a role 0..3")
+    if len(payload) != 1 or payload[0] > ROLE_REPLICA:
+        raise FrameError("AUTH response: expected one byte holding a role 0..4")
     return payload[0]
 
 

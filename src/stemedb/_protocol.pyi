@@ -13,6 +13,8 @@ MAGIC: bytes
 FRAME_HEADER: int
 RESPONSE: int
 MORE: int
+ACKS_ONE: int
+ACKS_ALL: int
 PROTOCOL_VERSION: int
 MIN_PROTOCOL_VERSION: int
 DEFAULT_MAX_FRAME: int
@@ -34,6 +36,13 @@ EPOCH: int
 STATS: int
 AUDIT: int
 SYNC_FIRST: int
+NODE_HELLO: int
+SYNC: int
+REPLICA_PUT: int
+PUSH: int
+SYNC_WITH: int
+CLUSTER_STATUS: int
+CLUSTER_RELOAD: int
 SYNC_LAST: int
 ERROR: int
 OPCODE_NAMES: dict[int, str]
@@ -42,11 +51,14 @@ ROLE_NONE: int
 ROLE_READ: int
 ROLE_WRITE: int
 ROLE_ADMIN: int
+ROLE_REPLICA: int
 ROLE_NAMES: tuple[str, ...]
 
 SERVER_AUTH_REQUIRED: int
 SERVER_PROTECTED_MODE: int
 SERVER_TLS: int
+SERVER_REPLICATION: int
+SERVER_CLUSTER: int
 
 ERROR_CODES: dict[int, tuple[str, bool]]
 E_PROTOCOL: int

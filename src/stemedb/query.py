@@ -81,8 +81,8 @@ AUDIT_VERSION = 1
 
 log = logging.getLogger("stemedb.query")
 
-# A warm-up still running after this many seconds is compiling (loading the kernels from
-# numba's cache takes well under a second): say so, since a first query then takes 10-20 s.
+# When numba's cache cannot be inspected: a warm-up still running after this many seconds is
+# compiling (loading the kernels from the cache takes about half a second).
 WARM_UP_NOTICE_SECONDS = 1.0
 
 _warm_lock = threading.Lock()
@@ -120,9 +120,15 @@ def _run_warm_up() -> None:
         log.warning("compiling the query kernels: the first query after an install waits 10-20 s "
                     "for this; the compiled code is cached for later processes")
 
+    # numba's disk cache says whether this will compile; if it cannot be read, a warm-up
+    # still running after WARM_UP_NOTICE_SECONDS is compiling (a cache load takes less).
+    cold = _kernels.cache_is_cold()
     notice = threading.Timer(WARM_UP_NOTICE_SECONDS, tell)
     notice.daemon = True
-    notice.start()
+    if cold:
+        tell()
+    elif cold is None:
+        notice.start()
     try:
         _kernels.warm_up()
     finally:

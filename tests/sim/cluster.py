@@ -2,6 +2,8 @@
 
 Owns: `SimNode` — one node's store (stemedb.open on its own directory,
 through the power-loss file layer of tests/faults.py), its EngineStore and
+ClusterNode, the production server (stemedb.server.Server) that answers its
+peers' binary-protocol connections and hands the replication opcodes to the
 ClusterNode, the cancel scope its tasks run in, and crash / restart / wipe;
 and `SimCluster`, the nodes of one cluster file on one SimNetwork. Must
 never: call the engine from a thread (the nodes run with the inline
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio.testing
 from faults import FaultyFiles
 
 import stemedb
@@ -38,10 +41,14 @@ from stemedb.replication.framing import RecordBatch
 from stemedb.replication.node import ClusterNode, WriteResult
 from stemedb.replication.placement import Placement
 from stemedb.replication.store import EngineStore
+from stemedb.server import Server, ServerConfig
 
 from .network import SimNetwork
 
 SEGMENT_SIZE = 256 << 10
+# Every simulated connection comes from loopback: the servers run in protected mode (no
+# tokens), where a loopback peer is admin, a role that may send the replication opcodes.
+LOOPBACK_PEER = ("127.0.0.1", 0)
 
 
 @dataclass
@@ -57,6 +64,7 @@ class SimNode:
     db: Any = None
     store: EngineStore | None = None
     node: ClusterNode | None = None
+    server: Server | None = None
     crashes: int = 0
     _scope: trio.CancelScope | None = None
     _stopped: trio.Event | None = None
@@ -84,23 +92,38 @@ class SimNode:
         self.node = ClusterNode(self.cluster, self.node_id, self.store,
                                 self.network.connector(self.node_id), run_blocking=run_inline,
                                 rng=random.Random(self.rng.getrandbits(64)))
+        self.server = Server(self.db, ServerConfig(name=self.node_id), replication=self.node,
+                             run_blocking=run_inline)
         self._stopped = trio.Event()
         await nursery.start(self._run)
         self.history.append(f"{trio.current_time():.3f} start")
 
     async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        assert self.node is not None and self._stopped is not None
+        assert self.node is not None and self.server is not None and self._stopped is not None
+        server = self.server
+
+        async def serve(stream: trio.abc.Stream) -> None:
+            await server.handle_stream(stream, LOOPBACK_PEER)
+
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    self.network.listen(self.node_id, self.node.serve, nursery)
+                    self.network.listen(self.node_id, serve, nursery)
                     await nursery.start(self.node.run)
                     task_status.started()
         finally:
             self._nursery = None
             self._stopped.set()
+
+    async def server_stream(self) -> trio.abc.Stream:
+        """A client's connection to this node's server (from loopback: admin in protected mode)."""
+        if not self.running or self._nursery is None or self.server is None:
+            raise OSError(f"{self.node_id} is down")
+        client, served = trio.testing.memory_stream_pair()
+        self._nursery.start_soon(self.server.handle_stream, served, LOOPBACK_PEER)
+        return client
 
     async def crash(self, *, wipe: bool = False) -> None:
         """Power loss: tasks gone, connections broken, the disk as the last syncs left it."""

@@ -5,7 +5,7 @@ honest assertion: `bad_signature` (content changed, signatures kept, sent
 under its new ID), `wrong_id` (content changed, sent under the old ID), and
 `orphan_member` (a member of an envelope that does not exist); and
 `Tamperer`, the network's forge hook, which substitutes one of them for a
-record of a PUT, PUSH or SYNC frame. Every forged record's true ID is added to `forged_ids`,
+record of a REPLICA_PUT, PUSH or SYNC frame (request or answer). Every forged record's true ID is added to `forged_ids`,
 so a test can assert that none of them was ever stored. Must never: produce
 a record that would verify.
 """
@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from stemedb import _codec
+from stemedb import _codec, _protocol
+from stemedb._protocol import Frame
 from stemedb.records import Assertion
 from stemedb.replication import framing
-from stemedb.replication.framing import Frame, RecordBatch
+from stemedb.replication.framing import RecordBatch
 
 KINDS = ("bad_signature", "wrong_id", "orphan_member")
 
@@ -64,22 +65,23 @@ class Tamperer:
         self.by_kind = dict.fromkeys(KINDS, 0)
 
     def __call__(self, frame: Frame, rng: random.Random, source: str = "", target: str = "") -> Frame | None:
-        if frame.is_response and frame.kind != framing.SYNC:
+        response = bool(frame.flags & _protocol.RESPONSE)
+        if frame.opcode == _protocol.ERROR or (response and frame.opcode != _protocol.SYNC):
             return None
-        if frame.kind == framing.PUSH:
-            return self._swap(frame, framing.decode_records(frame.payload), rng,
+        if frame.opcode == _protocol.PUSH:
+            return self._swap(frame, framing.decode_push(frame.payload), rng,
                               lambda b: framing.encode_records(b))
-        if frame.kind == framing.PUT:
-            batch, push = framing.decode_put(frame.payload)
-            return self._swap(frame, batch, rng, lambda b: framing.encode_put(b, push=push))
-        if frame.kind == framing.SYNC and frame.is_response:
+        if frame.opcode == _protocol.REPLICA_PUT:
+            batch, push = framing.decode_replica_put(frame.payload)
+            return self._swap(frame, batch, rng, lambda b: framing.encode_replica_put(b, push=push))
+        if frame.opcode == _protocol.SYNC and response:
             answer = framing.decode_sync_answer(frame.payload)
 
             def encode_answer(b: RecordBatch) -> bytes:
                 answer.records = b
                 return framing.encode_sync_answer(answer)
             return self._swap(frame, answer.records, rng, encode_answer)
-        if frame.kind == framing.SYNC:
+        if frame.opcode == _protocol.SYNC:
             request = framing.decode_sync_request(frame.payload)
 
             def encode_request(b: RecordBatch) -> bytes:
@@ -99,4 +101,4 @@ class Tamperer:
         self.forged_ids.add(true_id)
         self.by_kind[kind] += 1
         payload = encode(replace(batch, index, encoded, sent_as))
-        return Frame(frame.kind, frame.flags, frame.request_id, payload)
+        return Frame(frame.opcode, frame.flags, frame.request_id, payload)

@@ -8,9 +8,10 @@ connecting across it fails). Must never: read the wall clock, use threads,
 or draw randomness from anything but its seeded `random.Random`, so one seed
 gives one run.
 
-The injector cuts frames with the production parser (stemedb.replication
-.framing): faults act on whole messages, as a lossy network under a
-retrying transport would. Everything it delivers is recorded in `trace`
+The injector cuts frames with the production parser of the binary protocol
+(stemedb._protocol.FrameReader; requests one way, answers the other):
+faults act on whole frames, as a lossy network under a retrying transport
+would. Everything it delivers is recorded in `trace`
 (time, sender, receiver, kind, bytes), which two runs of one seed must
 reproduce exactly.
 
@@ -30,8 +31,11 @@ from dataclasses import dataclass, field
 import trio
 import trio.testing
 
-from stemedb.replication import framing
-from stemedb.replication.framing import Frame
+from stemedb import _protocol
+from stemedb._protocol import Frame
+
+# Frames between nodes may be up to twice max_frame (stemedb.server.connection.NODE_FRAME_FACTOR).
+MAX_PAYLOAD = 2 * _protocol.DEFAULT_MAX_FRAME
 
 Serve = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -116,18 +120,18 @@ class SimNetwork:
             raise OSError(f"simulated network: {target} is unreachable from {source}")
         serve, server_nursery = self.servers[target]
         connection = _Connection(source, target)
-        to_server = self._direction(connection, source, target)
-        to_client = self._direction(connection, target, source)
+        to_server = self._direction(connection, source, target, from_server=False)
+        to_client = self._direction(connection, target, source, from_server=True)
         self.connections.append(connection)
         server_nursery.start_soon(serve, trio.StapledStream(to_client[0], to_server[1]))
         return trio.StapledStream(to_server[0], to_client[1])
 
-    def _direction(self, connection: _Connection, source: str,
-                   target: str) -> tuple[trio.testing.MemorySendStream, trio.testing.MemoryReceiveStream]:
+    def _direction(self, connection: _Connection, source: str, target: str, *, from_server: bool
+                   ) -> tuple[trio.testing.MemorySendStream, trio.testing.MemoryReceiveStream]:
         """One direction of a connection: what `source` sends is cut into frames and routed."""
         sender = trio.testing.MemorySendStream()
         receiver = trio.testing.MemoryReceiveStream()
-        parser = framing.FrameParser()
+        parser = _protocol.FrameReader(MAX_PAYLOAD, from_server=from_server)
 
         async def carry() -> None:
             try:
@@ -170,8 +174,7 @@ class SimNetwork:
                 frame = forged
         copies = 2 if rng.random() < faults.duplicate else 1
         self.duplicated += copies - 1
-        data = framing.encode_frame(frame.kind, frame.request_id, frame.payload,
-                                    response=frame.is_response)
+        data = _protocol.encode_frame(frame.opcode, frame.flags, frame.request_id, frame.payload)
         for _ in range(copies):
             delay = rng.uniform(0, faults.delay_max) if rng.random() < faults.delay else 0.0
             if delay:

@@ -9,6 +9,10 @@ The frames are built here with `struct`, independently of the compiled codec
 same bytes from the same fields and parses them back to the same fields.
 Records inside PUT / GET / QUERY / SCAN payloads are opaque byte strings to
 the protocol; they come from the record codec (docs/format.md).
+
+The vectors of section "replication" (docs/protocol.md, "Replication
+opcodes") are built the same way; tests/test_cluster_framing.py checks them
+against stemedb.replication.framing.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ SEED = bytes(range(32))
 SIGNER = stemedb.Signer.from_seed(SEED)
 T = 1_700_000_000_000_000
 
-RESPONSE, MORE = 1, 2
+RESPONSE, MORE, ACKS_ONE, ACKS_ALL = 1, 2, 4, 8
 OPCODES = {"hello": 0x01, "auth": 0x02, "ping": 0x03, "put": 0x10, "get": 0x11, "query": 0x12,
-           "scan": 0x13, "vote": 0x14, "epoch": 0x15, "stats": 0x16, "audit": 0x17, "error": 0x7F}
+           "scan": 0x13, "vote": 0x14, "epoch": 0x15, "stats": 0x16, "audit": 0x17, "error": 0x7F,
+           "node_hello": 0x40, "sync": 0x41, "replica_put": 0x42, "push": 0x44, "sync_with": 0x45,
+           "cluster_status": 0x46, "cluster_reload": 0x47}
 
 
 def frame(opcode: str | int, flags: int, request_id: int, payload: bytes) -> bytes:
@@ -178,6 +184,8 @@ def vectors() -> list[dict]:
              fields={"records": [epoch.encode().hex()]}, payload=batch([epoch.encode()])),
         dict(name="epoch-response", direction="response", opcode="epoch", flags=RESPONSE, request_id=13,
              fields={"ids": [epoch.id.hex()]}, payload=ids([epoch.id])),
+        dict(name="put-acks-all-request", direction="request", opcode="put", flags=ACKS_ALL,
+             request_id=14, fields={"records": [encoded.hex()]}, payload=batch([encoded])),
         dict(name="error-rate-limited", direction="response", opcode="error", flags=RESPONSE,
              request_id=11, fields={"code": 7, "retry_after_ms": 250, "message": "rate limit exceeded"},
              payload=error(7, 250, "rate limit exceeded")),
@@ -185,6 +193,7 @@ def vectors() -> list[dict]:
              request_id=0, fields={"code": 3, "retry_after_ms": 0, "message": "frame too large"},
              payload=error(3, 0, "frame too large")),
     ]
+    out += replication_vectors(claim, encoded, members, envelope)
     for vector in out:
         vector["hex"] = frame(vector["opcode"], vector["flags"], vector["request_id"], vector["payload"]).hex()
         vector["payload"] = vector["payload"].hex()
@@ -193,11 +202,70 @@ def vectors() -> list[dict]:
         ("unknown-opcode", frame(0x33, 0, 1, b""), 1),
         ("reserved-flag-bits", frame("ping", 4, 1, b""), 1),
         ("request-with-response-flag", frame("ping", RESPONSE, 1, b""), 1),
+        ("put-with-both-acks-flags", frame("put", ACKS_ONE | ACKS_ALL, 1, batch([])), 1),
+        ("ping-with-an-acks-flag", frame("ping", ACKS_ONE, 1, b""), 1),
         ("declared-4-gib", b"SD" + struct.pack("<BBII", 0x10, 0, 1, 0xFFFFFFFF), 3),
     ]
     for name, raw, code in invalid:
         out.append(dict(name=name, direction="invalid-request", hex=raw.hex(), error_code=code))
     return out
+
+
+def records_block(records: list) -> bytes:
+    """The replication records block: `count:u32`, the IDs, then a record_batch of the same count."""
+    return struct.pack("<I", len(records)) + b"".join(r.id for r in records) + batch(
+        [r.encode() for r in records])
+
+
+def replication_vectors(claim, encoded: bytes, members: list, envelope) -> list[dict]:
+    """docs/protocol.md, "Replication opcodes": one request and one answer of each."""
+    # A reconciliation message: one block (scope 0, the whole store) holding the range list
+    # of an empty set (tests/vectors/reconcile.json, case "empty-set").
+    message = bytes([1, 0, 3]) + bytes.fromhex("00a000")
+    salt = bytes(range(1, 9))
+    status = json.dumps({"node": "n1", "version": 3}, sort_keys=True)
+    synced = json.dumps({"received": 1, "round_trips": 1, "sent": 0}, sort_keys=True)
+    group = [envelope, *members]
+
+    def rep(name: str, direction: str, opcode: str, request_id: int, fields: dict, payload: bytes,
+            flags: int | None = None) -> dict:
+        return dict(name=name, section="replication", direction=direction, opcode=opcode,
+                    flags=(RESPONSE if direction == "response" else 0) if flags is None else flags,
+                    request_id=request_id, fields=fields, payload=payload)
+
+    hello = {"cluster": "demo", "version": 3, "node": "n1"}
+    return [
+        rep("node-hello-request", "request", "node_hello", 20, hello,
+            s8("demo") + struct.pack("<I", 3) + s8("n1")),
+        rep("node-hello-response", "response", "node_hello", 20, {**hello, "node": "n2"},
+            s8("demo") + struct.pack("<I", 3) + s8("n2")),
+        rep("replica-put-request", "request", "replica_put", 21,
+            {"push": True, "ids": [r.id.hex() for r in group], "records": [r.encode().hex() for r in group]},
+            bytes([1]) + records_block(group)),
+        rep("replica-put-response", "response", "replica_put", 21, {"counts": [3]}, struct.pack("<I", 3)),
+        rep("push-request", "request", "push", 22, {"ids": [claim.id.hex()], "records": [encoded.hex()]},
+            records_block([claim])),
+        rep("push-response", "response", "push", 22, {"counts": [1, 0]}, struct.pack("<II", 1, 0)),
+        rep("sync-start-request", "request", "sync", 23,
+            {"session": 0x0102030405060708, "step": 0, "flags": 0x01 | 0x04, "salt": salt.hex(),
+             "scopes": [0], "message": message.hex(), "ids": [], "records": []},
+            struct.pack("<QIB", 0x0102030405060708, 0, 0x05) + salt + struct.pack("<II", 1, 0)
+            + struct.pack("<I", len(message)) + message + records_block([])),
+        rep("sync-answer", "response", "sync", 23,
+            {"step": 0, "flags": 0x01, "message": "", "ids": [claim.id.hex()], "records": [encoded.hex()]},
+            struct.pack("<IBI", 0, 0x01, 0) + records_block([claim])),
+        rep("sync-next-request", "request", "sync", 24,
+            {"session": 0x0102030405060708, "step": 1, "flags": 0x02, "salt": "", "scopes": [],
+             "message": "", "ids": [], "records": []},
+            struct.pack("<QIB", 0x0102030405060708, 1, 0x02) + struct.pack("<I", 0) + records_block([])),
+        rep("sync-with-request", "request", "sync_with", 25,
+            {"peer": "stemedb://10.0.0.2:7440", "token": "", "pull": True, "push": False},
+            bytes([1]) + s16("stemedb://10.0.0.2:7440") + s16("")),
+        rep("sync-with-response", "response", "sync_with", 25, {"json": synced}, s32(synced)),
+        rep("cluster-status-request", "request", "cluster_status", 26, {}, b""),
+        rep("cluster-status-response", "response", "cluster_status", 26, {"json": status}, s32(status)),
+        rep("cluster-reload-request", "request", "cluster_reload", 27, {}, b""),
+    ]
 
 
 def main() -> None:

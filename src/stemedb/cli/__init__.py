@@ -27,6 +27,7 @@ import stemedb
 from stemedb.cli import (
     backup,
     bench,
+    cluster,
     dataio,
     demo,
     keys,
@@ -35,6 +36,7 @@ from stemedb.cli import (
     serve,
     shell,
     store,
+    sync,
     token,
 )
 from stemedb.cli.core import (
@@ -51,7 +53,8 @@ from stemedb.cli.core import (
 )
 from stemedb.cli.target import Context
 
-COMMAND_GROUPS = (demo, keys, records, resolve, store, dataio, token, backup, serve, shell, bench)
+COMMAND_GROUPS = (demo, keys, records, resolve, store, dataio, token, backup, sync, cluster, serve,
+                  shell, bench)
 
 
 def build_parser() -> Parser:

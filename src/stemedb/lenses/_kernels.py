@@ -22,6 +22,7 @@ candidates are int64 record numbers into them.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -32,13 +33,26 @@ from stemedb.records import RecordKind
 
 Function = TypeVar("Function", bound=Callable[..., Any])
 _compile = njit(nogil=True, cache=True)
+_KERNELS: list[Any] = []
 
 
 def kernel(function: Function) -> Function:
     """nopython (njit), the GIL released while it runs, compiled code cached on disk next to
     this module (__pycache__), so a new process loads instead of compiling. Typed as the
     function it wraps, so callers keep its signature."""
-    return _compile(function)  # type: ignore[return-value]
+    compiled = _compile(function)
+    _KERNELS.append(compiled)
+    return compiled  # type: ignore[return-value]
+
+
+def cache_is_cold() -> bool | None:
+    """True when some kernel has no compiled code in numba's disk cache (a warm-up will
+    compile it), False when every one has; None when the cache cannot be inspected (its
+    layout is numba's own and may change)."""
+    try:
+        return any(not os.path.exists(k._cache._cache_file._index_path) for k in _KERNELS)
+    except AttributeError:
+        return None
 
 # Lens modes understood by `resolve` and `resolve_all`.
 RECENCY = 0        # latest timestamp, then lowest ID

@@ -3,11 +3,15 @@
 Owns: the session protocol over SYNC messages (docs/replication.md,
 "Anti-entropy"): the initiator's side (`run_session`), the responder's side
 (`Responder`, one state per open session, duplicate steps answered again
-from a cache), the outboxes that carry the records each side found the other
-lacking, and the scheduler (`AntiEntropy`): which peers this node initiates
-with (the lower node id of a pair initiates; one session per peer covers
-every partition the two share plus the global partition), every
-`interval` × (1 ± jitter) seconds, as soon as a peer turns up, and on demand.
+from a cache, the directions the initiator asked for), the outboxes that
+carry the records each side found the other lacking, and the scheduler
+(`AntiEntropy`): which peers this node initiates with (the lower node id of a
+pair initiates; one session per peer covers every partition the two share
+plus the global partition), every `interval` × (1 ± jitter) seconds, as soon
+as a peer turns up, and on demand; and the hand-off of records this node
+holds in partitions it does not replicate (after a placement change, or a
+store that joined a cluster with all its data) to the replicas of those
+partitions, in sessions that only send.
 Must never: store a record without verifying it (every record goes through
 `Intake`), send bytes itself (`exchange` is injected), or run a blocking store
 call on the event loop (`run_blocking` is injected: trio.to_thread.run_sync in
@@ -42,12 +46,14 @@ from stemedb.errors import InvalidRecord, ProtocolError, SignatureError, StemeEr
 from stemedb.replication.framing import (
     SYNC_DONE,
     SYNC_END,
+    SYNC_PULL,
+    SYNC_PUSH,
     SYNC_START,
     RecordBatch,
     SyncAnswer,
     SyncRequest,
 )
-from stemedb.replication.placement import Placement, scope_of
+from stemedb.replication.placement import Placement, partition_of_scope, scope_of
 from stemedb.replication.reconcile import GLOBAL_PARTITION, Reconciler, encode_message
 from stemedb.replication.store import Intake, ReplicaStore
 
@@ -89,11 +95,15 @@ class SessionResult:
     peer: str
     scopes: int
     round_trips: int = 0
-    bytes_sent: int = 0             # SYNC messages, records not counted
+    bytes_sent: int = 0             # reconciliation messages (range lists), records not counted
     bytes_received: int = 0
     records_sent: int = 0
     records_received: int = 0
+    record_bytes_sent: int = 0      # the records themselves (IDs and encodings)
+    record_bytes_received: int = 0
     records_stored: int = 0         # offered to the store (already held ones are skipped there)
+    wire_bytes_sent: int = 0        # everything on the connection, when the caller counted it
+    wire_bytes_received: int = 0
     error: str | None = None
 
     @property
@@ -103,6 +113,18 @@ class SessionResult:
     @property
     def moved(self) -> int:
         return self.records_sent + self.records_received
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures `stemedb sync --json` prints (docs/cli.md)."""
+        return {"peer": self.peer, "scopes": self.scopes, "ok": self.ok, "error": self.error,
+                "round_trips": self.round_trips, "received": self.records_received,
+                "sent": self.records_sent, "stored": self.records_stored,
+                "bytes_sent": self.wire_bytes_sent or self.bytes_sent + self.record_bytes_sent,
+                "bytes_received": (self.wire_bytes_received
+                                   or self.bytes_received + self.record_bytes_received),
+                "message_bytes_sent": self.bytes_sent, "message_bytes_received": self.bytes_received,
+                "record_bytes_sent": self.record_bytes_sent,
+                "record_bytes_received": self.record_bytes_received}
 
 
 class Outbox:
@@ -182,11 +204,14 @@ async def run_session(peer: str, scopes: list[int], exchange: Exchange, mover: M
     records left to send. Errors are in the result: a forged record in an
     answer is refused (nothing of its batch stored) and ends the session.
     """
+    if not (can_send or can_receive):
+        raise ValueError("run_session: the session must send, receive, or both")
     result = SessionResult(peer=peer, scopes=len(scopes))
     reconciler = Reconciler(mover.store, list(scopes), can_send=can_send, can_receive=can_receive,
                             salt=salt)
     outbox, intake = Outbox(), Intake(mover.store)
-    step, flags = 0, SYNC_START
+    step = 0
+    flags = SYNC_START | (0 if can_send else SYNC_PULL) | (0 if can_receive else SYNC_PUSH)
     try:
         message: bytes | None = await mover.probe(list(scopes), salt)
         while True:
@@ -196,12 +221,17 @@ async def run_session(peer: str, scopes: list[int], exchange: Exchange, mover: M
             request = SyncRequest(session, step, flags, message or b"", records, salt, tuple(scopes))
             result.bytes_sent += len(request.message)
             result.records_sent += len(records)
+            result.record_bytes_sent += records.size + 36 * len(records)
             answer = await exchange(peer, request)
             result.round_trips += 1
             if answer.step != step:
                 raise ProtocolError(f"SYNC answer: step {answer.step}, expected {step}")
+            if len(answer.records) and not can_receive:
+                raise ProtocolError(f"SYNC answer: {len(answer.records)} records in a session that "
+                                    "only sends")
             result.bytes_received += len(answer.message)
             result.records_received += len(answer.records)
+            result.record_bytes_received += answer.records.size + 36 * len(answer.records)
             result.records_stored += await mover.accept(intake, answer.records)
             message = None
             if answer.message:
@@ -219,6 +249,8 @@ async def run_session(peer: str, scopes: list[int], exchange: Exchange, mover: M
             trio.TooSlowError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         log.info("anti-entropy with %s ended early: %s", peer, result.error)
+    # Members held until their envelope arrived were stored after the answer that brought them.
+    result.records_stored = max(result.records_stored, intake.stored)
     return result
 
 
@@ -232,15 +264,25 @@ class _Open:
     touched: float
 
 
+AllowedScopes = Callable[[str, SyncRequest], "set[int]"]
+
+
 class Responder:
-    """The answering side of every session peers open with this node."""
+    """The answering side of every session peers open with this node.
+
+    `allowed(peer, start)` names the scopes `peer` may open with the START
+    step `start`; by default the node rule (`node_scopes`).
+    """
 
     def __init__(self, node_id: str, placement: Placement, mover: Mover,
-                 clock: Callable[[], float] = trio.current_time) -> None:
+                 clock: Callable[[], float] = trio.current_time,
+                 allowed: AllowedScopes | None = None) -> None:
         self.node_id = node_id
         self.placement = placement
         self.mover = mover
         self.clock = clock
+        self.allowed = allowed or (lambda peer, start: node_scopes(self.placement, self.node_id, peer,
+                                                                   start))
         self.sessions: dict[tuple[str, int], _Open] = {}
         self.closed: OrderedDict[tuple[str, int], tuple[int, SyncAnswer]] = OrderedDict()
         self.answered = 0
@@ -291,21 +333,25 @@ class Responder:
         return answer
 
     def _open(self, peer: str, request: SyncRequest) -> _Open:
-        allowed = {GLOBAL_PARTITION} | {scope_of(p) for p in self.placement.shared_partitions(self.node_id, peer)}
+        allowed = self.allowed(peer, request)
         for scope in request.scopes:
             if scope not in allowed:
-                raise ProtocolError(f"SYNC: scope {scope} is not shared by {self.node_id} and {peer} "
-                                    f"under cluster version {self.placement.cluster.version}")
+                raise ProtocolError(f"SYNC: scope {scope} is not one {peer} may reconcile with "
+                                    f"{self.node_id} (cluster version {self.placement.cluster.version})")
         if len(self.sessions) >= MAX_SESSIONS:
             oldest = min(self.sessions, key=lambda k: self.sessions[k].touched)
             del self.sessions[oldest]
-        reconciler = Reconciler(self.mover.store, list(request.scopes), can_send=True,
-                                can_receive=True, salt=request.salt)
+        # The initiator's directions, seen from here: PULL means this side takes nothing.
+        reconciler = Reconciler(self.mover.store, list(request.scopes),
+                                can_send=not request.flags & SYNC_PUSH,
+                                can_receive=not request.flags & SYNC_PULL, salt=request.salt)
         state = _Open(reconciler, Outbox(), Intake(self.mover.store), -1, None, self.clock())
         self.sessions[(peer, request.session)] = state
         return state
 
     async def _answer(self, state: _Open, request: SyncRequest) -> SyncAnswer:
+        if len(request.records) and not state.reconciler.can_receive:
+            raise ProtocolError(f"SYNC: {len(request.records)} records in a session that only pulls")
         await self.mover.accept(state.intake, request.records)
         message = b""
         if request.message:
@@ -324,14 +370,38 @@ class Responder:
             del self.sessions[key]
 
 
+def node_scopes(placement: Placement, node_id: str, peer: str, start: SyncRequest) -> set[int]:
+    """The scopes node `peer` may open with this node: the global partition and the partitions
+    both replicate; in a session that only sends (a hand-off), any partition this node replicates."""
+    if peer not in placement.cluster.node_ids:
+        return set()
+    if start.flags & SYNC_PUSH:
+        return {GLOBAL_PARTITION} | {scope_of(p) for p in placement.partitions_of(node_id)}
+    return {GLOBAL_PARTITION} | {scope_of(p) for p in placement.shared_partitions(node_id, peer)}
+
+
+def stray_scopes(store: ReplicaStore, placement: Placement, node_id: str) -> list[int]:
+    """Scopes of partitions this node holds records of but does not replicate (call in a thread)."""
+    held = set(placement.partitions_of(node_id))
+    stray = []
+    with store.lock:
+        for partition in range(placement.partitions):
+            if partition not in held and len(store.items(scope_of(partition))[0]):
+                stray.append(scope_of(partition))
+    return stray
+
+
 @dataclass
 class AntiEntropyStats:
     rounds: int = 0
     failed_rounds: int = 0
+    handoffs: int = 0               # sessions handing off records of partitions this node left
     records_sent: int = 0
     records_received: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    record_bytes_sent: int = 0
+    record_bytes_received: int = 0
     forged: dict[str, int] = field(default_factory=dict)   # peer → sessions ended by a forged record
 
 
@@ -339,7 +409,8 @@ class AntiEntropy:
     """When this node reconciles with whom; drives `run_session`.
 
     `rng` draws the jitter, session ids and salts (seeded in the
-    simulation, so a run replays exactly).
+    simulation, so a run replays exactly). Peers can be added and removed
+    while it runs (a cluster-file reload); `placement` may be replaced.
     """
 
     def __init__(self, node_id: str, placement: Placement, mover: Mover, exchange: Exchange, *,
@@ -360,12 +431,15 @@ class AntiEntropy:
         self.last: dict[str, SessionResult] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._triggers: dict[str, trio.Event] = {}
+        self._loops: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
 
     def initiates_with(self, peer: str) -> bool:
         """Each pair reconciles once per round: the node with the lower id starts it."""
         return self.node_id < peer
 
     def peers(self) -> list[str]:
+        """The peers this node starts the rounds with."""
         return [p for p in self.placement.cluster.peers_of(self.node_id) if self.initiates_with(p)]
 
     def scopes_with(self, peer: str) -> list[int]:
@@ -380,14 +454,31 @@ class AntiEntropy:
     def next_wait(self) -> float:
         return self.interval * (1 + self.jitter * (2 * self.rng.random() - 1))
 
-    async def sync_now(self, peer: str) -> SessionResult:
+    async def sync_now(self, peer: str, *, can_send: bool = True,
+                       can_receive: bool = True) -> SessionResult:
         """One session with `peer` now (either side may ask), after any running one ends."""
+        return await self._session(peer, self.scopes_with(peer), can_send, can_receive)
+
+    async def hand_off(self, peer: str) -> SessionResult | None:
+        """Send `peer` what this node holds of partitions `peer` replicates and this node does not
+        (None when there is nothing to hand off). The global partition rides along, so the
+        envelopes of handed-off members reach the peer first."""
+        stray = await self.mover.run_blocking(stray_scopes, self.mover.store, self.placement,
+                                              self.node_id)
+        scopes = [s for s in stray if peer in self.placement.replicas(partition_of_scope(s))]
+        if not scopes:
+            return None
+        self.stats.handoffs += 1
+        return await self._session(peer, [GLOBAL_PARTITION, *scopes], True, False)
+
+    async def _session(self, peer: str, scopes: list[int], can_send: bool,
+                       can_receive: bool) -> SessionResult:
         lock = self._locks.setdefault(peer, trio.Lock())
         async with lock:
             session = self.rng.getrandbits(64)
             salt = self.rng.getrandbits(64).to_bytes(8, "little")
-            result = await run_session(peer, self.scopes_with(peer), self.exchange, self.mover,
-                                       session=session, salt=salt)
+            result = await run_session(peer, scopes, self.exchange, self.mover, session=session,
+                                       salt=salt, can_send=can_send, can_receive=can_receive)
         self._count(result)
         return result
 
@@ -399,21 +490,46 @@ class AntiEntropy:
         stats.records_received += result.records_received
         stats.bytes_sent += result.bytes_sent
         stats.bytes_received += result.bytes_received
+        stats.record_bytes_sent += result.record_bytes_sent
+        stats.record_bytes_received += result.record_bytes_received
         if result.error and result.error.startswith("forged"):
             stats.forged[result.peer] = stats.forged.get(result.peer, 0) + 1
         self.last[result.peer] = result
 
-    async def run(self) -> None:
-        """Rounds with every peer this node initiates with, forever."""
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Rounds with every peer, forever (see add_peer)."""
         async with trio.open_nursery() as nursery:
-            for peer in self.peers():
-                self._triggers[peer] = trio.Event()
-                nursery.start_soon(self._peer_loop, peer)
+            self._nursery = nursery
+            for peer in self.placement.cluster.peers_of(self.node_id):
+                self.add_peer(peer)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
-    async def _peer_loop(self, peer: str) -> None:
-        while True:
-            with trio.move_on_after(self.next_wait()):
-                await self._triggers[peer].wait()
-            self._triggers[peer] = trio.Event()
-            if self.is_live(peer):
-                await self.sync_now(peer)
+    def add_peer(self, peer: str) -> None:
+        """Start rounds with `peer` (sessions if this node initiates with it; hand-offs in any case)."""
+        if self._nursery is None or peer in self._loops:
+            return
+        scope = self._loops[peer] = trio.CancelScope()
+        self._triggers[peer] = trio.Event()
+        self._nursery.start_soon(self._peer_loop, peer, scope)
+
+    def remove_peer(self, peer: str) -> None:
+        scope = self._loops.pop(peer, None)
+        if scope is not None:
+            scope.cancel()
+        self._triggers.pop(peer, None)
+
+    async def _peer_loop(self, peer: str, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                with trio.move_on_after(self.next_wait()):
+                    await self._triggers[peer].wait()
+                self._triggers[peer] = trio.Event()
+                if not self.is_live(peer):
+                    continue
+                if self.initiates_with(peer):
+                    await self.sync_now(peer)
+                await self.hand_off(peer)

@@ -34,7 +34,7 @@ TOP_KEYS = {"name", "version", "replication_factor", "partitions", "acks", "node
 NODE_KEYS = {"id", "address"}
 REPLICATION_KEYS = {"heartbeat_interval", "suspect_after", "down_after", "anti_entropy_interval",
                     "anti_entropy_jitter", "push_queue_records", "push_queue_bytes",
-                    "write_timeout"}
+                    "write_timeout", "read_timeout"}
 
 
 class ClusterFileError(StemeError, ValueError):
@@ -63,6 +63,7 @@ class ReplicationSettings:
     push_queue_records: int = 100_000   # records one peer's push queue holds at most
     push_queue_bytes: int = 64 << 20    # bytes one peer's push queue holds at most
     write_timeout: float = 5.0          # a replica that has not confirmed a write by then failed
+    read_timeout: float = 30.0          # a read or query forwarded to a replica fails after this
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,7 @@ def _settings(check: _Checker, table: Any) -> ReplicationSettings:
     defaults = ReplicationSettings()
     values: dict[str, Any] = {}
     for key in ("heartbeat_interval", "suspect_after", "down_after", "anti_entropy_interval",
-                "write_timeout"):
+                "write_timeout", "read_timeout"):
         values[key] = check.seconds(table, key, getattr(defaults, key))
     jitter = table.get("anti_entropy_jitter", defaults.anti_entropy_jitter)
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:

@@ -1,130 +1,52 @@
-"""The messages nodes exchange, and their bytes (the interim peer framing).
+"""The payloads of the binary protocol's replication opcodes, and their bytes.
 
-Owns: every byte layout between two nodes (docs/replication.md, "Peer
-messages"): the 12-byte frame header, a bounded incremental frame parser, and
-the payloads of HELLO, PING, PUT (a forwarded write), PUSH, SYNC and ERROR.
-This is the one place that knows them: when the binary protocol's
-replication opcodes (docs/protocol.md, 0x40-0x4F) carry these messages, only
-this module changes. Must never: do I/O or touch a store.
+Owns: every byte layout of the replication requests and answers
+(docs/protocol.md, "Replication"): NODE_HELLO (who a node is), the records
+block (IDs as the sender computed them, then a record batch), REPLICA_PUT
+(a write forwarded by the node that accepted it), PUSH, the SYNC step and
+its answer, SYNC_WITH, and the JSON texts of CLUSTER_STATUS and
+CLUSTER_RELOAD. Frames themselves (header, request ids, flags, ERROR) are
+the binary protocol's, built and cut by stemedb._protocol; errors cross the
+wire through the one error table (stemedb.errors), never a table here.
+Must never: do I/O or touch a store.
 
 Record payloads reuse the binary protocol's `record_batch` shape, preceded by
 the records' IDs as the sender computed them, so a receiver can tell a
 record whose content does not hash to its claimed ID (a forged or damaged
 record) from a merely unknown one.
 
-Error handling: every malformed frame or payload raises ProtocolError naming
-the field; a frame header that declares more than `max_payload` bytes is
-refused before any of its payload is buffered.
+Error handling: every malformed payload raises FrameError (a ProtocolError)
+naming the field; the server answers it `protocol` and closes the connection.
 """
 
 from __future__ import annotations
 
+import json
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from stemedb import _protocol
-from stemedb.errors import (
-    CorruptionError,
-    DurabilityError,
-    InvalidRecord,
-    NotFound,
-    ProtocolError,
-    SignatureError,
-    StemeError,
-    StorageFull,
-    Unavailable,
-)
+from stemedb.errors import FrameError
 
-MAGIC = b"SR"
-HEADER = struct.Struct("<2sBBII")       # magic, kind, flags, request_id, length
-HEADER_SIZE = HEADER.size
-RESPONSE = 0x01                         # flags bit 0: an answer to the request with this id
-# A client's PUT frame holds up to 16 MiB of records; forwarded, its records gain 36 bytes each
-# (ID and length), so peer frames may be larger than the binary protocol's.
-DEFAULT_MAX_PAYLOAD = 32 << 20
-MAX_PING = 1024
 ID_SIZE = 32
+MAX_PING = _protocol.MAX_PING
 
-# Message kinds; numbered like the binary protocol's opcodes they will become.
-HELLO = 0x01
-PING = 0x03
-PUT = 0x10          # a write forwarded by the node that accepted it
-SYNC = 0x41         # one step of an anti-entropy session
-PUSH = 0x44         # records that became durable on the sender
-ERROR = 0x7F
-KIND_NAMES = {HELLO: "HELLO", PING: "PING", PUT: "PUT", SYNC: "SYNC", PUSH: "PUSH", ERROR: "ERROR"}
-
-PUT_PUSH = 0x01     # PUT flag: after storing, push to the partition's other replicas
+REPLICA_PUT_PUSH = 0x01  # REPLICA_PUT flag: after storing, push to the partition's other replicas
 
 SYNC_START = 0x01   # SYNC request flags: the first step (carries salt and scopes) ...
 SYNC_END = 0x02     # ... the last (the initiator has nothing more to send or ask)
+SYNC_PULL = 0x04    # START only: the initiator only receives (the responder takes no records)
+SYNC_PUSH = 0x08    # START only: the initiator only sends (the responder sends no records)
 SYNC_DONE = 0x01    # SYNC answer flag: the responder has nothing more to send or ask
+SYNC_REQUEST_FLAGS = SYNC_START | SYNC_END | SYNC_PULL | SYNC_PUSH
 SALT_SIZE = 8
 MAX_SCOPES = 1 << 16
 
-
-@dataclass(frozen=True)
-class Frame:
-    kind: int
-    flags: int
-    request_id: int
-    payload: bytes
-
-    @property
-    def is_response(self) -> bool:
-        return bool(self.flags & RESPONSE)
-
-
-def encode_frame(kind: int, request_id: int, payload: bytes = b"", *, response: bool = False) -> bytes:
-    if kind not in KIND_NAMES:
-        raise ValueError(f"kind: unknown message kind {kind:#x}")
-    return HEADER.pack(MAGIC, kind, RESPONSE if response else 0, request_id, len(payload)) + payload
-
-
-class FrameParser:
-    """Cuts frames out of a byte stream; feeding one byte at a time gives the same frames."""
-
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
-        self.max_payload = max_payload
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buffer += data
-        if len(self._buffer) >= HEADER_SIZE:
-            self._check_header()
-
-    def next(self) -> Frame | None:
-        if len(self._buffer) < HEADER_SIZE:
-            return None
-        _, kind, flags, request_id, length = self._check_header()
-        if len(self._buffer) < HEADER_SIZE + length:
-            return None
-        payload = bytes(self._buffer[HEADER_SIZE:HEADER_SIZE + length])
-        del self._buffer[:HEADER_SIZE + length]
-        return Frame(kind, flags, request_id, payload)
-
-    def frames(self) -> Iterator[Frame]:
-        """Every complete frame buffered, one at a time: a bad header after a good frame
-        raises only once the good one has been taken."""
-        while (frame := self.next()) is not None:
-            yield frame
-
-    def _check_header(self) -> tuple[bytes, int, int, int, int]:
-        magic, kind, flags, request_id, length = HEADER.unpack_from(self._buffer)
-        if magic != MAGIC:
-            raise ProtocolError(f"peer frame: magic {bytes(magic)!r}, expected {MAGIC!r}: the peer "
-                                "is not a StemeDB node")
-        if kind not in KIND_NAMES:
-            raise ProtocolError(f"peer frame: unknown message kind {kind:#x}")
-        if flags & ~RESPONSE:
-            raise ProtocolError(f"peer frame: unknown flags {flags:#x}")
-        if length > self.max_payload:
-            raise ProtocolError(f"peer frame: {length} payload bytes, above the limit of "
-                                f"{self.max_payload}")
-        return magic, kind, flags, request_id, length
+SYNC_WITH_PULL = 0x01   # SYNC_WITH flags: only receive from the peer ...
+SYNC_WITH_PUSH = 0x02   # ... only send to it (neither: both directions)
 
 
 # ------------------------------------------------------------------ records
@@ -183,19 +105,21 @@ def encode_records(batch: RecordBatch) -> bytes:
             + _protocol.encode_record_batch(batch.blob, batch.offsets))
 
 
-def decode_records(payload: bytes, start: int = 0) -> RecordBatch:
+def decode_records(payload: bytes, start: int = 0, what: str = "records") -> RecordBatch:
     """A records block at payload[start:], which it must fill exactly."""
     if len(payload) - start < 4:
-        raise ProtocolError("peer records: the ID count runs past the end")
+        raise FrameError(f"{what}: the ID count runs past the end")
     (count,) = struct.unpack_from("<I", payload, start)
     end = start + 4 + count * ID_SIZE
     if end > len(payload):
-        raise ProtocolError(f"peer records: {count} IDs do not fit the {len(payload) - start - 4} "
-                            "bytes left")
+        raise FrameError(f"{what}: {count} IDs do not fit the {len(payload) - start - 4} bytes left")
     ids = np.frombuffer(payload, dtype=np.uint8, count=count * ID_SIZE, offset=start + 4)
-    blob, offsets = _protocol.decode_record_batch(payload, start=end)
+    try:
+        blob, offsets = _protocol.decode_record_batch(payload, start=end)
+    except FrameError as exc:
+        raise FrameError(f"{what}: {exc}") from None
     if len(offsets) - 1 != count:
-        raise ProtocolError(f"peer records: {count} IDs but {len(offsets) - 1} records")
+        raise FrameError(f"{what}: {count} IDs but {len(offsets) - 1} records")
     return RecordBatch(blob, offsets, ids.reshape(count, ID_SIZE))
 
 
@@ -203,7 +127,7 @@ def decode_records(payload: bytes, start: int = 0) -> RecordBatch:
 
 
 @dataclass(frozen=True)
-class Hello:
+class NodeHello:
     """Who is speaking: the cluster's name and file version, and the node's id."""
 
     cluster: str
@@ -211,29 +135,33 @@ class Hello:
     node: str
 
 
-def encode_hello(hello: Hello) -> bytes:
+def encode_node_hello(hello: NodeHello) -> bytes:
     return _str8(hello.cluster, "cluster") + struct.pack("<I", hello.version) + _str8(hello.node, "node")
 
 
-def decode_hello(payload: bytes) -> Hello:
-    reader = _Reader(payload, "HELLO")
+def decode_node_hello(payload: bytes) -> NodeHello:
+    reader = _Reader(payload, "NODE_HELLO")
     cluster = reader.str8("cluster")
     version = reader.u32("version")
     node = reader.str8("node")
     reader.end()
-    return Hello(cluster, version, node)
+    return NodeHello(cluster, version, node)
 
 
-def encode_put(batch: RecordBatch, *, push: bool) -> bytes:
-    return bytes([PUT_PUSH if push else 0]) + encode_records(batch)
+def encode_replica_put(batch: RecordBatch, *, push: bool) -> bytes:
+    return bytes([REPLICA_PUT_PUSH if push else 0]) + encode_records(batch)
 
 
-def decode_put(payload: bytes) -> tuple[RecordBatch, bool]:
+def decode_replica_put(payload: bytes) -> tuple[RecordBatch, bool]:
     if not payload:
-        raise ProtocolError("PUT: empty payload")
-    if payload[0] & ~PUT_PUSH:
-        raise ProtocolError(f"PUT: unknown flags {payload[0]:#x}")
-    return decode_records(payload, 1), bool(payload[0] & PUT_PUSH)
+        raise FrameError("REPLICA_PUT: empty payload")
+    if payload[0] & ~REPLICA_PUT_PUSH:
+        raise FrameError(f"REPLICA_PUT: unknown flags {payload[0]:#x}")
+    return decode_records(payload, 1, "REPLICA_PUT records"), bool(payload[0] & REPLICA_PUT_PUSH)
+
+
+def decode_push(payload: bytes) -> RecordBatch:
+    return decode_records(payload, 0, "PUSH records")
 
 
 def encode_counts(*counts: int) -> bytes:
@@ -242,7 +170,7 @@ def encode_counts(*counts: int) -> bytes:
 
 def decode_counts(payload: bytes, n: int, what: str) -> tuple[int, ...]:
     if len(payload) != 4 * n:
-        raise ProtocolError(f"{what} answer: {len(payload)} bytes, expected {4 * n}")
+        raise FrameError(f"{what} answer: {len(payload)} bytes, expected {4 * n}")
     return struct.unpack(f"<{n}I", payload)
 
 
@@ -250,7 +178,7 @@ def decode_counts(payload: bytes, n: int, what: str) -> tuple[int, ...]:
 class SyncRequest:
     session: int                 # chosen by the initiator, unique among its open sessions
     step: int                    # 0, 1, 2, ...: a repeated step is a duplicate
-    flags: int                   # SYNC_START, SYNC_END
+    flags: int                   # SYNC_START, SYNC_END; with START, SYNC_PULL or SYNC_PUSH
     message: bytes               # the reconciliation message (reconcile.encode_message), or empty
     records: RecordBatch         # records the initiator found the responder lacking
     salt: bytes = b""            # START only
@@ -279,21 +207,25 @@ def decode_sync_request(payload: bytes) -> SyncRequest:
     session = reader.unpack("<Q", "session")[0]
     step = reader.u32("step")
     flags = reader.unpack("<B", "flags")[0]
-    if flags & ~(SYNC_START | SYNC_END):
-        raise ProtocolError(f"SYNC: unknown flags {flags:#x}")
+    if flags & ~SYNC_REQUEST_FLAGS:
+        raise FrameError(f"SYNC: unknown flags {flags:#x}")
+    if flags & (SYNC_PULL | SYNC_PUSH) and not flags & SYNC_START:
+        raise FrameError("SYNC: PULL and PUSH belong to the START step")
+    if flags & SYNC_PULL and flags & SYNC_PUSH:
+        raise FrameError("SYNC: PULL and PUSH exclude each other (neither: both directions)")
     salt = b""
     scopes: tuple[int, ...] = ()
     if flags & SYNC_START:
         salt = reader.take(SALT_SIZE, "salt")
         count = reader.u32("scope count")
         if count > MAX_SCOPES:
-            raise ProtocolError(f"SYNC: {count} scopes, at most {MAX_SCOPES}")
+            raise FrameError(f"SYNC: {count} scopes, at most {MAX_SCOPES}")
         scopes = reader.unpack(f"<{count}I", "scopes")
         if len(set(scopes)) != count:
-            raise ProtocolError("SYNC: a scope is listed twice")
+            raise FrameError("SYNC: a scope is listed twice")
     message = reader.take(reader.u32("message length"), "message")
-    return SyncRequest(session, step, flags, message, decode_records(payload, reader.position),
-                       salt, scopes)
+    return SyncRequest(session, step, flags, message,
+                       decode_records(payload, reader.position, "SYNC records"), salt, scopes)
 
 
 def encode_sync_answer(answer: SyncAnswer) -> bytes:
@@ -306,51 +238,56 @@ def decode_sync_answer(payload: bytes) -> SyncAnswer:
     step = reader.u32("step")
     flags = reader.unpack("<B", "flags")[0]
     if flags & ~SYNC_DONE:
-        raise ProtocolError(f"SYNC answer: unknown flags {flags:#x}")
+        raise FrameError(f"SYNC answer: unknown flags {flags:#x}")
     message = reader.take(reader.u32("message length"), "message")
-    return SyncAnswer(step, flags, message, decode_records(payload, reader.position))
+    return SyncAnswer(step, flags, message, decode_records(payload, reader.position, "SYNC answer records"))
 
 
-def encode_error(code: int, message: str) -> bytes:
-    text = message.encode()[:0xFFFF]
-    return struct.pack("<HH", code, len(text)) + text
+@dataclass(frozen=True)
+class SyncWith:
+    """Run a session with `peer` (a node id of the cluster, or stemedb://host:port) now."""
+
+    peer: str
+    token: str = ""              # presented to `peer` when it is not a node of this cluster
+    pull: bool = True            # receive what the peer has and this server lacks
+    push: bool = True            # send what this server has and the peer lacks
 
 
-def decode_error(payload: bytes) -> tuple[int, str]:
-    reader = _Reader(payload, "ERROR")
-    code = reader.unpack("<H", "code")[0]
-    text = reader.take(reader.unpack("<H", "message length")[0], "message")
+def encode_sync_with(request: SyncWith) -> bytes:
+    if not (request.pull or request.push):
+        raise ValueError("sync_with: pull, push or both")
+    flags = 0 if request.pull and request.push else (SYNC_WITH_PULL if request.pull else SYNC_WITH_PUSH)
+    return bytes([flags]) + _str16(request.peer, "peer") + _str16(request.token, "token")
+
+
+def decode_sync_with(payload: bytes) -> SyncWith:
+    reader = _Reader(payload, "SYNC_WITH")
+    flags = reader.unpack("<B", "flags")[0]
+    if flags & ~(SYNC_WITH_PULL | SYNC_WITH_PUSH) or flags == SYNC_WITH_PULL | SYNC_WITH_PUSH:
+        raise FrameError(f"SYNC_WITH: flags {flags:#x} (0 both directions, 1 pull, 2 push)")
+    peer = reader.str16("peer")
+    token = reader.str16("token")
     reader.end()
-    return code, text.decode(errors="replace")
+    if not peer:
+        raise FrameError("SYNC_WITH: peer is empty")
+    return SyncWith(peer, token, pull=flags != SYNC_WITH_PUSH, push=flags != SYNC_WITH_PULL)
 
 
-# Errors cross the wire as the binary protocol's codes (docs/protocol.md, "Errors"),
-# most specific class first.
-ERROR_CODES: tuple[tuple[type[StemeError], int], ...] = (
-    (SignatureError, _protocol.E_SIGNATURE),
-    (InvalidRecord, _protocol.E_INVALID_RECORD),
-    (StorageFull, _protocol.E_STORAGE_FULL),
-    (DurabilityError, _protocol.E_DURABILITY),
-    (CorruptionError, _protocol.E_CORRUPTION),
-    (NotFound, _protocol.E_NOT_FOUND),
-    (Unavailable, _protocol.E_UNAVAILABLE),
-    (ProtocolError, _protocol.E_PROTOCOL),
-)
+def encode_json(document: Any) -> bytes:
+    """A JSON answer (SYNC_WITH, CLUSTER_STATUS, CLUSTER_RELOAD): the protocol's text:str32."""
+    return _protocol.encode_text(json.dumps(document, sort_keys=True))
 
 
-def error_code(exc: BaseException) -> int:
-    for cls, code in ERROR_CODES:
-        if isinstance(exc, cls):
-            return code
-    return _protocol.E_INTERNAL
+def decode_json(payload: bytes, what: str) -> Any:
+    text = _protocol.decode_text(payload)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FrameError(f"{what}: not JSON ({exc.msg})") from None
 
 
-def error_from_code(code: int, message: str) -> StemeError:
-    """The exception a peer's ERROR answer stands for (StemeError for unknown codes)."""
-    for cls, known in ERROR_CODES:
-        if known == code:
-            return cls(message)
-    return StemeError(message)
+def decode_empty(payload: bytes, what: str) -> None:
+    _protocol.decode_empty(payload, what)
 
 
 def _str8(text: str, what: str) -> bytes:
@@ -358,6 +295,13 @@ def _str8(text: str, what: str) -> bytes:
     if len(data) > 255:
         raise ValueError(f"{what}: {len(data)} bytes, at most 255")
     return bytes([len(data)]) + data
+
+
+def _str16(text: str, what: str) -> bytes:
+    data = text.encode()
+    if len(data) > 0xFFFF:
+        raise ValueError(f"{what}: {len(data)} bytes, at most 65535")
+    return struct.pack("<H", len(data)) + data
 
 
 class _Reader:
@@ -368,7 +312,7 @@ class _Reader:
 
     def take(self, n: int, field: str) -> bytes:
         if n > len(self.payload) - self.position:
-            raise ProtocolError(f"{self.what}: {field} at byte {self.position} runs past the end")
+            raise FrameError(f"{self.what}: {field} at byte {self.position} runs past the end")
         out = self.payload[self.position:self.position + n]
         self.position += n
         return bytes(out)
@@ -379,14 +323,19 @@ class _Reader:
     def u32(self, field: str) -> int:
         return int(self.unpack("<I", field)[0])
 
-    def str8(self, field: str) -> str:
-        data = self.take(self.take(1, field)[0], field)
+    def _text(self, data: bytes, field: str) -> str:
         try:
             return data.decode()
         except UnicodeDecodeError:
-            raise ProtocolError(f"{self.what}: {field} is not UTF-8") from None
+            raise FrameError(f"{self.what}: {field} is not UTF-8") from None
+
+    def str8(self, field: str) -> str:
+        return self._text(self.take(self.take(1, field)[0], field), field)
+
+    def str16(self, field: str) -> str:
+        return self._text(self.take(self.unpack("<H", field)[0], field), field)
 
     def end(self) -> None:
         if self.position != len(self.payload):
-            raise ProtocolError(f"{self.what}: {len(self.payload) - self.position} bytes after the "
-                                "last field")
+            raise FrameError(f"{self.what}: {len(self.payload) - self.position} bytes after the "
+                             "last field")

@@ -133,6 +133,21 @@ class Membership:
         self.listeners: list[Listener] = []
         self.transitions = 0
 
+    def add(self, peer: str) -> None:
+        """A node joined the cluster file: down until it is heard from."""
+        if peer not in self.peers:
+            self.peers[peer] = PeerLiveness(peer, self.settings)
+
+    def remove(self, peer: str) -> None:
+        """A node left the cluster file: forgotten (no transition is announced)."""
+        self.peers.pop(peer, None)
+
+    def configure(self, settings: LivenessSettings) -> None:
+        """New timeouts (a reloaded cluster file), for every peer from now on."""
+        self.settings = settings
+        for live in self.peers.values():
+            live.settings = settings
+
     def state(self, peer: str) -> PeerState:
         return self.peers[peer].state
 
@@ -146,18 +161,20 @@ class Membership:
         return [p for p, live in self.peers.items() if live.state is PeerState.UP]
 
     def asked(self, peer: str) -> None:
-        self._emit(self.peers[peer].asked(self.clock()))
+        if peer in self.peers:
+            self._emit(self.peers[peer].asked(self.clock()))
 
     def heard(self, peer: str) -> None:
         if peer in self.peers:
             self._emit(self.peers[peer].heard(self.clock()))
 
     def failed(self, peer: str) -> None:
-        self._emit(self.peers[peer].failed(self.clock()))
+        if peer in self.peers:
+            self._emit(self.peers[peer].failed(self.clock()))
 
     def tick(self) -> None:
         now = self.clock()
-        for live in self.peers.values():
+        for live in list(self.peers.values()):
             self._emit(live.tick(now))
 
     def snapshot(self) -> dict[str, dict[str, float | str | None]]:
@@ -192,11 +209,11 @@ async def run_heartbeats(membership: Membership, ping: Ping) -> None:
     itself. A PING that raises Unavailable, OSError or a trio stream error marks
     a failure; one that times out only leaves the question unanswered.
     """
-    settings = membership.settings
     async with trio.open_nursery() as nursery:
         while True:
+            settings = membership.settings   # a reload may replace them
             now = membership.clock()
-            for peer, live in membership.peers.items():
+            for peer, live in list(membership.peers.items()):
                 if live.state is PeerState.UP and live.last_heard is not None \
                         and now - live.last_heard < settings.heartbeat_interval:
                     continue   # heard from within the interval (a push, a sync...): no need to ask

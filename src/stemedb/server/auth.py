@@ -49,6 +49,13 @@ REQUIRED_ROLE = {
     _protocol.VOTE: _protocol.ROLE_WRITE,
     _protocol.EPOCH: _protocol.ROLE_WRITE,
     _protocol.AUDIT: _protocol.ROLE_ADMIN,
+    _protocol.NODE_HELLO: _protocol.ROLE_REPLICA,
+    _protocol.SYNC: _protocol.ROLE_REPLICA,
+    _protocol.REPLICA_PUT: _protocol.ROLE_REPLICA,
+    _protocol.PUSH: _protocol.ROLE_REPLICA,
+    _protocol.CLUSTER_STATUS: _protocol.ROLE_READ,
+    _protocol.SYNC_WITH: _protocol.ROLE_ADMIN,
+    _protocol.CLUSTER_RELOAD: _protocol.ROLE_ADMIN,
 }
 
 
@@ -59,8 +66,22 @@ def new_token() -> tuple[str, str]:
 
 
 def required_role(opcode: int) -> int:
-    """Replication opcodes (0x40..0x4F) need admin; see REQUIRED_ROLE for the rest."""
+    """The least role `opcode` needs (REQUIRED_ROLE); reserved opcodes need admin."""
     return REQUIRED_ROLE.get(opcode, _protocol.ROLE_ADMIN)
+
+
+def role_allows(role: int, needed: int) -> bool:
+    """Whether a principal of `role` may send what needs `needed`.
+
+    Read ⊂ write ⊂ admin nest; replica (a cluster node's token) stands
+    beside them: reads and the node-to-node replication requests, no client
+    writes, nothing of admin. Admin may do everything, replication included.
+    """
+    if role == _protocol.ROLE_REPLICA:
+        return needed in (_protocol.ROLE_READ, _protocol.ROLE_REPLICA)
+    if needed == _protocol.ROLE_REPLICA:
+        return role == _protocol.ROLE_ADMIN
+    return role >= needed
 
 
 @dataclass(frozen=True)
@@ -163,7 +184,7 @@ class Authenticator:
     def authorize(principal: Principal, opcode: int) -> None:
         """Forbidden unless the principal's role is at least the one `opcode` needs."""
         needed = required_role(opcode)
-        if principal.role < needed:
+        if not role_allows(principal.role, needed):
             op = _protocol.OPCODE_NAMES.get(opcode, f"0x{opcode:02x}")
             raise Forbidden(f"{op} needs the {_protocol.ROLE_NAMES[needed]} role; "
                             f"{principal.name!r} has {principal.role_name}")

@@ -34,8 +34,10 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 DEFAULT_LISTEN = "127.0.0.1:7440"
-ROLES = {"read": _protocol.ROLE_READ, "write": _protocol.ROLE_WRITE, "admin": _protocol.ROLE_ADMIN}
-OPERATIONS = ("ping", "put", "get", "query", "scan", "vote", "epoch", "stats", "audit", "sync")
+ROLES = {"read": _protocol.ROLE_READ, "write": _protocol.ROLE_WRITE, "admin": _protocol.ROLE_ADMIN,
+         "replica": _protocol.ROLE_REPLICA}
+OPERATIONS = ("ping", "put", "get", "query", "scan", "vote", "epoch", "stats", "audit", "sync",
+              "node_hello", "replica_put", "push", "sync_with", "cluster_status", "cluster_reload")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,11 @@ class ServerConfig:
     access_log: bool = False
     archive_url: str | None = None   # continuous archival target (stemedb.backup.archiver); None: off
     archive_interval: float = 1.0
+    sync: bool = True                  # a single server answers SYNC / SYNC_WITH (stemedb sync)
+    cluster_file: str | None = None    # a cluster node: the cluster file (docs/replication.md) ...
+    cluster_node: str | None = None    # ... and this node's id in it
+    cluster_token: str | None = None   # the secret this node presents to its peers (role replica)
+    cluster_ca: str | None = None      # PEM file of the CA of the nodes' certificates (TLS)
 
     @property
     def protected_mode(self) -> bool:
@@ -168,6 +175,7 @@ class ServerConfig:
         config.write_threads = _positive_int(server, "server.write_threads", config.write_threads)
         config.bulk_threads = _positive_int(server, "server.bulk_threads", config.bulk_threads)
         config.read_threads = _positive_int(server, "server.read_threads", config.read_threads)
+        config.sync = _boolean(server, "server.sync", config.sync)
         config.database = _database(_table(document, "database"))
         config.limits = _limits(_table(document, "limits"))
         rates = _table(document, "rate_limits")
@@ -192,6 +200,7 @@ class ServerConfig:
         _known(http, "http.", _keys_of("http"))
         config.metrics_tokens = _digests(http.get("metrics_token_sha256", []),
                                          "http.metrics_token_sha256")
+        _cluster(config, _table(document, "cluster"), base)
         log = _table(document, "log")
         _known(log, "log.", _keys_of("log"))
         config.log_level = _choice(log, "log.level", config.log_level, LOG_LEVELS)
@@ -245,6 +254,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.bulk_threads", "integer", "2", "worker threads for write batches of 256+ "
             "records (CPU-bound)"),
     Setting("server.read_threads", "integer", "4", "worker threads for GET, QUERY, SCAN, STATS"),
+    Setting("server.sync", "boolean", "true", "a single server answers SYNC and SYNC_WITH "
+            "(`stemedb sync`) from replica and admin tokens; false: `unsupported` (cluster nodes "
+            "always answer)"),
     Setting("database.durability", "text", '"sync"', "when a write is acknowledged: `sync`, "
             "`batch` or `none` (\"Durability modes\")"),
     Setting("database.segment_size", "integer", "67108864", "bytes per segment file of a new "
@@ -291,6 +303,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls.key", "text", "none", "PEM private key of tls.cert"),
     Setting("http.metrics_token_sha256", "texts", "none (open)", "SHA-256 (hex) of the token, "
             "or an array of them, that GET /metrics must present as `Authorization: Bearer`"),
+    Setting("cluster.file", "text", "none (a single server)", "the cluster file: this server is a "
+            "node of that cluster (docs/replication.md) and listens on its address there", "--cluster"),
+    Setting("cluster.node", "text", "none", "this node's id in the cluster file", "--node"),
+    Setting("cluster.token", "text", "none", "the secret this node presents to its peers: a "
+            "`[[tokens]]` entry of role `replica` (or admin) on every node holds its sha256; none: "
+            "peers must be in protected mode (loopback)"),
+    Setting("cluster.ca", "text", "the system's", "with [tls]: PEM file of the CA whose "
+            "certificates the peers present (path relative to the config file)"),
     Setting("log.level", "text", '"info"', "`debug`, `info`, `warning` or `error`",
             "--log-level"),
     Setting("log.format", "text", '"text"', "`text` (one readable line) or `json` (one JSON "
@@ -367,7 +387,7 @@ def _parse_text(setting: Setting, text: str, origin: str) -> Any:
                     "boolean": "true or false (1, 0, yes, no)"}.get(
             setting.kind, "a TOML inline table or array")
         raise ConfigError(f"{origin} ({setting.key}): expected {expected}, got {text!r}") from None
-    if setting.key in ("tls.cert", "tls.key") and text:
+    if setting.key in ("tls.cert", "tls.key", "cluster.file", "cluster.ca") and text:
         return os.path.abspath(text)  # not relative to the config file: to where it was given
     return text
 
@@ -599,6 +619,22 @@ def _expiry(value: Any, key: str) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     raise ConfigError(f"{key}: expected a TOML date-time or Unix seconds")
+
+
+def _cluster(config: ServerConfig, table: Mapping[str, Any], base: str) -> None:
+    _known(table, "cluster.", _keys_of("cluster"))
+    for key in ("file", "ca"):
+        if key in table:
+            setattr(config, f"cluster_{key}", os.path.join(base, _string(table, f"cluster.{key}")))
+    if "node" in table:
+        config.cluster_node = _string(table, "cluster.node")
+    if "token" in table:
+        token = _string(table, "cluster.token")
+        if len(token) < 16 or len(token.encode()) > _protocol.MAX_TOKEN:
+            raise ConfigError(f"cluster.token: expected 16..{_protocol.MAX_TOKEN} characters")
+        config.cluster_token = token
+    if config.cluster_node is not None and config.cluster_file is None:
+        raise ConfigError("cluster.node: give the cluster file too (cluster.file, --cluster)")
 
 
 def _quotas(config: ServerConfig, table: Mapping[str, Any]) -> None:

@@ -13,7 +13,11 @@ on the same connection to be answered, so a connection reads its own writes
 (PING and writes are not held back). Every request goes through the request
 pipeline (stemedb.server.pipeline: authorize, admit, run in a worker thread,
 metrics, errors through the one table); the connection is given a
-DoorContext, not the Server. Must never: run a database call on the event
+DoorContext, not the Server. A connection from another cluster node says so
+with NODE_HELLO: from then on its requests count as heard from that node,
+are served here (never forwarded on), and its frames may be
+NODE_FRAME_FACTOR times `max_frame` (a forwarded write carries its records'
+IDs); the replication opcodes go to the pipeline's replication side. Must never: run a database call on the event
 loop (they go through the pipeline, in worker threads), read more frames
 while `max_inflight` requests are unanswered or while its request bytes
 cannot be reserved from the server's budget, build an answer frame before
@@ -60,9 +64,10 @@ from stemedb.errors import (
     UnsupportedVersion,
     refusal,
 )
+from stemedb.records import RecordKind
 from stemedb.server.auth import Peer, Principal, describe_peer
 from stemedb.server.buffers import COALESCE_BYTES, SEND_SLICE, InputAccount, OutputQueue
-from stemedb.server.pipeline import Caller, DoorContext, Operation, operation_of
+from stemedb.server.pipeline import Caller, DoorContext, Operation
 from stemedb.server.service import KIND_NAMES, Blob, IdArray, frame_spans, parse_options
 
 log = logging.getLogger("stemedb.server")
@@ -72,6 +77,8 @@ MIN_RECEIVE = 16 * 1024         # less room than this in the request allowance: 
 ANSWER_FRAME = 1 << 20          # GET and SCAN answers are streamed in frames of about this size
 CLOSE_GRACE = 5.0               # seconds to flush the last responses of a closing connection
 DEFAULT_SCAN_LIMIT = 10_000
+NODE_FRAME_FACTOR = 2           # frames after NODE_HELLO: up to this many times max_frame
+ACKS = {0: None, _protocol.ACKS_ONE: "1", _protocol.ACKS_ALL: "all"}
 
 Handler = Callable[["Connection", Operation, int, Any], Awaitable[None]]
 
@@ -88,6 +95,7 @@ class Connection:
         self.peer = peer
         self.reader = _protocol.FrameReader(self.limits.preauth_frame)
         self.principal: Principal | None = None
+        self.node: str | None = None       # the cluster node at the other end, after NODE_HELLO
         self.hello_done = False
         self.inflight = 0
         self.slots = trio.Semaphore(self.limits.max_inflight)
@@ -104,7 +112,7 @@ class Connection:
 
     @property
     def caller(self) -> Caller:
-        return Caller("binary", self.peer, self.principal)
+        return Caller("binary", self.peer, self.principal, self.node)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -171,7 +179,7 @@ class Connection:
             if trio.current_time() >= deadline:
                 self.metrics.rejected.labels("handshake_timeout").inc()
                 return
-        while not self.door.draining:
+        while not self.door.draining and self.fatal is None:
             try:
                 frame = self.reader.next()
             except FrameError as exc:
@@ -209,7 +217,7 @@ class Connection:
                     return
             self._receive_scope = None
             if scope.cancelled_caught:
-                if self.door.draining:
+                if self.door.draining or self.fatal is not None:
                     return
                 if self.principal is None:
                     self._fail(ConnectionTimeout("handshake not completed within "
@@ -228,6 +236,11 @@ class Connection:
             self.input.set_buffered(self.reader.buffered)
 
     # --------------------------------------------------------------- replies
+
+    def fail_request(self, error: StemeError, request_id: int) -> None:
+        """A request task found the client broke the protocol: answer it, stop reading, close."""
+        self._fail(error, request_id)
+        self.stop_reading()
 
     def _fail(self, error: StemeError, request_id: int = 0, *, reason: str | None = None) -> None:
         """Queue one error frame and mark the connection for closing (never blocks)."""
@@ -267,15 +280,19 @@ class Connection:
         if self.principal is None:
             self._fail(AuthRequired("authenticate first (AUTH with a token)"), frame.request_id)
             return False
-        operation = operation_of(opcode)
+        if self.node is not None and self.pipeline.replication is not None:
+            self.pipeline.replication.heard(self.node)
+        operation = self.pipeline.operation(opcode)
         try:
             self.pipeline.admit(self.caller, operation)
         except StemeError as exc:
             await self.reply_refusal(frame.request_id, refusal(exc))
             return True
-        parse, handler = HANDLERS[opcode]  # admitted, so served
+        parse, handler = HANDLERS.get(opcode, (_replication_payload, _replication))  # admitted, so served
         try:
             args = parse(frame.payload)
+            if opcode in WRITES:
+                args = (*args, ACKS[frame.flags])
         except FrameError as exc:
             self._fail(type(exc)(f"{operation.name}: {exc}", request_id=frame.request_id),
                        frame.request_id)
@@ -353,7 +370,7 @@ class Connection:
             self._fail(exc, frame.request_id,
                        reason="auth_throttled" if isinstance(exc, RateLimited) else None)
             return False
-        flags = 0
+        flags = self.pipeline.server_flags
         if principal is None:
             flags |= _protocol.SERVER_AUTH_REQUIRED
         else:
@@ -423,11 +440,44 @@ async def _ping(conn: Connection, _operation: Operation, request_id: int, payloa
 
 
 async def _put(conn: Connection, operation: Operation, request_id: int,
-               batch: tuple[Blob, np.ndarray]) -> None:
-    blob, offsets = batch
-    ids = await conn.pipeline.put(operation, blob, offsets)
+               batch: tuple[Blob, np.ndarray, str | None]) -> None:
+    blob, offsets, acks = batch
+    ids = await conn.pipeline.put(operation, blob, offsets, acks=acks)
     assert operation.opcode is not None
     await conn.reply(operation.opcode, request_id, _protocol.encode_ids(ids))
+
+
+def _replication_payload(payload: bytes) -> bytes:
+    return payload   # the replication side parses it (framing.py); its FrameError closes
+
+
+async def _replication(conn: Connection, operation: Operation, request_id: int, payload: bytes) -> None:
+    """A replication opcode: NODE_HELLO here, the rest answered by the replication side."""
+    replication = conn.pipeline.replication
+    assert replication is not None and operation.opcode is not None  # admitted, so served
+    try:
+        if operation.opcode == _protocol.NODE_HELLO:
+            answer = _node_hello(conn, replication, payload)
+        else:
+            answer = await replication.handle_peer_request(conn.node, operation.opcode, payload,
+                                                           client=conn.caller.label)
+    except FrameError as exc:
+        conn.fail_request(type(exc)(f"{operation.name}: {exc}", request_id=request_id), request_id)
+        return
+    await conn.reply(operation.opcode, request_id, answer)
+
+
+def _node_hello(conn: Connection, replication: Any, payload: bytes) -> bytes:
+    from stemedb.replication import framing
+
+    if conn.node is not None:
+        raise ProtocolError(f"NODE_HELLO sent twice (this connection is node {conn.node}'s)")
+    hello = framing.decode_node_hello(payload)
+    answer = replication.accept_node(hello)
+    conn.node = hello.node
+    conn.reader.max_payload = NODE_FRAME_FACTOR * conn.limits.max_frame
+    replication.heard(hello.node)
+    return framing.encode_node_hello(answer)
 
 
 def _parse_get(payload: bytes) -> IdArray:
@@ -464,6 +514,11 @@ async def _get(conn: Connection, operation: Operation, request_id: int, ids: IdA
     """
     pipeline, service = conn.pipeline, conn.pipeline.service
     max_frame = conn.limits.max_frame
+    if pipeline.cluster is not None and conn.node is None:
+        lengths = await pipeline.call(operation, service.db.encoded_lengths, ids)
+        if (lengths < 0).any():
+            await _get_from_cluster(conn, operation, request_id, ids, lengths)
+            return
     spans = await pipeline.call(operation, service.plan_get, ids, answer_frame(conn), max_frame)
     for index, (first, end, size) in enumerate(spans):
         more = index < len(spans) - 1
@@ -480,6 +535,26 @@ async def _get(conn: Connection, operation: Operation, request_id: int, ids: IdA
             continue
         conn.output.cancel(ticket)
         await send_record_batches(conn, _protocol.GET, request_id, blob, offsets, final=not more)
+
+
+async def _get_from_cluster(conn: Connection, operation: Operation, request_id: int, ids: IdArray,
+                            lengths: np.ndarray) -> None:
+    """A GET on a cluster node naming records it lacks: those are asked of the other nodes.
+
+    The answer is built whole (the streamed path serves GETs this node can
+    answer alone), so it holds at most one GET's worth of records.
+    """
+    pipeline = conn.pipeline
+    blob, offsets = await pipeline.call(operation, pipeline.service.get_encoded, ids)
+    found = await pipeline.fetch_missing(ids, lengths)
+    view = memoryview(blob)
+    parts: list[bytes | memoryview] = []
+    for index, row in enumerate(ids):
+        local = view[int(offsets[index]):int(offsets[index + 1])]
+        parts.append(local if len(local) else found.get(bytes(row), b""))
+    sizes = np.array([len(part) for part in parts], dtype=np.int64)
+    merged = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    await send_record_batches(conn, _protocol.GET, request_id, b"".join(parts), merged, final=True)
 
 
 def answer_frame(conn: Connection) -> int:
@@ -528,6 +603,18 @@ async def _scan(conn: Connection, operation: Operation, request_id: int,
                 args: tuple[str, str, int, int]) -> None:
     subject, predicate, kind, limit = args
     limit = limit or DEFAULT_SCAN_LIMIT
+    pipeline = conn.pipeline
+    if pipeline.cluster is not None and conn.node is None:
+        targets = pipeline.read_target(conn.caller, subject)
+        if targets is not None:
+            frames = await pipeline.forward(targets, _protocol.SCAN,
+                                            _protocol.encode_scan(subject, predicate, kind, limit))
+            for index, payload in enumerate(frames):
+                await conn.reply(_protocol.SCAN, request_id, payload, more=index < len(frames) - 1)
+            return
+        if not subject and kind in (0, RecordKind.ASSERTION):
+            await _scan_cluster(conn, operation, request_id, predicate, kind, limit)
+            return
     chunks = conn.pipeline.service.scan(subject, predicate, kind, limit)
     while True:
         chunk = await conn.pipeline.call(operation, next, chunks, None)
@@ -536,6 +623,49 @@ async def _scan(conn: Connection, operation: Operation, request_id: int,
         if chunk:
             blob, offsets, _ids = _codec.encode_many(chunk)
             await send_record_batches(conn, _protocol.SCAN, request_id, blob, offsets, final=False)
+    await conn.reply(_protocol.SCAN, request_id, _protocol.encode_record_batch(b"", [0]))
+
+
+async def _scan_cluster(conn: Connection, operation: Operation, request_id: int, predicate: str,
+                        kind: int, limit: int) -> None:
+    """A SCAN of assertions without a subject on a cluster node: every node's records, each once.
+
+    This node's first, then each other live node's (records already sent are
+    skipped); at most `limit` in all. Records of the global partition (votes,
+    epochs, envelopes) are on every node, so those scans stay local.
+    """
+    pipeline = conn.pipeline
+    assert pipeline.cluster is not None
+    sent: set[bytes] = set()
+    chunks = pipeline.service.scan("", predicate, kind, limit)
+    while len(sent) < limit:
+        chunk = await pipeline.call(operation, next, chunks, None)
+        if chunk is None:
+            break
+        if chunk:
+            blob, offsets, ids = _codec.encode_many(chunk)
+            sent.update(bytes(row) for row in ids)
+            await send_record_batches(conn, _protocol.SCAN, request_id, blob, offsets, final=False)
+    for node in pipeline.cluster.others_to_ask():
+        if len(sent) >= limit:
+            break
+        try:
+            frames = await pipeline.cluster.forward(node, _protocol.SCAN,
+                                                    _protocol.encode_scan("", predicate, kind, limit))
+        except StemeError as exc:
+            log.info("SCAN forwarded to %s failed: %s", node, exc)
+            continue
+        for answer in frames:
+            remote, bounds = _protocol.decode_record_batch(answer)
+            ids = _codec.hash_encoded(remote, bounds)
+            fresh = [i for i, row in enumerate(ids) if bytes(row) not in sent][:limit - len(sent)]
+            if not fresh:
+                continue
+            sent.update(bytes(ids[i]) for i in fresh)
+            parts = [bytes(remote[bounds[i]:bounds[i + 1]]) for i in fresh]
+            merged = np.concatenate(([0], np.cumsum([len(p) for p in parts]))).astype(np.int64)
+            await send_record_batches(conn, _protocol.SCAN, request_id, b"".join(parts), merged,
+                                      final=False)
     await conn.reply(_protocol.SCAN, request_id, _protocol.encode_record_batch(b"", [0]))
 
 
@@ -561,6 +691,7 @@ def _parse_audit(payload: bytes) -> int:
     return _protocol.decode_u32(payload, "AUDIT limit")
 
 
+WRITES = (_protocol.PUT, _protocol.VOTE, _protocol.EPOCH)
 HANDLERS: dict[int, tuple[Callable[[bytes], Any], Handler]] = {
     _protocol.PING: (_parse_ping, _ping),
     _protocol.PUT: (_parse_batch, _put),

@@ -77,6 +77,21 @@ class PeerStatus:
 
     up: bool                          # False once the peer is down (docs/replication.md, liveness)
     lag_seconds: float | None         # age of the oldest record not yet pushed to it; None: unknown
+    queue_records: int = 0            # records waiting in its push queue
+    pushed_records: int = 0           # records pushed to it since the server started
+    dropped_records: int = 0          # records its full push queue dropped (anti-entropy repairs them)
+
+
+@dataclass(frozen=True)
+class SyncTotals:
+    """This node's anti-entropy figures since it started (`ServerMetrics.track_cluster`)."""
+
+    rounds: int = 0
+    failed_rounds: int = 0
+    records_sent: int = 0
+    records_received: int = 0
+    bytes_sent: int = 0               # reconciliation messages and records, each way
+    bytes_received: int = 0
 
 
 def _histogram_buckets(histogram: Mapping[str, int], scale: float) -> list[tuple[str, float]]:
@@ -210,6 +225,7 @@ class FeatureCollector:
         self.archive: Callable[[], ArchiveStatus] | None = None
         self.node: str | None = None
         self.peers: Callable[[], Mapping[str, PeerStatus]] | None = None
+        self.sync: Callable[[], SyncTotals] | None = None
 
     def describe(self) -> list[Metric]:
         return []
@@ -240,12 +256,44 @@ class FeatureCollector:
             up.add_metric([self.node], 1)
             lag = GaugeMetricFamily("stemedb_replication_lag_seconds", "Age of the oldest record "
                                     "not yet pushed to a peer", labels=["peer"])
+            depth = GaugeMetricFamily("stemedb_push_queue_records", "Records waiting in a peer's "
+                                      "push queue", labels=["peer"])
+            pushed = CounterMetricFamily("stemedb_push_records", "Records pushed to a peer",
+                                         labels=["peer"])
+            dropped = CounterMetricFamily("stemedb_push_dropped_records", "Records a peer's full "
+                                          "push queue dropped (anti-entropy repairs them)",
+                                          labels=["peer"])
             for peer, status in sorted(peers.items()):
                 up.add_metric([peer], 1 if status.up else 0)
                 if status.lag_seconds is not None:
                     lag.add_metric([peer], status.lag_seconds)
-            yield up
-            yield lag
+                depth.add_metric([peer], status.queue_records)
+                pushed.add_metric([peer], status.pushed_records)
+                dropped.add_metric([peer], status.dropped_records)
+            yield from (up, lag, depth, pushed, dropped)
+            yield from self._sync_metrics()
+
+    def _sync_metrics(self) -> Iterator[Metric]:
+        if self.sync is None:
+            return
+        try:
+            totals = self.sync()
+        except Exception:
+            log.exception("the cluster's sync metrics source failed; left out of this scrape")
+            return
+        yield _counter("stemedb_sync_rounds", "Anti-entropy rounds this node started", totals.rounds)
+        yield _counter("stemedb_sync_failed_rounds", "Anti-entropy rounds that failed",
+                       totals.failed_rounds)
+        records = CounterMetricFamily("stemedb_sync_records", "Records moved by anti-entropy",
+                                      labels=["direction"])
+        records.add_metric(["sent"], totals.records_sent)
+        records.add_metric(["received"], totals.records_received)
+        sizes = CounterMetricFamily("stemedb_sync_bytes", "Bytes moved by anti-entropy "
+                                    "(messages and records)", labels=["direction"])
+        sizes.add_metric(["sent"], totals.bytes_sent)
+        sizes.add_metric(["received"], totals.bytes_received)
+        yield records
+        yield sizes
 
 
 class ServerMetrics:
@@ -312,14 +360,20 @@ class ServerMetrics:
         """
         self._features.archive = status
 
-    def track_cluster(self, node: str, peers: Callable[[], Mapping[str, PeerStatus]]) -> None:
+    def track_cluster(self, node: str, peers: Callable[[], Mapping[str, PeerStatus]],
+                      sync: Callable[[], SyncTotals] | None = None) -> None:
         """Export the cluster's metrics: this node's id, and its peers read from `peers()` per scrape.
 
-        stemedb_node_up{node} (this node 1, each peer as it is seen) and
-        stemedb_replication_lag_seconds{peer}. `peers` runs in the scrape's worker thread.
+        stemedb_node_up{node} (this node 1, each peer as it is seen),
+        stemedb_replication_lag_seconds{peer}, stemedb_push_queue_records{peer},
+        stemedb_push_records_total{peer}, stemedb_push_dropped_records_total{peer}; with
+        `sync`: stemedb_sync_rounds_total, stemedb_sync_failed_rounds_total,
+        stemedb_sync_records_total{direction} and stemedb_sync_bytes_total{direction}.
+        The sources run in the scrape's worker thread.
         """
         self._features.node = node
         self._features.peers = peers
+        self._features.sync = sync
 
     def render(self) -> bytes:
         """The Prometheus text format (blocking: call from a worker thread)."""

@@ -10,7 +10,15 @@ under one label scheme (`door`, `op`), and whatever it raised turned into a
 Refusal through the one error table (stemedb.errors). The binary protocol
 (connection.py) and the HTTP side door (http.py) call it with a Caller (door,
 peer, principal) and get from the server only a DoorContext: this module,
-the limits, the buffer budget and the metrics — never the Server.
+the limits, the buffer budget and the metrics — never the Server. On a
+cluster node it also routes what the doors ask (docs/replication.md,
+"Writes", "Reads"): writes through the node's write path under the
+request's ack policy, reads and queries of a subject to a live replica of
+its partition (forwarded when this node is not one), records by ID from this
+node first, then the others; and it hands the replication opcodes to the
+replication side (`Replication`: the ClusterNode, or a standalone server's
+sync responder). A request that came from another node (after its
+NODE_HELLO) is always served here, never forwarded again.
 
 Admission and running are two calls because both doors decide a request
 before reading or decoding its payload: a door calls `admit` as soon as it
@@ -19,8 +27,9 @@ door holds for a request (the buffer budget, stemedb.server.buffers) are
 reserved by the door as they arrive, before there is a request to admit.
 
 Must never: block the event loop (blocking calls go through `call`, in a
-worker thread); read or write a socket; raise from `run` (a failed request is
-a Refusal for the door to answer).
+worker thread, or the injected `run_blocking` of the simulation); read or
+write a socket; raise from `run` (a failed request is a Refusal for the door
+to answer).
 
 Error handling: `authenticate` and `admit` raise the refusal (AuthError,
 RateLimited, Forbidden, Unsupported), counted in
@@ -31,16 +40,17 @@ answered `internal` without its details.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import trio
 
-from stemedb import _protocol
+from stemedb import _codec, _protocol
 from stemedb._codec import Record
 from stemedb.errors import (
     AuthError,
@@ -49,6 +59,7 @@ from stemedb.errors import (
     RateLimited,
     Refusal,
     StemeError,
+    Unavailable,
     Unsupported,
     refusal,
 )
@@ -60,6 +71,10 @@ from stemedb.server.config import Limits
 from stemedb.server.limits import RequestLimits
 from stemedb.server.metrics import ServerMetrics
 from stemedb.server.service import JSON, Blob, Service
+
+if TYPE_CHECKING:
+    from stemedb.replication.framing import NodeHello
+    from stemedb.replication.node import ClusterNode
 
 Door = Literal["binary", "http"]
 T = TypeVar("T")
@@ -82,7 +97,10 @@ class Operation:
     opcode: int | None               # its binary opcode, whose role it needs; None: an open route
     writes: bool = False             # runs in the write pools (else the read pool)
     kind: RecordKind | None = None   # a write of records of this kind only (VOTE, EPOCH)
-    served: bool = True              # False: reserved (replication), answered `unsupported`
+    served: bool = True              # False: answered `unsupported` (`why` says what is missing)
+    replication: bool = False        # a replication opcode (0x40-0x4F), handed to the replication side
+    cluster_only: bool = False       # ... served by cluster nodes only
+    why: str = ""
 
 
 OPERATIONS: dict[int, Operation] = {op.opcode: op for op in (
@@ -95,6 +113,13 @@ OPERATIONS: dict[int, Operation] = {op.opcode: op for op in (
     Operation("scan", _protocol.SCAN),
     Operation("stats", _protocol.STATS),
     Operation("audit", _protocol.AUDIT),
+    Operation("node_hello", _protocol.NODE_HELLO, replication=True, cluster_only=True),
+    Operation("sync", _protocol.SYNC, replication=True),
+    Operation("replica_put", _protocol.REPLICA_PUT, replication=True, cluster_only=True),
+    Operation("push", _protocol.PUSH, replication=True, cluster_only=True),
+    Operation("sync_with", _protocol.SYNC_WITH, replication=True),
+    Operation("cluster_status", _protocol.CLUSTER_STATUS, replication=True, cluster_only=True),
+    Operation("cluster_reload", _protocol.CLUSTER_RELOAD, replication=True, cluster_only=True),
 ) if op.opcode is not None}
 # The HTTP door's open routes: no token, no role, no rate limit (load balancers, Prometheus).
 HEALTH = Operation("health", None)
@@ -102,12 +127,32 @@ READY = Operation("ready", None)
 METRICS = Operation("metrics", None)
 
 
-def operation_of(opcode: int) -> Operation:
-    """The operation of a request opcode; replication opcodes are known but not served yet."""
+def operation_of(opcode: int, server_flags: int = 0) -> Operation:
+    """The operation of a request opcode, as a server with these replication `server_flags`
+    (SERVER_REPLICATION, SERVER_CLUSTER) serves it; reserved opcodes are answered `unsupported`."""
     known = OPERATIONS.get(opcode)
-    if known is not None:
+    if known is None:
+        return Operation("replication", opcode, served=False, why="a reserved replication opcode")
+    if not known.replication:
         return known
-    return Operation("sync", opcode, served=False)
+    if not server_flags & _protocol.SERVER_REPLICATION:
+        return Operation(known.name, opcode, served=False, replication=True,
+                         why="replication is off on this server (server.sync = false)")
+    if known.cluster_only and not server_flags & _protocol.SERVER_CLUSTER:
+        return Operation(known.name, opcode, served=False, replication=True, cluster_only=True,
+                         why="it is not a cluster node (stemedb serve --cluster)")
+    return known
+
+
+class Replication(Protocol):
+    """What serves the replication opcodes: a ClusterNode, or a standalone server's sync side."""
+
+    server_flags: int     # SERVER_REPLICATION, and SERVER_CLUSTER on a cluster node
+
+    def accept_node(self, hello: NodeHello) -> NodeHello: ...
+    def heard(self, peer: str) -> None: ...
+    async def handle_peer_request(self, peer: str | None, opcode: int, payload: bytes, *,
+                                  client: str = "") -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -117,6 +162,13 @@ class Caller:
     door: Door
     peer: Peer
     principal: Principal | None  # None only on the HTTP door's open routes
+    node: str | None = None      # the cluster node the request came from (after NODE_HELLO)
+
+    @property
+    def label(self) -> str:
+        """How replication names a caller that is not a node (logs, sync sessions)."""
+        name = self.principal.name if self.principal is not None else "-"
+        return f"{name}@{describe_peer(self.peer)}"
 
 
 class Pipeline:
@@ -124,15 +176,29 @@ class Pipeline:
 
     def __init__(self, service: Service, auth: Authenticator, limits: RequestLimits,
                  metrics: ServerMetrics, *, write_threads: int, bulk_threads: int,
-                 read_threads: int, describe: Callable[[], JSON], access: bool = False) -> None:
+                 read_threads: int, describe: Callable[[], JSON], access: bool = False,
+                 replication: Replication | None = None, cluster: ClusterNode | None = None,
+                 run_blocking: Callable[..., Awaitable[Any]] | None = None) -> None:
         self.service = service
         self.access = access
         self.auth = auth
         self.limits = limits
         self.metrics = metrics
+        self.replication = replication
+        self.cluster = cluster
+        self._run_blocking = run_blocking
         self._threads = {"write": write_threads, "bulk": bulk_threads, "read": read_threads}
         self._limiters: dict[str, trio.CapacityLimiter] = {}
         self._describe = describe
+
+    @property
+    def server_flags(self) -> int:
+        """The HELLO answer's replication flags (docs/protocol.md, "HELLO")."""
+        return self.replication.server_flags if self.replication is not None else 0
+
+    def operation(self, opcode: int) -> Operation:
+        """The operation a request opcode is, as this server serves it."""
+        return operation_of(opcode, self.server_flags)
 
     # -------------------------------------------------------- who is asking
 
@@ -170,8 +236,11 @@ class Pipeline:
             Authenticator.authorize(caller.principal, operation.opcode)
             if not operation.served:
                 name = _protocol.OPCODE_NAMES.get(operation.opcode, hex(operation.opcode))
-                raise Unsupported(f"{name} is not served by this server")
-            self.limits.admit(caller.principal.name, operation.name, trio.current_time())
+                raise Unsupported(f"{name.upper()} is not served by this server: {operation.why}")
+            if caller.principal.role != _protocol.ROLE_REPLICA:
+                # Cluster nodes are not rate-limited: heartbeats and pushes must not queue
+                # behind a client's allowance (their writes were charged where they came in).
+                self.limits.admit(caller.principal.name, operation.name, trio.current_time())
         except StemeError as exc:
             self.metrics.rejected.labels(exc.name).inc()
             self._answered(caller, operation, exc.name, None, 0)
@@ -224,6 +293,9 @@ class Pipeline:
         Reads share the read pool; writes of at least BULK_RECORDS `records`
         go to the small bulk pool, other writes to the write pool.
         """
+        if self._run_blocking is not None:
+            inline: T = await self._run_blocking(function, *args)
+            return inline
         pool = "read"
         if operation.writes:
             pool = "bulk" if records >= BULK_RECORDS else "write"
@@ -239,22 +311,84 @@ class Pipeline:
 
     # ------------------------------------- operations both doors serve alike
 
-    async def put(self, operation: Operation, blob: Blob, offsets: np.ndarray) -> np.ndarray:
-        """Store a write request's encoded records (only `operation.kind` if it has one); IDs."""
+    async def put(self, operation: Operation, blob: Blob, offsets: np.ndarray, *,
+                  acks: str | None = None) -> np.ndarray:
+        """Store a write request's encoded records (only `operation.kind` if it has one); IDs.
+
+        On a cluster node the records go through its write path under `acks`
+        ("1", "all"; None: the cluster file's default); a single server
+        stores them here, durable, whatever `acks` says.
+        """
         count = len(offsets) - 1
         self.metrics.put_records.observe(count)
-        return await self.call(operation, self.service.put_encoded, blob, offsets,
-                               trio.current_time(), operation.kind, records=count)
+        if self.cluster is None:
+            return await self.call(operation, self.service.put_encoded, blob, offsets,
+                                   trio.current_time(), operation.kind, records=count)
+        from stemedb.replication.framing import RecordBatch
+
+        data, offsets, ids = await self.call(operation, self.service.cluster_batch, blob, offsets,
+                                             trio.current_time(), operation.kind, records=count)
+        await self.cluster.write(RecordBatch(data, offsets, ids), acks)
+        return ids
 
     async def query(self, caller: Caller, operation: Operation, subject: str, predicate: str,
                     lens: str, options: JSON) -> tuple[Any, list[Record]]:
-        """(JSON-ready resolution, contributing records); audited under the caller's name."""
+        """(JSON-ready resolution, contributing records); audited under the caller's name.
+
+        On a cluster node that does not replicate the subject's partition the
+        query is forwarded to a live replica (the audit keeps the caller's name).
+        """
         agent = caller.principal.name if caller.principal is not None else None
+        if caller.node is not None and "agent" in options:
+            agent = str(options.pop("agent"))  # forwarded: audited under the original caller
+        target = self.read_target(caller, subject)
         started = time.perf_counter()
-        answer = await self.call(operation, self.service.query, subject, predicate, lens,
-                                 options, agent)
+        if target is None:
+            answer = await self.call(operation, self.service.query, subject, predicate, lens,
+                                     options, agent)
+        else:
+            answer = await self._forward_query(target, subject, predicate, lens,
+                                               {**options, "agent": agent} if options.get("audit") else options)
         self.metrics.query_seconds.labels(lens or "default").observe(time.perf_counter() - started)
         return answer
+
+    def read_target(self, caller: Caller, subject: str) -> list[str] | None:
+        """None when this server answers a read of `subject` itself; else the replicas to
+        forward it to, best first (Unavailable when no replica of its partition is live)."""
+        if self.cluster is None or caller.node is not None or not subject:
+            return None
+        order = self.cluster.read_order(subject)
+        if order and order[0] == self.cluster.node_id:
+            return None
+        if not order:
+            partition = self.cluster.placement.subject_partition(subject)
+            raise Unavailable(f"no replica of partition {partition} (subject {subject!r}) is up; "
+                              "retry later")
+        return order
+
+    async def forward(self, targets: list[str], opcode: int, payload: bytes) -> list[bytes]:
+        """A read served by the first of `targets` that answers: its answer frames' payloads."""
+        assert self.cluster is not None
+        failures = []
+        for node in targets:
+            try:
+                return await self.cluster.forward(node, opcode, payload)
+            except Unavailable as exc:
+                failures.append(f"{node}: {exc}")
+        raise Unavailable(f"no replica answered ({'; '.join(failures)}); retry later")
+
+    async def _forward_query(self, targets: list[str], subject: str, predicate: str, lens: str,
+                             options: JSON) -> tuple[Any, list[Record]]:
+        payload = _protocol.encode_query(subject, predicate, lens, json.dumps(options) if options else "")
+        (answer,) = await self.forward(targets, _protocol.QUERY, payload)
+        text, blob, offsets = _protocol.decode_query_result(answer)
+        return json.loads(text), _codec.decode_many(blob, offsets)
+
+    async def fetch_missing(self, ids: np.ndarray, found: np.ndarray) -> dict[bytes, bytes]:
+        """On a cluster node: records this node lacks (`found` < 0) that other nodes hold."""
+        if self.cluster is None or not (found < 0).any():
+            return {}
+        return await self.cluster.fetch(np.ascontiguousarray(ids[found < 0]))
 
     async def stats(self, operation: Operation) -> JSON:
         """The store's figures, with the server's own under "server"."""

@@ -60,10 +60,18 @@ class Service:
         one durable batch, or nothing if any record is refused. Envelopes in
         the batch prove the members that name them; other records must be
         individually signed or members of an envelope already stored. Before
-        that, only the records' headers are read here: for the kind a VOTE /
-        EPOCH request allows, and for the signers' write quotas. Acknowledged
-        (returned) only once durable.
+        that, only the records' headers are read here (`check_write`).
+        Acknowledged (returned) only once durable.
         """
+        self.check_write(blob, offsets, now, expect_kind)
+        kind = RecordKind(expect_kind) if expect_kind is not None else None
+        ids: np.ndarray = self.db.put_encoded(blob, offsets, kind=kind)
+        return ids
+
+    def check_write(self, blob: Blob, offsets: np.ndarray, now: float,
+                    expect_kind: int | None = None) -> None:
+        """The checks of a write that read only the records' headers: the kind a VOTE / EPOCH
+        request allows, and the signers' write quotas (charged here)."""
         if expect_kind is not None or self.limits.has_quotas:
             kinds, signers = _codec.record_heads(blob, offsets)
             others = kinds != RecordKind.ENVELOPE
@@ -75,9 +83,17 @@ class Service:
                                          f"got {_a(KIND_NAMES.get(int(kinds[index]), 'unknown kind'))}")
             if self.limits.has_quotas:
                 self._charge(signers[others], now)
-        kind = RecordKind(expect_kind) if expect_kind is not None else None
-        ids: np.ndarray = self.db.put_encoded(blob, offsets, kind=kind)
-        return ids
+
+    def cluster_batch(self, blob: Blob, offsets: np.ndarray, now: float,
+                      expect_kind: int | None = None) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """A write for a cluster node: `check_write`, then the records as (blob, offsets, IDs),
+        the IDs hashed from their bytes (the node verifies every record before storing it)."""
+        self.check_write(blob, offsets, now, expect_kind)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        start = int(offsets[0]) if len(offsets) else 0
+        data = bytes(memoryview(blob)[start:int(offsets[-1])]) if len(offsets) else b""
+        ids: np.ndarray = _codec.hash_encoded(blob, offsets)
+        return data, offsets - start, ids
 
     def _charge(self, signers: np.ndarray, now: float) -> None:
         """Charge each first signer's records to its write quota (a record without signers: b"")."""
