@@ -195,7 +195,7 @@ def test_three_nodes_sigkill_one_during_writes_restart_and_replicas_agree(tmp_pa
                 assert lost == [], f"{len(lost)} acknowledged records not readable through {node}"
                 for subject in subjects:
                     answer = client.query(subject, "reading")
-                    assert answer["winner"] is not None and answer["winner"]["subject"] == subject
+                    assert answer.winner is not None and answer.winner.subject == subject
 
         cluster.start("n3")                      # the same data directory: it catches up by itself
         cluster.wait_until(lambda: min(writers.count(n) for n in NODES) >= before_kill["n3"] + 50,
