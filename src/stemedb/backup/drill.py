@@ -73,9 +73,17 @@ def run_drill(*, records: int, work: str | None = None, interval: float = 1.0,
         backup_started = time.time()
         taken = backup(data, backups)
         backup_seconds = time.time() - backup_started
-        # Keep writing until every writer is past its quota, then kill while writes are in flight.
-        while counted[0] < records and any(t.is_alive() for t in threads):
-            time.sleep(0.01)
+        # Keep writing until every writer is past its quota and the archive has taken at least
+        # one round since the start (a fast machine can write a small quota within the first
+        # interval), then kill while writes are in flight.
+        deadline = time.time() + max(30.0, 20 * interval)
+        archived = False
+        while any(t.is_alive() for t in threads) and time.time() < deadline:
+            if counted[0] >= records:
+                archived = archived or _archived_through(archive) is not None
+                if archived:
+                    break
+            time.sleep(0.05)
         killed = time.time()
         server.send_signal(signal.SIGKILL)
         server.wait()
