@@ -76,12 +76,11 @@ def run_drill(*, records: int, work: str | None = None, interval: float = 1.0,
         # Keep writing until every writer is past its quota and the archive has taken at least
         # one round since the start (a fast machine can write a small quota within the first
         # interval), then kill while writes are in flight.
-        deadline = time.time() + max(30.0, 20 * interval)
-        archived = False
-        while any(t.is_alive() for t in threads) and time.time() < deadline:
+        deadline: float | None = None   # set once the quota is written: how long to await a round
+        while any(t.is_alive() for t in threads):
             if counted[0] >= records:
-                archived = archived or _archived_through(archive) is not None
-                if archived:
+                deadline = deadline or time.time() + max(30.0, 20 * interval)
+                if _archived_through(archive) is not None or time.time() > deadline:
                     break
             time.sleep(0.05)
         killed = time.time()
