@@ -41,15 +41,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(SRC))
+
+from workload import in_threads  # noqa: E402
 
 import stemedb  # noqa: E402
 from stemedb.client import connect  # noqa: E402
@@ -151,29 +151,6 @@ class Cluster:
         for process in self.processes.values():
             stop(process)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def in_threads(work: Callable[[int], None], count: int) -> float:
-    barrier = threading.Barrier(count + 1)
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        barrier.wait()
-        try:
-            work(index)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - started
 
 
 def write_all(urls: list[str], records: list[Any]) -> tuple[float, list[bytes]]:

@@ -40,9 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -51,6 +49,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(SRC))
 
 import redis  # noqa: E402
+from workload import in_threads  # noqa: E402
 
 import stemedb  # noqa: E402
 from stemedb.client import connect  # noqa: E402
@@ -123,31 +122,6 @@ class RedisServer:
 def split(items: list[Any], parts: int) -> list[list[Any]]:
     size = (len(items) + parts - 1) // parts
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def in_threads(work: Callable[[int], None], count: int) -> float:
-    """Seconds for `count` threads to run work(index), started together."""
-    barrier = threading.Barrier(count + 1)
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        barrier.wait()
-        try:
-            work(index)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return elapsed
 
 
 def ours_write(url: str, records: list[Any], connections: int, signer: stemedb.Signer) -> tuple[float, list[bytes]]:

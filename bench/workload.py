@@ -8,6 +8,9 @@ among 1 000 agents, 10 % with an epoch; votes on 20 % of the assertions.
 from __future__ import annotations
 
 import random
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,3 +77,28 @@ def generate(n: int, seed: int = 42, *, votes: bool = True, signers: int | None 
             vote_list.append(stemedb.Vote(target.id, rng.choice((1.0, 0.5, -1.0)),
                                           timestamp=BASE_TIME + i, signers=[rng.choice(keys)]))
     return Workload(out, vote_list, agents, epochs)
+
+
+def in_threads(work: Callable[[int], None], count: int) -> float:
+    """Seconds for `count` threads to run work(index), started together; the first error raised."""
+    barrier = threading.Barrier(count + 1)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            work(index)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return elapsed
