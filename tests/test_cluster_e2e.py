@@ -24,15 +24,18 @@ import threading
 import time
 from typing import Any
 
+import anyio
 import pytest
 
 import stemedb
-from stemedb.client import connect
+from stemedb.client import connect, connect_async
 
 SRC = str(pathlib.Path(stemedb.__file__).resolve().parent.parent)
 SIGNER = stemedb.Signer.from_seed(b"\x31" * 32)
 NODES = ("n1", "n2", "n3")
 GUARD = 120.0   # seconds: a hang guard only; every wait below ends far sooner on a working cluster
+REPLICATION = ("heartbeat_interval = 0.2\nsuspect_after = 1.0\ndown_after = 2.0\n"
+               "anti_entropy_interval = 2.0\nwrite_timeout = 3.0\n")
 
 
 def free_ports(count: int) -> list[int]:
@@ -55,7 +58,7 @@ def stemedb_command(*args: str, timeout: float = 60) -> subprocess.CompletedProc
 
 
 class Cluster:
-    def __init__(self, base: pathlib.Path, acks: str = "all") -> None:
+    def __init__(self, base: pathlib.Path, acks: str = "all", replication: str = REPLICATION) -> None:
         self.base = base
         ports = free_ports(len(NODES))
         self.addresses = {node: f"127.0.0.1:{port}" for node, port in zip(NODES, ports)}
@@ -63,8 +66,7 @@ class Cluster:
         self.file.write_text(
             f'name = "e2e"\nversion = 1\nreplication_factor = 2\npartitions = 8\nacks = "{acks}"\n'
             + "".join(f'[[nodes]]\nid = "{n}"\naddress = "{a}"\n' for n, a in self.addresses.items())
-            + "[replication]\nheartbeat_interval = 0.2\nsuspect_after = 1.0\ndown_after = 2.0\n"
-              "anti_entropy_interval = 2.0\nwrite_timeout = 3.0\n")
+            + "[replication]\n" + replication)
         self.processes: dict[str, subprocess.Popen[str]] = {}
 
     def url(self, node: str) -> str:
@@ -218,6 +220,63 @@ def test_three_nodes_sigkill_one_during_writes_restart_and_replicas_agree(tmp_pa
         assert sum(held.values()) >= 2 * len(set(acked))   # replication factor 2
     finally:
         writers.stop.set()
+        cluster.stop()
+
+
+def test_the_client_chooses_the_acknowledgement_per_request(tmp_path):
+    """The cluster file says acks = "1"; a client's `acks="all"` overrides it for one request.
+
+    n3 is frozen (SIGSTOP) but still counted up by the others (suspect_after is
+    long): a batch with subjects on every partition is then acknowledged with
+    acks="1" (each record durable on one live replica) and refused with
+    acks="all" (n3 never confirms), through put_many and through the writer;
+    after SIGCONT n3 catches up and the replicas agree.
+    """
+    cluster = Cluster(tmp_path, acks="1", replication=(
+        "heartbeat_interval = 0.2\nsuspect_after = 60.0\ndown_after = 120.0\n"
+        "anti_entropy_interval = 1.0\nwrite_timeout = 1.5\n"))
+    try:
+        for node in NODES:
+            cluster.start(node)
+        cluster.wait_until(lambda: all(s == "up" for s in cluster.status()["states"].values()),
+                           "every node up")
+
+        def batch(tag: str) -> list[Any]:
+            return [stemedb.Assertion(f"acks-{i}", "reading", tag).sign(SIGNER) for i in range(40)]
+
+        with connect(cluster.url("n1"), retries=0, timeout=30) as client:
+            with pytest.raises(stemedb.InvalidRequest, match="acks: expected"):
+                client.put_many(batch("bad"), acks="2")
+            assert client.put_many(batch("all, every node up"), acks="all")
+            cluster.processes["n3"].send_signal(signal.SIGSTOP)
+            try:
+                acked = client.put_many(batch("one"), acks="1")
+                assert len(acked) == 40
+                with pytest.raises(stemedb.Unavailable, match="n3 did not confirm"):
+                    client.put_many(batch("all, n3 frozen"), acks="all")
+                writer = client.writer(SIGNER, acks="all")
+                ticket = writer.submit(stemedb.Assertion("acks-writer", "reading", 1))
+                with pytest.raises(stemedb.Unavailable, match="n3 did not confirm"):
+                    ticket.result(30)
+                writer.close()
+                assert client.put_many(batch("default"))     # the file's acks = "1"
+
+                async def through_the_async_client() -> None:
+                    async with connect_async(cluster.url("n1"), retries=0, timeout=30) as aclient:
+                        assert len(await aclient.put_many(batch("async one"), acks="1")) == 40
+                        with pytest.raises(stemedb.Unavailable, match="n3 did not confirm"):
+                            await aclient.put_many(batch("async all"), acks="all")
+                anyio.run(through_the_async_client)
+            finally:
+                cluster.processes["n3"].send_signal(signal.SIGCONT)
+            report = cluster.wait_until(lambda: (lambda r: r if r["agree"] else None)(cluster.status()),
+                                        "the replicas agreeing after n3 thaws")
+            assert report["agree"]
+        with connect(cluster.url("n3"), timeout=30) as client:
+            assert all(r is not None for r in client.get_many(acked))
+    finally:
+        for process in cluster.processes.values():
+            process.send_signal(signal.SIGCONT)
         cluster.stop()
 
 

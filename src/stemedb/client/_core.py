@@ -88,18 +88,19 @@ class ClientCore:
 
     # ------------------------------------------------------------- requests
 
-    def request(self, opcode: int, payload: bytes) -> tuple[Exchange, bytes]:
-        """Register a request: (its Exchange, the frame to send)."""
-        return self.request_exchange(Exchange(opcode), payload)
+    def request(self, opcode: int, payload: bytes, flags: int = 0) -> tuple[Exchange, bytes]:
+        """Register a request: (its Exchange, the frame to send). `flags`: the request flags
+        (ACKS_ONE / ACKS_ALL on a write, else 0)."""
+        return self.request_exchange(Exchange(opcode), payload, flags)
 
-    def request_exchange(self, exchange: Exchange, payload: bytes) -> tuple[Exchange, bytes]:
+    def request_exchange(self, exchange: Exchange, payload: bytes, flags: int = 0) -> tuple[Exchange, bytes]:
         """Register a request whose Exchange the driver made (a subclass it can wait on)."""
         if self.error is not None:
             raise ConnectionLost(f"connection lost: {self.error}")
         opcode = exchange.opcode
         exchange.request_id = self._allocate()
         self._pending[exchange.request_id] = exchange
-        header = _protocol.frame_header(opcode, 0, exchange.request_id, len(payload))
+        header = _protocol.frame_header(opcode, flags, exchange.request_id, len(payload))
         return exchange, bytes(header) + payload
 
     def _allocate(self) -> int:

@@ -153,6 +153,18 @@ def signed_batch(records: Sequence[Any], signer: Signer, max_frame: int) -> byte
     return payload
 
 
+ACKS_FLAGS = {None: 0, "1": _protocol.ACKS_ONE, "all": _protocol.ACKS_ALL}
+
+
+def acks_flag(acks: Any) -> int:
+    """The request flag of a write's `acks` (None: the cluster's default; "1" or 1; "all")."""
+    key = "1" if acks == 1 and not isinstance(acks, bool) else acks
+    if isinstance(key, str) or key is None:
+        if key in ACKS_FLAGS:
+            return ACKS_FLAGS[key]
+    raise InvalidRequest(f"acks: expected \"1\", \"all\" or None (the cluster's default), got {acks!r}")
+
+
 def of_kind(record: Any, kind: type, name: str) -> Any:
     """`record` if it is a `kind` (a Vote for vote(), an Epoch for epoch()), as the embedded API checks."""
     if not isinstance(record, kind):

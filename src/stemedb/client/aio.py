@@ -43,6 +43,7 @@ from stemedb.client._policy import (
 )
 from stemedb.client._wire import (
     CLIENT_NAME,
+    acks_flag,
     Address,
     Scanned,
     Session,
@@ -101,9 +102,9 @@ class _AsyncConnection:
     def error(self) -> BaseException | None:
         return self.core.error
 
-    async def start(self, opcode: int, payload: bytes) -> _Waiter:
+    async def start(self, opcode: int, payload: bytes, flags: int = 0) -> _Waiter:
         waiter = _Waiter(opcode)
-        _exchange, frame = self.core.request_exchange(waiter, payload)
+        _exchange, frame = self.core.request_exchange(waiter, payload, flags)
         try:
             async with self._send_lock:
                 await self.stream.send(frame)
@@ -261,7 +262,7 @@ class AsyncClient:
             return conn
 
     async def _requests(self, opcode: int, payloads: Sequence[bytes], timeout: float | None = None, *,
-                        idempotent: bool = True) -> list[list[bytes]]:
+                        idempotent: bool = True, flags: int = 0) -> list[list[bytes]]:
         """As Client._requests: resent whole while the policy allows (_policy.resend_after)."""
         limit = self.timeout if timeout is None else timeout
         resend = Resend(self.policy, idempotent=idempotent)
@@ -270,7 +271,7 @@ class AsyncClient:
             waiters: list[_Waiter] = []
             try:
                 for payload in payloads:
-                    waiters.append(await conn.start(opcode, payload))
+                    waiters.append(await conn.start(opcode, payload, flags))
                 try:
                     with anyio.fail_after(limit):
                         for waiter in waiters:
@@ -297,25 +298,28 @@ class AsyncClient:
         await self._request(_protocol.PING, b"", timeout)
         return time.perf_counter() - started
 
-    async def put(self, record: Any, *, timeout: float | None = None) -> bytes:
-        return (await self.put_many([record], timeout=timeout))[0]
+    async def put(self, record: Any, *, acks: str | None = None, timeout: float | None = None) -> bytes:
+        return (await self.put_many([record], acks=acks, timeout=timeout))[0]
 
     async def put_many(self, records: Iterable[Any], *, envelope: Envelope | Sequence[Envelope] | None = None,
-                       timeout: float | None = None) -> list[bytes]:
-        return await self._put(_protocol.PUT, list(records), envelope, timeout)
+                       acks: str | None = None, timeout: float | None = None) -> list[bytes]:
+        """As Client.put_many (`acks`: "1", "all", or None for the cluster's default)."""
+        return await self._put(_protocol.PUT, list(records), envelope, timeout, acks)
 
-    async def _put(self, opcode: int, records: list[Any], envelope: Any, timeout: float | None) -> list[bytes]:
+    async def _put(self, opcode: int, records: list[Any], envelope: Any, timeout: float | None,
+                   acks: str | None = None) -> list[bytes]:
+        flags = acks_flag(acks)
         envelopes = 0 if envelope is None else (1 if isinstance(envelope, Envelope) else len(envelope))
         await self._connection()
         payloads = records_batches(records, envelope, self.session.max_frame)
-        answers = await self._requests(opcode, payloads, timeout)
+        answers = await self._requests(opcode, payloads, timeout, flags=flags)
         return ids_from([payload for answer in answers for payload in answer])[envelopes:]
 
-    async def vote(self, vote: Any, *, timeout: float | None = None) -> bytes:
-        return (await self._put(_protocol.VOTE, [of_kind(vote, Vote, "vote")], None, timeout))[0]
+    async def vote(self, vote: Any, *, acks: str | None = None, timeout: float | None = None) -> bytes:
+        return (await self._put(_protocol.VOTE, [of_kind(vote, Vote, "vote")], None, timeout, acks))[0]
 
-    async def epoch(self, epoch: Any, *, timeout: float | None = None) -> bytes:
-        return (await self._put(_protocol.EPOCH, [of_kind(epoch, Epoch, "epoch")], None, timeout))[0]
+    async def epoch(self, epoch: Any, *, acks: str | None = None, timeout: float | None = None) -> bytes:
+        return (await self._put(_protocol.EPOCH, [of_kind(epoch, Epoch, "epoch")], None, timeout, acks))[0]
 
     async def get(self, record_id: bytes, *, timeout: float | None = None) -> Any:
         record = (await self.get_many([record_id], timeout=timeout))[0]
@@ -358,9 +362,9 @@ class AsyncClient:
         return audit_entries(json.loads(_protocol.decode_text(payload)), agent, since, limit)
 
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
-               max_batches_in_flight: int = 16) -> AsyncWriter:
+               max_batches_in_flight: int = 16, acks: str | None = None) -> AsyncWriter:
         return AsyncWriter(self, signer, linger=linger, max_records=max_records,
-                           max_batches_in_flight=max_batches_in_flight)
+                           max_batches_in_flight=max_batches_in_flight, acks=acks)
 
 
 class _Written:
@@ -390,9 +394,10 @@ class AsyncWriter:
     """
 
     def __init__(self, client: AsyncClient, signer: Signer, *, linger: float = 0.002,
-                 max_records: int = 4096, max_batches_in_flight: int = 16) -> None:
+                 max_records: int = 4096, max_batches_in_flight: int = 16, acks: str | None = None) -> None:
         if not isinstance(signer, Signer):
             raise TypeError(f"writer() expects a stemedb.Signer, got {type(signer).__name__}")
+        self._flags = acks_flag(acks)
         self.client = client
         self.signer = signer
         self.linger = linger
@@ -481,7 +486,7 @@ class AsyncWriter:
                 payload = await anyio.to_thread.run_sync(signed_batch, records, self.signer, max_frame)
             else:
                 payload = signed_batch(records, self.signer, max_frame)
-            answers = await self.client._requests(_protocol.PUT, [payload])
+            answers = await self.client._requests(_protocol.PUT, [payload], flags=self._flags)
             ids = ids_from(answers[0])[1:]  # the envelope's ID comes first
             self.batches_sent += 1
             for (_, waiter), record_id in zip(batch, ids):

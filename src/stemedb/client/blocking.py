@@ -46,6 +46,7 @@ from stemedb.client._policy import (
 )
 from stemedb.client._wire import (
     CLIENT_NAME,
+    acks_flag,
     Address,
     Scanned,
     Session,
@@ -195,10 +196,11 @@ class _Connection:
     def error(self) -> BaseException | None:
         return self.core.error
 
-    def start(self, opcode: int, payload: bytes, callback: Callable[[_Call], None] | None = None) -> _Call:
+    def start(self, opcode: int, payload: bytes, callback: Callable[[_Call], None] | None = None,
+              flags: int = 0) -> _Call:
         call = _Call(opcode, callback)
         with self._lock:
-            _exchange, frame = self.core.request_exchange(call, payload)
+            _exchange, frame = self.core.request_exchange(call, payload, flags)
         try:
             self.transport.send(frame)
         except OSError as exc:
@@ -335,7 +337,7 @@ class Client:
             return conn
 
     def _requests(self, opcode: int, payloads: Sequence[bytes], timeout: float | None = None, *,
-                  idempotent: bool = True) -> list[list[bytes]]:
+                  idempotent: bool = True, flags: int = 0) -> list[list[bytes]]:
         """Send every payload (pipelined), wait for all answers; resent whole after a lost
         connection or an unavailable node, while the policy allows (_policy.resend_after)."""
         limit = self.timeout if timeout is None else timeout
@@ -345,7 +347,7 @@ class Client:
             calls: list[_Call] = []
             try:
                 for payload in payloads:
-                    calls.append(conn.start(opcode, payload))
+                    calls.append(conn.start(opcode, payload, flags=flags))
                 deadline = time.monotonic() + limit
                 for call in calls:
                     if not call.event.wait(max(deadline - time.monotonic(), 0.0)):
@@ -387,33 +389,39 @@ class Client:
         self._request(_protocol.PING, b"", timeout)
         return time.perf_counter() - started
 
-    def put(self, record: Any, *, timeout: float | None = None) -> bytes:
+    def put(self, record: Any, *, acks: str | None = None, timeout: float | None = None) -> bytes:
         """Store one signed record; returns its ID once it is durable."""
-        return self.put_many([record], timeout=timeout)[0]
+        return self.put_many([record], acks=acks, timeout=timeout)[0]
 
     def put_many(self, records: Iterable[Any], *, envelope: Envelope | Sequence[Envelope] | None = None,
-                 timeout: float | None = None) -> list[bytes]:
+                 acks: str | None = None, timeout: float | None = None) -> list[bytes]:
         """Store individually signed records, or `members` proven by `envelope`; IDs in order.
 
         Returns once every record is durable. Large batches travel as several
         pipelined frames (a batch proven by envelopes must fit one frame).
+        `acks` ("1" or "all"; None: the cluster file's default) chooses, on a
+        cluster node, when the answer comes: durable on one replica of each
+        record's partition, or on every live one (docs/replication.md). A
+        single server is its only replica: both mean durable there.
         """
-        return self._put(_protocol.PUT, list(records), envelope, timeout)
+        return self._put(_protocol.PUT, list(records), envelope, timeout, acks)
 
-    def _put(self, opcode: int, records: list[Any], envelope: Any, timeout: float | None) -> list[bytes]:
+    def _put(self, opcode: int, records: list[Any], envelope: Any, timeout: float | None,
+             acks: str | None = None) -> list[bytes]:
+        flags = acks_flag(acks)
         envelopes = 0 if envelope is None else (1 if isinstance(envelope, Envelope) else len(envelope))
         payloads = records_batches(records, envelope, self.session.max_frame)
-        answers = self._requests(opcode, payloads, timeout)
+        answers = self._requests(opcode, payloads, timeout, flags=flags)
         ids = ids_from([payload for answer in answers for payload in answer])
         return ids[envelopes:]
 
-    def vote(self, vote: Any, *, timeout: float | None = None) -> bytes:
-        """Store one signed Vote; returns its ID once durable."""
-        return self._put(_protocol.VOTE, [of_kind(vote, Vote, "vote")], None, timeout)[0]
+    def vote(self, vote: Any, *, acks: str | None = None, timeout: float | None = None) -> bytes:
+        """Store one signed Vote; returns its ID once durable (`acks` as in put_many)."""
+        return self._put(_protocol.VOTE, [of_kind(vote, Vote, "vote")], None, timeout, acks)[0]
 
-    def epoch(self, epoch: Any, *, timeout: float | None = None) -> bytes:
-        """Store one signed Epoch; returns its ID once durable."""
-        return self._put(_protocol.EPOCH, [of_kind(epoch, Epoch, "epoch")], None, timeout)[0]
+    def epoch(self, epoch: Any, *, acks: str | None = None, timeout: float | None = None) -> bytes:
+        """Store one signed Epoch; returns its ID once durable (`acks` as in put_many)."""
+        return self._put(_protocol.EPOCH, [of_kind(epoch, Epoch, "epoch")], None, timeout, acks)[0]
 
     def get(self, record_id: bytes, *, timeout: float | None = None) -> Any:
         """The record with this ID; NotFound if the server has none."""
@@ -468,10 +476,10 @@ class Client:
         return audit_entries(entries, agent, since, limit)
 
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
-               max_batches_in_flight: int = 16) -> ClientWriter:
-        """A group-signing writer: see ClientWriter."""
+               max_batches_in_flight: int = 16, acks: str | None = None) -> ClientWriter:
+        """A group-signing writer: see ClientWriter (`acks` as in put_many, for all its batches)."""
         return ClientWriter(self, signer, linger=linger, max_records=max_records,
-                            max_batches_in_flight=max_batches_in_flight)
+                            max_batches_in_flight=max_batches_in_flight, acks=acks)
 
 
 class WriteTicket:
@@ -531,9 +539,10 @@ class ClientWriter:
     """
 
     def __init__(self, client: Client, signer: Signer, *, linger: float = 0.002,
-                 max_records: int = 4096, max_batches_in_flight: int = 16) -> None:
+                 max_records: int = 4096, max_batches_in_flight: int = 16, acks: str | None = None) -> None:
         if not isinstance(signer, Signer):
             raise TypeError(f"writer() expects a stemedb.Signer, got {type(signer).__name__}")
+        self._flags = acks_flag(acks)
         self.client = client
         self.signer = signer
         self.linger = linger
@@ -669,7 +678,8 @@ class ClientWriter:
         try:
             conn = self.client._connection()
             payload = signed_batch(batch.records, self.signer, conn.session.max_frame)
-            conn.start(_protocol.PUT, payload, callback=lambda call: self._answered(batch, call))
+            conn.start(_protocol.PUT, payload, callback=lambda call: self._answered(batch, call),
+                       flags=self._flags)
             self.batches_sent += 1
         except BaseException as exc:  # noqa: B036 - every waiter must hear about it
             self._slots.release()
