@@ -46,10 +46,10 @@ from stemedb.client._policy import (
 )
 from stemedb.client._wire import (
     CLIENT_NAME,
-    acks_flag,
     Address,
     Scanned,
     Session,
+    acks_flag,
     audit_entries,
     audit_limit,
     get_payloads,

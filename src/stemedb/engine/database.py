@@ -258,6 +258,13 @@ class Database:
         with self._state_lock:
             return np.asarray(self._state.columns.arrays["length"][rows], dtype=np.int64)
 
+    def record_kinds(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The RecordKind number (uint8) of each record number, without reading any record."""
+        self._check_open()
+        rows = self._rows(rows)
+        with self._state_lock:
+            return np.asarray(self._state.columns.arrays["kind"][rows], dtype=np.uint8)
+
     def ids_of_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """The (n, 32) uint8 IDs of these record numbers (a copy)."""
         self._check_open()

@@ -54,7 +54,7 @@ from stemedb.replication.framing import (
     SyncRequest,
 )
 from stemedb.replication.placement import Placement, partition_of_scope, scope_of
-from stemedb.replication.reconcile import GLOBAL_PARTITION, Reconciler, encode_message
+from stemedb.replication.reconcile import GLOBAL_PARTITION, WHOLE_STORE, Reconciler, encode_message
 from stemedb.replication.store import Intake, ReplicaStore
 
 log = logging.getLogger("stemedb.replication")
@@ -128,31 +128,52 @@ class SessionResult:
 
 
 class Outbox:
-    """Record numbers to send to the peer, the global partition's first (envelopes before members)."""
+    """Record numbers to send to the peer, envelopes before the members they prove.
 
-    def __init__(self) -> None:
+    Envelopes (the global partition's records, and the envelopes among a
+    whole-store scope's) go ahead of everything else queued, so a receiver
+    rarely holds members back waiting for their envelope: in (timestamp, ID)
+    order an envelope, signed after its members were made, comes after them.
+    `envelopes(rows)` says which rows are envelopes (the store's kind column).
+    """
+
+    def __init__(self, envelopes: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self._envelopes = envelopes
         self._first: list[np.ndarray] = []
         self._rest: list[np.ndarray] = []
+        self._queue = np.zeros(0, dtype=np.int64)   # merged, sent from `_at` on
+        self._at = 0
 
     def add(self, sends: dict[int, np.ndarray]) -> None:
         for scope, rows in sends.items():
-            (self._first if scope == GLOBAL_PARTITION else self._rest).append(np.asarray(rows, np.int64))
+            rows = np.asarray(rows, np.int64)
+            if not len(rows):
+                continue
+            if scope == GLOBAL_PARTITION:
+                self._first.append(rows)
+            elif scope == WHOLE_STORE and self._envelopes is not None:
+                mask = self._envelopes(rows)
+                self._first.append(rows[mask])
+                self._rest.append(rows[~mask])
+            else:
+                self._rest.append(rows)
 
     def __bool__(self) -> bool:
-        return bool(self._first or self._rest)
+        return bool(self._first or self._rest) or self._at < len(self._queue)
 
     def _queued(self) -> np.ndarray:
-        rows = np.concatenate(self._first + self._rest) if self else np.zeros(0, dtype=np.int64)
-        self._first, self._rest = [], ([rows] if len(rows) else [])
-        return rows
+        if self._first or self._rest:   # new rows: envelopes ahead of what was queued before
+            self._queue = np.concatenate(self._first + [self._queue[self._at:]] + self._rest)
+            self._first, self._rest, self._at = [], [], 0
+        return self._queue[self._at:]
 
     def peek(self, limit: int = FRAME_RECORDS) -> np.ndarray:
         return self._queued()[:limit]
 
     def take(self, count: int) -> np.ndarray:
-        rows = self._queued()
-        self._rest = [rows[count:]] if len(rows) > count else []
-        return rows[:count]
+        rows = self._queued()[:count]
+        self._at += len(rows)
+        return rows
 
 
 class Mover:
@@ -209,37 +230,49 @@ async def run_session(peer: str, scopes: list[int], exchange: Exchange, mover: M
     result = SessionResult(peer=peer, scopes=len(scopes))
     reconciler = Reconciler(mover.store, list(scopes), can_send=can_send, can_receive=can_receive,
                             salt=salt)
-    outbox, intake = Outbox(), Intake(mover.store)
+    outbox, intake = Outbox(mover.store.envelope_mask), Intake(mover.store)
+    storing = _Storing(mover, intake)
     step = 0
     flags = SYNC_START | (0 if can_send else SYNC_PULL) | (0 if can_receive else SYNC_PUSH)
     try:
-        message: bytes | None = await mover.probe(list(scopes), salt)
-        while True:
-            records = await mover.take(outbox)
-            if not outbox:
-                flags |= SYNC_END
-            request = SyncRequest(session, step, flags, message or b"", records, salt, tuple(scopes))
-            result.bytes_sent += len(request.message)
-            result.records_sent += len(records)
-            result.record_bytes_sent += records.size + 36 * len(records)
-            answer = await exchange(peer, request)
-            result.round_trips += 1
-            if answer.step != step:
-                raise ProtocolError(f"SYNC answer: step {answer.step}, expected {step}")
-            if len(answer.records) and not can_receive:
-                raise ProtocolError(f"SYNC answer: {len(answer.records)} records in a session that "
-                                    "only sends")
-            result.bytes_received += len(answer.message)
-            result.records_received += len(answer.records)
-            result.record_bytes_received += answer.records.size + 36 * len(answer.records)
-            result.records_stored += await mover.accept(intake, answer.records)
-            message = None
-            if answer.message:
-                message, sends = await mover.step(reconciler, answer.message)
-                outbox.add(sends)
-            if answer.flags & SYNC_DONE and flags & SYNC_END and message is None and not outbox:
-                break
-            step, flags = step + 1, 0
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                message: bytes | None = await mover.probe(list(scopes), salt)
+                while True:
+                    records = await mover.take(outbox)
+                    if not outbox:
+                        flags |= SYNC_END
+                    request = SyncRequest(session, step, flags, message or b"", records, salt, tuple(scopes))
+                    result.bytes_sent += len(request.message)
+                    result.records_sent += len(records)
+                    result.record_bytes_sent += records.size + 36 * len(records)
+                    answer = await exchange(peer, request)
+                    result.round_trips += 1
+                    if answer.step != step:
+                        raise ProtocolError(f"SYNC answer: step {answer.step}, expected {step}")
+                    if len(answer.records) and not can_receive:
+                        raise ProtocolError(f"SYNC answer: {len(answer.records)} records in a session that "
+                                            "only sends")
+                    result.bytes_received += len(answer.message)
+                    result.records_received += len(answer.records)
+                    result.record_bytes_received += answer.records.size + 36 * len(answer.records)
+                    # The previous answer's records are stored while this one travelled; this
+                    # one's are stored while the next step travels (one batch at a time, in order).
+                    await storing.start(nursery, answer.records)
+                    message = None
+                    if answer.message:
+                        message, sends = await mover.step(reconciler, answer.message)
+                        outbox.add(sends)
+                    if answer.flags & SYNC_DONE and flags & SYNC_END and message is None and not outbox:
+                        break
+                    step, flags = step + 1, 0
+                await storing.wait()
+            except Exception as exc:   # raised here, not as a group from the nursery
+                failure = exc
+        if failure is not None:
+            raise failure
+        result.records_stored += storing.stored
         await mover.finish(intake)
     except FORGED as exc:
         result.error = f"forged record: {exc}"
@@ -250,8 +283,49 @@ async def run_session(peer: str, scopes: list[int], exchange: Exchange, mover: M
         result.error = f"{type(exc).__name__}: {exc}"
         log.info("anti-entropy with %s ended early: %s", peer, result.error)
     # Members held until their envelope arrived were stored after the answer that brought them.
-    result.records_stored = max(result.records_stored, intake.stored)
+    result.records_stored = max(result.records_stored, storing.stored, intake.stored)
     return result
+
+
+class _Storing:
+    """Stores a session's received batches one at a time, each while the next step travels.
+
+    `start(nursery, batch)` waits for the batch before it (raising what
+    refused it: a forged record ends the session one step later, with
+    nothing of its own batch stored) and begins storing `batch`; `wait()`
+    waits for the last one.
+    """
+
+    def __init__(self, mover: Mover, intake: Intake) -> None:
+        self.mover = mover
+        self.intake = intake
+        self.stored = 0
+        self._done: trio.Event | None = None
+        self._error: BaseException | None = None
+
+    async def start(self, nursery: trio.Nursery, batch: RecordBatch) -> None:
+        await self.wait()
+        if not len(batch):
+            return
+        done = self._done = trio.Event()
+
+        async def store() -> None:
+            try:
+                self.stored += await self.mover.accept(self.intake, batch)
+            except (*FORGED, StemeError, OSError) as exc:
+                self._error = exc
+            finally:
+                done.set()
+
+        nursery.start_soon(store)
+
+    async def wait(self) -> None:
+        if self._done is not None:
+            await self._done.wait()
+            self._done = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 @dataclass
@@ -345,7 +419,8 @@ class Responder:
         reconciler = Reconciler(self.mover.store, list(request.scopes),
                                 can_send=not request.flags & SYNC_PUSH,
                                 can_receive=not request.flags & SYNC_PULL, salt=request.salt)
-        state = _Open(reconciler, Outbox(), Intake(self.mover.store), -1, None, self.clock())
+        state = _Open(reconciler, Outbox(self.mover.store.envelope_mask), Intake(self.mover.store), -1, None,
+                      self.clock())
         self.sessions[(peer, request.session)] = state
         return state
 

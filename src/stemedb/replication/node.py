@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from stemedb import _protocol
+from stemedb import _codec, _protocol
 from stemedb.errors import (
     Forbidden,
     InvalidRecord,
@@ -50,7 +50,7 @@ from stemedb.errors import (
     Unavailable,
     Unsupported,
 )
-from stemedb.records import Envelope
+from stemedb.records import RecordKind
 from stemedb.replication import framing
 from stemedb.replication.antientropy import AntiEntropy, Mover, Responder, RunBlocking, stray_scopes
 from stemedb.replication.cluster import ClusterChange, ClusterFile, ClusterFileError, compare
@@ -263,7 +263,7 @@ class ClusterNode:
                 if node == self.node_id:
                     await self.run_blocking(self.store.store, verified_subset(verified, share))
                     if plan.push[node]:
-                        self._push(share, partitions[positions], verified.records, include_global=True)
+                        self._push(share, partitions[positions], include_global=True)
                 else:
                     await self._link(node).request(_protocol.REPLICA_PUT,
                                                    framing.encode_replica_put(share, push=plan.push[node]),
@@ -279,9 +279,8 @@ class ClusterNode:
                 nursery.start_soon(one, node)
         return outcomes
 
-    def _push(self, batch: RecordBatch, partitions: np.ndarray, records: dict[bytes, Any], *,
-              include_global: bool) -> None:
-        envelope_of = _envelope_rows(batch, records)
+    def _push(self, batch: RecordBatch, partitions: np.ndarray, *, include_global: bool) -> None:
+        envelope_of = envelope_rows(batch)
         for peer, positions in push_shares(self.placement, self.node_id, partitions, envelope_of,
                                            include_global=include_global).items():
             queue = self.queues.get(peer)
@@ -409,20 +408,23 @@ class ClusterNode:
         raise Unsupported(f"{name} is not served by this version")
 
     async def _forwarded(self, batch: RecordBatch, push: bool) -> int:
-        verified = await self._verify_write(batch)
-        stored: int = await self.run_blocking(self.store.store, verified)
+        # Verified and stored in one engine call (a forged record refuses the whole batch).
+        stored, waiting = await self.run_blocking(self.store.accept, batch)
+        if len(waiting):
+            # A forwarding node sends envelopes with their members: this one broke that rule.
+            raise SignatureError(f"record {bytes(waiting.ids[0]).hex()}: its envelope is neither in "
+                                 "the batch nor stored; send members with their envelope")
         if push:
             self._push(batch, self.placement.record_partitions(batch.blob, batch.offsets),
-                       verified.records, include_global=False)
-        return stored
+                       include_global=False)
+        return int(stored)
 
     async def _pushed(self, batch: RecordBatch) -> tuple[int, int]:
-        verified: Verified = await self.run_blocking(self.store.verify, batch)
-        stored: int = await self.run_blocking(self.store.store, verified)
+        stored, waiting = await self.run_blocking(self.store.accept, batch)
         # A member whose envelope has not arrived (its push was dropped) waits for anti-entropy,
         # which sends envelope and member in one session.
-        self.deferred_members += len(verified.waiting)
-        return stored, len(verified.waiting)
+        self.deferred_members += len(waiting)
+        return int(stored), len(waiting)
 
     async def _sync_with(self, request: SyncWith) -> dict[str, Any]:
         """`stemedb sync --url` against this node: a session with a peer node, or another server."""
@@ -573,14 +575,28 @@ def concat_verified(verified: Verified) -> RecordBatch:
 
 def envelope_positions(verified: Verified, batch: RecordBatch) -> np.ndarray:
     """For each record of `batch`: the position of the batch envelope that proves it, or -1."""
-    return _envelope_rows(batch, verified.records)
+    return envelope_rows(batch)
 
 
-def _envelope_rows(batch: RecordBatch, records: dict[bytes, Any]) -> np.ndarray:
-    decoded = [records[bytes(i)] for i in batch.ids]
-    position = {bytes(batch.ids[i]): i for i, r in enumerate(decoded) if isinstance(r, Envelope)}
-    return np.array([position.get(r.envelope, -1) if getattr(r, "envelope", None) else -1
-                     for r in decoded], dtype=np.int64)
+def envelope_rows(batch: RecordBatch) -> np.ndarray:
+    """For each record of `batch`: the position of the batch envelope its proof names, or -1.
+
+    From the encoded bytes (the kind column and each record's envelope proof),
+    without decoding the records.
+    """
+    rows = np.full(len(batch), -1, dtype=np.int64)
+    if not len(batch):
+        return rows
+    lengths = np.diff(batch.offsets).astype(np.uint32)
+    kinds = _codec.extract_columns(batch.blob, batch.offsets[:-1], lengths)["kind"]
+    envelopes = np.flatnonzero(kinds == RecordKind.ENVELOPE)
+    if not len(envelopes):
+        return rows
+    claimed, _signers, single = _codec.envelope_proofs(batch.blob, batch.offsets)
+    ids = np.ascontiguousarray(batch.ids, dtype=np.uint8)
+    for position in envelopes:
+        rows[single & (claimed == ids[position]).all(axis=1)] = position
+    return rows
 
 
 def envelope_of_subset(envelope_of: np.ndarray, pending: np.ndarray) -> np.ndarray:
