@@ -138,7 +138,7 @@ def test_stats_and_verify_over_the_network(twins, capsys):
     assert code == 0 and f"server      stemedb at {server.address}, protocol 1" in out
     code, out, err = run(capsys, "verify", "--url", server.url, "--json")
     report = json.loads(out)
-    assert code == 0 and err == "" and report["ok"] and report["scope"] == "signatures"
+    assert code == 0 and err == "" and report["ok"] and report["scope"] == "segments"
     assert report["records_checked"] == stats["records"]
 
 

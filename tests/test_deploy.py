@@ -331,7 +331,7 @@ def test_units_run_the_installed_command_on_one_data_directory():
                                                       "stemedb-verify.service"))
     assert serve[:2] == [INSTALLED, "serve"] and backup[:2] == [INSTALLED, "backup"]
     assert verify[:2] == [INSTALLED, "verify"]
-    data = {command[command.index("--data") + 1] for command in (serve, backup, verify)}
+    data = {command[command.index("--data") + 1] for command in (serve, backup)}
     server = read_unit(SYSTEMD / "stemedb.service")
     assert data == {"/var/lib/" + server.get("Service", "StateDirectory")}
     config = serve[serve.index("--config") + 1]
@@ -349,7 +349,10 @@ def test_units_run_the_installed_command_on_one_data_directory():
     environment = dict(item.split("=", 1) for item in
                        shlex.split(server.get("Service", "Environment")))
     assert set(environment) <= set(SETTINGS_BY_VARIABLE)
-    ServerConfig.resolve(EXAMPLE, environ=environment)  # the unit's settings are valid
+    settings = ServerConfig.resolve(EXAMPLE, environ=environment)  # the unit's settings are valid
+    # The scrub is the server's own (VERIFY): the verify unit asks the address the server listens on.
+    assert verify[verify.index("--url") + 1] == f"stemedb://{settings.listen}"
+    assert "AF_INET" in read_unit(SYSTEMD / "stemedb-verify.service").get("Service", "RestrictAddressFamilies")
 
 
 # The units' commands as issue 13 documents them; some are not in this build's CLI yet.

@@ -68,7 +68,7 @@ def test_opcode_table_matches_the_code():
         documented[number(code)] = row[1]
     expected = {P.HELLO: "HELLO", P.AUTH: "AUTH", P.PING: "PING", P.PUT: "PUT", P.GET: "GET",
                 P.QUERY: "QUERY", P.SCAN: "SCAN", P.VOTE: "VOTE", P.EPOCH: "EPOCH", P.STATS: "STATS",
-                P.AUDIT: "AUDIT", P.ERROR: "ERROR"}
+                P.AUDIT: "AUDIT", P.VERIFY: "VERIFY", P.ERROR: "ERROR"}
     assert documented == expected
     for opcode in range(256):
         assert P.is_request_opcode(opcode) == (opcode in expected and opcode != P.ERROR

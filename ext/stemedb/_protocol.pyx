@@ -64,6 +64,7 @@ VOTE = 0x14
 EPOCH = 0x15
 STATS = 0x16
 AUDIT = 0x17
+VERIFY = 0x18                       # admin: scrub the store (Database.verify), answer the report
 SYNC_FIRST = 0x40                   # 0x40..0x4F: replication (docs/protocol.md, "Replication")
 NODE_HELLO = 0x40                   # a cluster node says who it is
 SYNC = 0x41                         # one step of a reconciliation session
@@ -77,7 +78,8 @@ ERROR = 0x7F
 
 OPCODE_NAMES = {
     HELLO: "hello", AUTH: "auth", PING: "ping", PUT: "put", GET: "get", QUERY: "query",
-    SCAN: "scan", VOTE: "vote", EPOCH: "epoch", STATS: "stats", AUDIT: "audit", ERROR: "error",
+    SCAN: "scan", VOTE: "vote", EPOCH: "epoch", STATS: "stats", AUDIT: "audit", VERIFY: "verify",
+    ERROR: "error",
     NODE_HELLO: "node_hello", SYNC: "sync", REPLICA_PUT: "replica_put", PUSH: "push",
     SYNC_WITH: "sync_with", CLUSTER_STATUS: "cluster_status", CLUSTER_RELOAD: "cluster_reload",
 }
@@ -126,7 +128,7 @@ E_INTERNAL = StemeError.code
 
 
 cdef inline bint known_request(int opcode) noexcept:
-    return (opcode == HELLO or opcode == AUTH or opcode == PING or (PUT <= opcode <= AUDIT)
+    return (opcode == HELLO or opcode == AUTH or opcode == PING or (PUT <= opcode <= VERIFY)
             or (SYNC_FIRST <= opcode <= SYNC_LAST))
 
 

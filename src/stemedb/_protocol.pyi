@@ -35,6 +35,7 @@ VOTE: int
 EPOCH: int
 STATS: int
 AUDIT: int
+VERIFY: int
 SYNC_FIRST: int
 NODE_HELLO: int
 SYNC: int

@@ -361,6 +361,11 @@ class AsyncClient:
         payload = (await self._request(_protocol.AUDIT, _protocol.encode_u32(wanted), timeout))[0]
         return audit_entries(json.loads(_protocol.decode_text(payload)), agent, since, limit)
 
+    async def verify(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """As Client.verify: the server's scrub of its store (admin role)."""
+        payload = (await self._request(_protocol.VERIFY, b"", timeout))[0]
+        return dict(json.loads(_protocol.decode_text(payload)))
+
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
                max_batches_in_flight: int = 16, acks: str | None = None) -> AsyncWriter:
         return AsyncWriter(self, signer, linger=linger, max_records=max_records,

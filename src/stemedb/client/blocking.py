@@ -475,6 +475,12 @@ class Client:
             self._request(_protocol.AUDIT, _protocol.encode_u32(wanted), timeout)[0]))
         return audit_entries(entries, agent, since, limit)
 
+    def verify(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The server scrubs its store (`Database.verify`: every checksum, ID, footer and file)
+        and answers {"ok", "records_checked", "problems", "scope"} (admin role). A large store
+        takes a while: give a `timeout` to match (about a second per GB)."""
+        return dict(json.loads(_protocol.decode_text(self._request(_protocol.VERIFY, b"", timeout)[0])))
+
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
                max_batches_in_flight: int = 16, acks: str | None = None) -> ClientWriter:
         """A group-signing writer: see ClientWriter (`acks` as in put_many, for all its batches)."""

@@ -49,6 +49,7 @@ REQUIRED_ROLE = {
     _protocol.VOTE: _protocol.ROLE_WRITE,
     _protocol.EPOCH: _protocol.ROLE_WRITE,
     _protocol.AUDIT: _protocol.ROLE_ADMIN,
+    _protocol.VERIFY: _protocol.ROLE_ADMIN,
     _protocol.NODE_HELLO: _protocol.ROLE_REPLICA,
     _protocol.SYNC: _protocol.ROLE_REPLICA,
     _protocol.REPLICA_PUT: _protocol.ROLE_REPLICA,

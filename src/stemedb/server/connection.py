@@ -679,12 +679,21 @@ async def _audit(conn: Connection, operation: Operation, request_id: int, limit:
     await conn.reply(_protocol.AUDIT, request_id, _protocol.encode_text(json.dumps(entries)))
 
 
+async def _verify(conn: Connection, operation: Operation, request_id: int, _args: None) -> None:
+    report = await conn.pipeline.call(operation, conn.pipeline.service.verify)
+    await conn.reply(_protocol.VERIFY, request_id, _protocol.encode_text(json.dumps(report)))
+
+
 def _parse_batch(payload: bytes) -> tuple[Blob, np.ndarray]:
     return _protocol.decode_record_batch(payload)
 
 
 def _parse_empty(payload: bytes) -> None:
     _protocol.decode_empty(payload, "STATS")
+
+
+def _parse_verify(payload: bytes) -> None:
+    _protocol.decode_empty(payload, "VERIFY")
 
 
 def _parse_audit(payload: bytes) -> int:
@@ -702,4 +711,5 @@ HANDLERS: dict[int, tuple[Callable[[bytes], Any], Handler]] = {
     _protocol.SCAN: (_parse_scan, _scan),
     _protocol.STATS: (_parse_empty, _stats),
     _protocol.AUDIT: (_parse_audit, _audit),
+    _protocol.VERIFY: (_parse_verify, _verify),
 }

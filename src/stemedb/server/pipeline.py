@@ -113,6 +113,7 @@ OPERATIONS: dict[int, Operation] = {op.opcode: op for op in (
     Operation("scan", _protocol.SCAN),
     Operation("stats", _protocol.STATS),
     Operation("audit", _protocol.AUDIT),
+    Operation("verify", _protocol.VERIFY),
     Operation("node_hello", _protocol.NODE_HELLO, replication=True, cluster_only=True),
     Operation("sync", _protocol.SYNC, replication=True),
     Operation("replica_put", _protocol.REPLICA_PUT, replication=True, cluster_only=True),

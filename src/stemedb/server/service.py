@@ -184,6 +184,12 @@ class Service:
     def stats(self) -> JSON:
         return dict(self.db.stats())
 
+    def verify(self) -> JSON:
+        """The scrub of `Database.verify()` on the served store, as the CLI prints it."""
+        report = self.db.verify()
+        return {"ok": report.ok, "records_checked": report.records_checked,
+                "problems": list(report.problems), "scope": "segments"}
+
     def audit(self, limit: int) -> list[JSON]:
         """The last `limit` recorded queries."""
         entries: list[JSON] = jsonable(self.db.audit(limit=limit))
