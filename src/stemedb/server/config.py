@@ -36,7 +36,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 DEFAULT_LISTEN = "127.0.0.1:7440"
 ROLES = {"read": _protocol.ROLE_READ, "write": _protocol.ROLE_WRITE, "admin": _protocol.ROLE_ADMIN,
          "replica": _protocol.ROLE_REPLICA}
-OPERATIONS = ("ping", "put", "get", "query", "scan", "vote", "epoch", "stats", "audit", "sync",
+OPERATIONS = ("ping", "put", "get", "query", "scan", "vote", "epoch", "stats", "audit", "verify", "sync",
               "node_hello", "replica_put", "push", "sync_with", "cluster_status", "cluster_reload")
 
 
