@@ -21,7 +21,10 @@ import os
 import urllib.parse
 from typing import Any, Protocol
 
+from stemedb.engine.files import FileLayer
 from stemedb.errors import StemeError
+
+_FILES = FileLayer()
 
 
 class Objects(Protocol):
@@ -73,9 +76,9 @@ class LocalObjects:
         finally:
             os.close(fd)
         os.replace(temp, path)
-        _fsync_dir(directory)
+        _FILES.fsync_dir(directory)
         if created:
-            _fsync_dir(os.path.dirname(directory))
+            _FILES.fsync_dir(os.path.dirname(directory))
 
     def get(self, name: str) -> bytes:
         try:
@@ -171,10 +174,3 @@ def _not_found(exc: BaseException) -> bool:
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -48,6 +48,8 @@ from stemedb.engine.manifest import Manifest as StoreManifest
 from stemedb.engine.manifest import write_manifest
 from stemedb.errors import CorruptionError, StemeError
 
+_FILES = FileLayer()
+
 
 @dataclass
 class Restored:
@@ -103,7 +105,7 @@ def restore(sources: Sequence[str], target: str, *, as_of_us: int | None = None,
         if os.path.isdir(target):
             os.rmdir(target)     # empty (checked above); the rename needs it gone
         os.rename(temp, target)
-        _fsync_dir(parent)
+        _FILES.fsync_dir(parent)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -230,10 +232,3 @@ def _check_opened(temp: str, records: int, digest: int) -> None:
     finally:
         db.close()
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -88,6 +88,16 @@ class Session:
     def protected_mode(self) -> bool:
         return bool(self.server_flags & _protocol.SERVER_PROTECTED_MODE)
 
+    @property
+    def replication(self) -> bool:
+        """The server answers SYNC and SYNC_WITH (docs/protocol.md, "HELLO")."""
+        return bool(self.server_flags & _protocol.SERVER_REPLICATION)
+
+    @property
+    def cluster(self) -> bool:
+        """The server is a node of a cluster (NODE_HELLO, PUSH, REPLICA_PUT, CLUSTER_*)."""
+        return bool(self.server_flags & _protocol.SERVER_CLUSTER)
+
 
 def hello_payload(token: str | None, name: str = CLIENT_NAME) -> bytes:
     return bytes(_protocol.encode_hello(_protocol.MIN_PROTOCOL_VERSION, _protocol.PROTOCOL_VERSION,

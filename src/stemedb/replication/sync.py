@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import random
 import sys
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +34,7 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 from stemedb import _protocol
+from stemedb.client._wire import Address, parse_url
 from stemedb.errors import Forbidden, InvalidRequest, Unsupported
 from stemedb.replication import framing
 from stemedb.replication.antientropy import (
@@ -53,32 +53,18 @@ from stemedb.replication.transport import Connect, Link, sole_error, tcp_connect
 
 log = logging.getLogger("stemedb.replication")
 
-DEFAULT_PORT = 7440
 SESSION_TIMEOUT = 60.0   # seconds one SYNC step may take (a frame of 4,096 records verified and stored)
 
 
-@dataclass(frozen=True)
-class PeerAddress:
-    host: str
-    port: int
-    tls: bool
+def parse_peer(url: str) -> Address:
+    """stemedb://host:port, stemedbs://host:port (TLS), or host:port; ValueError otherwise.
 
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'stemedbs' if self.tls else 'stemedb'}://{host}:{self.port}"
-
-
-def parse_peer(url: str) -> PeerAddress:
-    """stemedb://host:port, stemedbs://host:port (TLS), or host:port; ValueError otherwise."""
-    text = url if "://" in url else "stemedb://" + url
-    parts = urlsplit(text)
-    if parts.scheme not in ("stemedb", "stemedbs") or not parts.hostname:
+    The clients' URL rule (`client._wire.parse_url`), except that a peer must
+    name its host (a client's URL without one means 127.0.0.1).
+    """
+    if not urlsplit(url if "://" in url else "stemedb://" + url).hostname:
         raise ValueError(f"{url!r}: expected stemedb://host:port or stemedbs://host:port")
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"{url!r}: bad port") from None
-    return PeerAddress(parts.hostname, port, parts.scheme == "stemedbs")
+    return parse_url(url)
 
 
 def standalone_placement() -> Placement:
@@ -107,7 +93,7 @@ async def sync_with_server(url: str, mover: Mover, *, token: str = "", pull: boo
         raise sole_error(group) from None
 
 
-async def _session(address: PeerAddress, mover: Mover, connect: Connect, token: str, pull: bool,
+async def _session(address: Address, mover: Mover, connect: Connect, token: str, pull: bool,
                    push: bool, rng: random.Random, timeout: float) -> SessionResult:
     async with trio.open_nursery() as nursery:
         link = Link(str(address), connect, nursery, token=token, client_name="stemedb-sync",

@@ -36,6 +36,7 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 from stemedb import _protocol
+from stemedb.client._wire import Session
 from stemedb.errors import (
     AuthRequired,
     FrameError,
@@ -55,26 +56,6 @@ STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 # Frames between nodes may be larger than a client's: a forwarded write gains 36 bytes a
 # record (its ID and length) over the client's PUT (docs/protocol.md, "Replication").
 NODE_FRAME_FACTOR = 2
-
-
-@dataclass(frozen=True)
-class Session:
-    """What the server said in its HELLO answer."""
-
-    version: int
-    role: int
-    server_flags: int
-    max_frame: int
-    max_inflight: int
-    server_name: str
-
-    @property
-    def replication(self) -> bool:
-        return bool(self.server_flags & _protocol.SERVER_REPLICATION)
-
-    @property
-    def cluster(self) -> bool:
-        return bool(self.server_flags & _protocol.SERVER_CLUSTER)
 
 
 @dataclass
