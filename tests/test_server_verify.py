@@ -58,7 +58,8 @@ def test_verify_scrubs_the_served_store_and_names_damage(tmp_path):
         with connect(server.url, token=ADMIN_TOKEN) as client:
             client.put_many(records)
             report = client.verify(timeout=60)
-            assert report == {"ok": True, "records_checked": 300, "problems": [], "scope": "segments"}
+            assert report == stemedb.VerifyReport(ok=True, records_checked=300, problems=[], damage=[])
+            assert report == server.db.verify()          # the embedded call's report, field for field
         with connect(server.url, token=READ_TOKEN) as reader, pytest.raises(Forbidden):
             reader.verify()
         clean = cli_verify(server.url, ADMIN_TOKEN)
@@ -68,12 +69,13 @@ def test_verify_scrubs_the_served_store_and_names_damage(tmp_path):
         segment = flip_a_record_byte(tmp_path / "data")
         with connect(server.url, token=ADMIN_TOKEN) as client:
             damaged = client.verify(timeout=60)
-            assert not damaged["ok"] and damaged["records_checked"] < 300
-            assert any(str(segment) in problem for problem in damaged["problems"]), damaged
+            assert not damaged and not damaged.ok and damaged.records_checked < 300
+            assert any(str(segment) in problem for problem in damaged.problems), damaged
+            assert damaged.problems == server.db.verify().problems
             assert client.ping() > 0                      # still serving
         refused = cli_verify(server.url, ADMIN_TOKEN)
         assert refused.returncode == 1
-        assert json.loads(refused.stdout)["problems"] == damaged["problems"]
+        assert json.loads(refused.stdout)["problems"] == damaged.problems
 
 
 def test_the_async_client_asks_for_the_scrub(tmp_path):
@@ -81,9 +83,9 @@ def test_the_async_client_asks_for_the_scrub(tmp_path):
         with connect(server.url) as client:
             client.put_many(claims(20, signer=SIGNER))
 
-        async def main() -> dict:
+        async def main() -> stemedb.VerifyReport:
             async with connect_async(server.url) as client:
                 return await client.verify(timeout=60)
 
         report = trio.run(main)
-    assert report["ok"] and report["records_checked"] == 20
+    assert report.ok and report.records_checked == 20 and report.problems == []

@@ -75,8 +75,9 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(("connect", "connect_async"), "stemedb.client"),
     **dict.fromkeys(("open", "Database"), "stemedb.database"),
-    **dict.fromkeys(("Writer", "VerifyReport", "FileLayer"), "stemedb.engine"),
+    **dict.fromkeys(("Writer", "FileLayer"), "stemedb.engine"),
     **dict.fromkeys(("Resolution", "Contribution"), "stemedb.results"),
+    "VerifyReport": "stemedb.reports",
     "PairConflict": "stemedb.query",
     **dict.fromkeys(("lenses", "Lens", "Recency", "Confidence", "Consensus", "VoteConsensus",
                      "Authority", "Skeptic", "EpochAware", "Layered", "Constraints"), "stemedb.lenses"),
@@ -87,7 +88,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
     from stemedb.client import connect, connect_async
     from stemedb.database import Database
     from stemedb.database import open as open  # noqa: A004 - stemedb.open(path) is the API
-    from stemedb.engine import FileLayer, VerifyReport, Writer
+    from stemedb.engine import FileLayer, Writer
     from stemedb.lenses import (
         Authority,
         Confidence,
@@ -101,6 +102,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers
         VoteConsensus,
     )
     from stemedb.query import PairConflict
+    from stemedb.reports import VerifyReport
     from stemedb.results import Contribution, Resolution
 
 

@@ -372,7 +372,9 @@ class RemoteStore(Store):
     def verify(self) -> dict[str, Any]:
         """The server's own scrub of its store (VERIFY, admin role): the same report as on a
         data directory, while the server keeps serving."""
-        return self.client.verify(timeout=VERIFY_TIMEOUT)
+        report = self.client.verify(timeout=VERIFY_TIMEOUT)
+        return {"ok": report.ok, "records_checked": report.records_checked,
+                "problems": list(report.problems), "scope": "segments"}
 
     def close(self) -> None:
         self.client.close()

@@ -30,6 +30,7 @@ from stemedb.errors import (
     error_from_code,
 )
 from stemedb.records import Envelope, RecordKind, Signer
+from stemedb.reports import VerifyReport
 from stemedb.results import Resolution
 
 DEFAULT_PORT = 7440
@@ -173,6 +174,13 @@ def acks_flag(acks: Any) -> int:
         if key in ACKS_FLAGS:
             return ACKS_FLAGS[key]
     raise InvalidRequest(f"acks: expected \"1\", \"all\" or None (the cluster's default), got {acks!r}")
+
+
+def verify_report(payload: bytes) -> VerifyReport:
+    """A VERIFY answer as the embedded `Database.verify()` returns it (without located `damage`)."""
+    document = json.loads(_protocol.decode_text(payload))
+    return VerifyReport(bool(document["ok"]), int(document["records_checked"]),
+                        [str(problem) for problem in document["problems"]])
 
 
 def of_kind(record: Any, kind: type, name: str) -> Any:

@@ -59,6 +59,7 @@ from stemedb.client._wire import (
     records_from,
     scan_payload,
     signed_batch,
+    verify_report,
 )
 from stemedb.errors import (
     ClientClosed,
@@ -72,6 +73,7 @@ from stemedb.errors import (
     Unavailable,
 )
 from stemedb.records import Envelope, Epoch, Signer, Vote
+from stemedb.reports import VerifyReport
 from stemedb.results import Resolution
 
 RECEIVE_BYTES = 256 * 1024
@@ -361,10 +363,9 @@ class AsyncClient:
         payload = (await self._request(_protocol.AUDIT, _protocol.encode_u32(wanted), timeout))[0]
         return audit_entries(json.loads(_protocol.decode_text(payload)), agent, since, limit)
 
-    async def verify(self, *, timeout: float | None = None) -> dict[str, Any]:
+    async def verify(self, *, timeout: float | None = None) -> VerifyReport:
         """As Client.verify: the server's scrub of its store (admin role)."""
-        payload = (await self._request(_protocol.VERIFY, b"", timeout))[0]
-        return dict(json.loads(_protocol.decode_text(payload)))
+        return verify_report((await self._request(_protocol.VERIFY, b"", timeout))[0])
 
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
                max_batches_in_flight: int = 16, acks: str | None = None) -> AsyncWriter:

@@ -62,6 +62,7 @@ from stemedb.client._wire import (
     records_from,
     scan_payload,
     signed_batch,
+    verify_report,
 )
 from stemedb.errors import (
     ClientClosed,
@@ -75,6 +76,7 @@ from stemedb.errors import (
     Unavailable,
 )
 from stemedb.records import Envelope, Epoch, Signer, Vote
+from stemedb.reports import VerifyReport
 from stemedb.results import Resolution
 
 RECEIVE_BYTES = 256 * 1024
@@ -475,11 +477,11 @@ class Client:
             self._request(_protocol.AUDIT, _protocol.encode_u32(wanted), timeout)[0]))
         return audit_entries(entries, agent, since, limit)
 
-    def verify(self, *, timeout: float | None = None) -> dict[str, Any]:
+    def verify(self, *, timeout: float | None = None) -> VerifyReport:
         """The server scrubs its store (`Database.verify`: every checksum, ID, footer and file)
-        and answers {"ok", "records_checked", "problems", "scope"} (admin role). A large store
-        takes a while: give a `timeout` to match (about a second per GB)."""
-        return dict(json.loads(_protocol.decode_text(self._request(_protocol.VERIFY, b"", timeout)[0])))
+        and answers its report (admin role). A large store takes a while: give a `timeout` to
+        match (about a second per GB)."""
+        return verify_report(self._request(_protocol.VERIFY, b"", timeout)[0])
 
     def writer(self, signer: Signer, *, linger: float = 0.002, max_records: int = 4096,
                max_batches_in_flight: int = 16, acks: str | None = None) -> ClientWriter:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,19 +25,7 @@ from stemedb.engine.indexes import State
 from stemedb.engine.recovery import Recovery
 from stemedb.engine.segments import Segment, SegmentLog
 from stemedb.engine.walk import Damage
-
-
-@dataclass
-class VerifyReport:
-    """Result of `Database.verify()`: a scrub of every checksum, ID, footer and file."""
-
-    ok: bool
-    records_checked: int
-    problems: list[str]
-    damage: list[Damage] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.ok
+from stemedb.reports import VerifyReport as VerifyReport  # the engine names it too (stemedb.engine)
 
 
 def scrub(log: SegmentLog, state: State, lock: threading.RLock, recovery: Recovery) -> VerifyReport:

@@ -212,7 +212,7 @@ class ClusterNode:
         batch = concat_verified(verified)
         placement = self.placement
         partitions = placement.record_partitions(batch.blob, batch.offsets)
-        envelope_of = envelope_positions(verified, batch)
+        envelope_of = envelope_rows(batch)
         result = WriteResult(acks, {}, {})
         failed: set[str] = set()
         pending = np.arange(len(batch), dtype=np.int64)
@@ -571,11 +571,6 @@ def store_figures(store: ReplicaStore, placement: Placement, node_id: str) -> di
 def concat_verified(verified: Verified) -> RecordBatch:
     """The verified batch in store order: envelopes, their members, the rest."""
     return framing.concat([verified.envelopes, verified.batch_members, verified.others])
-
-
-def envelope_positions(verified: Verified, batch: RecordBatch) -> np.ndarray:
-    """For each record of `batch`: the position of the batch envelope that proves it, or -1."""
-    return envelope_rows(batch)
 
 
 def envelope_rows(batch: RecordBatch) -> np.ndarray:
