@@ -119,8 +119,8 @@ def _declares_body(request: h11.Request) -> bool:
 
 def _malformed(exc: h11.RemoteProtocolError) -> StemeError:
     """The refusal of a request h11 could not parse, with the status h11 suggests."""
-    if exc.error_status_hint == 431:
-        return HeadersTooLarge(str(exc))
+    if exc.error_status_hint == 431:   # h11's buffer limit: its own words do not name the limit
+        return HeadersTooLarge(f"request line and headers over the limit of {MAX_HEAD} bytes ({exc})")
     if exc.error_status_hint == 501:
         return Unsupported(f"{exc}; send a chunked or Content-Length body")
     return ProtocolError(str(exc))
