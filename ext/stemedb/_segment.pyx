@@ -215,6 +215,13 @@ cdef int check_frame(const uint8_t* base, Py_ssize_t pos, Py_ssize_t end,
     return 1
 
 
+cdef object _grown(array, Py_ssize_t count, Py_ssize_t cap):
+    """`array`'s first `count` items in a new array of `cap` (np.resize would tile-fill it)."""
+    out = np.empty(cap, dtype=array.dtype)
+    out[:count] = array[:count]
+    return out
+
+
 def scan(buffer, Py_ssize_t start, Py_ssize_t end, bint verify_ids=False):
     """Walk the frames of buffer[start:end].
 
@@ -226,7 +233,8 @@ def scan(buffer, Py_ssize_t start, Py_ssize_t end, bint verify_ids=False):
     """
     cdef const uint8_t[::1] view = buffer
     cdef const uint8_t* base = &view[0]
-    cdef Py_ssize_t pos = start, count = 0, cap = 1024
+    # Room for frames of 256 bytes or more (records are ~200 B and batches add a frame): one growth at most
+    cdef Py_ssize_t pos = start, count = 0, cap = 1024 + max(end - start, 0) // 256
     cdef uint32_t length = 0
     cdef int state = -1
     if end > view.shape[0]:
@@ -250,9 +258,9 @@ def scan(buffer, Py_ssize_t start, Py_ssize_t end, bint verify_ids=False):
                 pos += aligned(FRAME_HEADER_SIZE + length)
         if pos < end and count == cap and state == 1:
             cap *= 2
-            types = np.resize(types, cap)
-            positions = np.resize(positions, cap)
-            lengths = np.resize(lengths, cap)
+            types = _grown(types, count, cap)
+            positions = _grown(positions, count, cap)
+            lengths = _grown(lengths, count, cap)
             tv = types
             pv = positions
             lv = lengths

@@ -43,8 +43,8 @@ def record_digest(ids: np.ndarray) -> int:
     """The sum of (n, 32) uint8 IDs as little-endian 256-bit integers, mod 2²⁵⁶."""
     if not len(ids):
         return 0
-    words = np.ascontiguousarray(ids).view("<u4").reshape(len(ids), 8).astype(np.uint64)
-    sums = words.sum(axis=0)          # n < 2³² records: each column sum fits 64 bits
+    words = np.ascontiguousarray(ids).view("<u4").reshape(len(ids), 8)
+    sums = words.sum(axis=0, dtype=np.uint64)   # n < 2³² records: each column sum fits 64 bits
     return sum(int(value) << (32 * i) for i, value in enumerate(sums.tolist())) % MODULUS
 
 

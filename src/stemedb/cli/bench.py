@@ -18,7 +18,9 @@ STEMEDB_DATA / STEMEDB_URL defaults of other commands do not apply here.
 
 The B-table of the project's benchmarks (bench/ in the source tree) is measured
 by the scripts there; this command is the quick check an operator runs on a
-machine they are about to deploy on.
+machine they are about to deploy on. (sqlite3, random and statistics are
+imported where they are used: every `stemedb` command loads this module to
+register its parser, and a backup's start should not pay for them.)
 """
 
 from __future__ import annotations
@@ -26,10 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
-import sqlite3
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -95,6 +94,8 @@ def check_counts(args: argparse.Namespace) -> None:
 
 def synthetic(n: int, seed: int, signer: stemedb.Signer) -> tuple[list[Any], list[Any]]:
     """n batch-signed assertions of the benchmark's shape (distinct for each seed)."""
+    import random
+
     rng = random.Random(seed)
     weights = [1.0 / (rank + 1) ** 1.1 for rank in range(SUBJECTS)]
     subjects = rng.choices(range(SUBJECTS), weights=weights, k=n)
@@ -136,6 +137,8 @@ class Ours:
 
 class Sqlite:
     def __init__(self, path: str) -> None:
+        import sqlite3
+
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
@@ -178,6 +181,8 @@ def timed(call: Callable[..., Any], items: list[Any], *, spread: bool = False) -
 
 
 def summary(rates: list[float]) -> dict[str, float]:
+    import statistics
+
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
 
 
@@ -217,6 +222,9 @@ def run_bench(args: argparse.Namespace, context: Any) -> int:
 
 
 def measure(args: argparse.Namespace, chosen: list[str], ours: Ours, peer: Sqlite) -> dict[str, Any]:
+    import random
+    import statistics
+
     signer = stemedb.Signer.generate()
     rates: dict[str, dict[str, list[float]]] = {name: {"ours": [], "sqlite": []} for name in chosen}
     written: list[Any] = []

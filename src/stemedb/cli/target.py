@@ -27,7 +27,6 @@ import socket
 import struct
 from collections import defaultdict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -358,6 +357,8 @@ class RemoteStore(Store):
 
         def resolve(pair: tuple[str, str]) -> Any:
             return resolution_document(self.client.query(*pair, lens="skeptic", **filters))
+
+        from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(QUERY_THREADS) as pool:
             documents = list(pool.map(resolve, pairs))
