@@ -34,6 +34,7 @@ MODULES = {
     "_segment": ["ext/stemedb/_segment.pyx", "ext/stemedb/blake3_impl.c"],
     "_protocol": ["ext/stemedb/_protocol.pyx"],
     "_reconcile": ["ext/stemedb/_reconcile.pyx", "ext/stemedb/blake3_impl.c"],
+    "_lines": ["ext/stemedb/_lines.pyx"],
 }
 
 extensions = [

@@ -1,15 +1,15 @@
 """`stemedb export` and `stemedb import`: a store's records out to JSON Lines (or CSV) and back.
 
 Owns: choosing what to export (filters, and the envelopes the chosen
-members need), writing it; reading an import file twice — first every line
-is checked, then, if none is bad (or --skip-bad), the good ones are stored
-in batches — counting new and already-present records, the reject file,
-and progress. Must never: store anything of a file with a bad line unless
+members need), writing it; reading an import file (JSON Lines, or CSV rows
+of assertions signed with --key) twice — first every line is checked, then,
+if none is bad (or --skip-bad), the good ones are stored in batches —
+counting new and already-present records, the reject file, and progress. Must never: store anything of a file with a bad line unless
 --skip-bad, report a record as stored before the store acknowledged it, or
 leave a half-written --out file under its final name.
 
 Resource handling: the checked records of the first pass are held in
-memory up to RETAIN_BYTES of record bytes; a larger file is read again for
+memory up to RETAIN_BYTES of record bytes (and text of rows to sign); a larger file is read again for
 the second pass (standard input cannot be, and is refused beyond that).
 Error handling: bad lines are listed on stderr (every one, with its number
 and reason) and in --rejects; a refusal of the store stops the command with
@@ -26,12 +26,11 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 import stemedb
-from stemedb.cli import jsonl
 from stemedb.cli.core import (
     EXIT_OK,
     CliError,
@@ -47,6 +46,9 @@ from stemedb.cli.formats import parse_time
 from stemedb.cli.keys import load_signer
 from stemedb.cli.records import KINDS
 from stemedb.cli.target import LocalStore
+
+if TYPE_CHECKING:  # imported where used: every command loads this module to register import
+    from stemedb.cli import jsonl
 
 CHUNK_LINES = 50_000            # lines checked, then stored, at a time (one durable batch each)
 SIGN_BATCH = 10_000             # readable lines signed under one envelope (put's default batch)
@@ -72,11 +74,15 @@ def register(commands: Any) -> None:
     export.set_defaults(handler=run_export)
 
     load = commands.add_parser(
-        "import", help="store the records of a JSON Lines file (stemedb export's, or put's)",
+        "import", help="store the records of a JSON Lines file (stemedb export's, or put's) or "
+        "the assertions of a CSV file",
         description="Check every line of FILE, then store its records in batches. Lines carry "
         "a record's bytes (raw, as export writes them) or an assertion's fields, signed with "
-        "--key. A file with any bad line stores nothing unless --skip-bad.")
-    load.add_argument("input", metavar="FILE", help="JSON Lines file ('-': standard input)")
+        "--key; CSV rows are assertions' fields, signed with --key. A file with any bad line "
+        "stores nothing unless --skip-bad.")
+    load.add_argument("input", metavar="FILE", help="JSON Lines or CSV file ('-': standard input)")
+    load.add_argument("--format", choices=("jsonl", "csv"), default=None,
+                      help="the file's format (default: csv for a name ending in .csv, else jsonl)")
     add_target_options(load)
     load.add_argument("--key", help="key file to sign lines without raw with (one envelope per "
                       f"{SIGN_BATCH:,} lines)")
@@ -126,6 +132,8 @@ def _output(path: str | None) -> Iterator[IO[str]]:
 
 def _export(store: Any, out: IO[str], args: argparse.Namespace, since: int | None,
             until: int | None) -> dict[str, int]:
+    from stemedb.cli import jsonl
+
     csv = args.format == "csv"
     kind = "assertion" if csv else args.kind
     counts = {"records": 0, "envelopes": 0}
@@ -176,6 +184,11 @@ class Tally:
 
 def run_import(args: argparse.Namespace, context: Any) -> int:
     key = args.key if args.key is not None else context.default_key
+    if args.format is None:
+        args.format = "csv" if args.input.lower().endswith(".csv") else "jsonl"
+    if args.format == "csv" and not key:
+        raise UsageError("CSV rows carry no signature: give --key KEYFILE to sign them "
+                         "(stemedb keygen makes one)")
     signer = load_signer(key) if key else None
     from_stdin = args.input == "-"
     if from_stdin and context.interactive_stdin:
@@ -210,6 +223,20 @@ def _open_input(path: str) -> Any:
     return open(path, "rb") if path != "-" else getattr(sys.stdin, "buffer", sys.stdin)
 
 
+def _chunks(args: argparse.Namespace, stream: IO[bytes], store: Any, can_sign: bool) -> Iterator[Any]:
+    """The input's checked chunks: JSON Lines (proven against the file and `store`) or CSV rows."""
+    from stemedb.cli import jsonl
+
+    try:
+        if args.format == "csv":
+            yield from jsonl.csv_stream(stream, chunk_lines=CHUNK_LINES)
+        else:
+            yield from jsonl.check_stream(stream, jsonl.Checker(store.get), can_sign=can_sign,
+                                          chunk_lines=CHUNK_LINES)
+    except stemedb.InvalidRecord as exc:   # the file as a whole (a CSV header, not UTF-8)
+        raise CliError(f"{args.input}: {exc}") from None
+
+
 def _check_pass(args: argparse.Namespace, store: Any, can_sign: bool, size: int | None,
                 tally: Tally) -> tuple[list[jsonl.Chunk] | None, list[jsonl.BadLine]]:
     """Check every line: the chunks to store (None: too large to hold, read again) and the bad lines."""
@@ -219,12 +246,11 @@ def _check_pass(args: argparse.Namespace, store: Any, can_sign: bool, size: int 
     progress = Progress(args.command, "checked", size)
     stream = _open_input(args.input)
     try:
-        checker = jsonl.Checker(store.get)
-        for chunk in jsonl.check_stream(stream, checker, can_sign=can_sign, chunk_lines=CHUNK_LINES):
+        for chunk in _chunks(args, stream, store, can_sign):
             tally.lines += chunk.lines
             bad.extend(chunk.bad)
             if retained is not None:
-                held += chunk.raw_bytes
+                held += chunk.raw_bytes + chunk.assertion_bytes
                 retained.append(chunk)
                 if held > RETAIN_BYTES:
                     if args.input == "-":
@@ -251,8 +277,7 @@ def _store_pass(args: argparse.Namespace, store: Any, signer: stemedb.Signer | N
     try:
         if checked is None:
             stream = _open_input(args.input)
-            chunks: Any = jsonl.check_stream(stream, jsonl.Checker(store.get),
-                                             can_sign=signer is not None, chunk_lines=CHUNK_LINES)
+            chunks: Any = _chunks(args, stream, store, signer is not None)
         else:
             chunks = checked
         for chunk in chunks:
@@ -302,8 +327,7 @@ class BatchWriter:
             self._put_signed(chunk.assertions[start:start + SIGN_BATCH], tally)
 
     def _put_encoded(self, chunk: jsonl.Chunk, rows: np.ndarray) -> None:
-        every = len(rows) == len(chunk.raws)   # rows are distinct and sorted: all of them, in order
-        blob, offsets = chunk.blob(None if every else rows)
+        blob, offsets = chunk.encoded(rows)   # rows are distinct and sorted
         if self.local:
             self.store.db.put_encoded(blob, offsets)
             return

@@ -21,6 +21,9 @@ import binascii
 import csv
 import io
 import json
+import mmap
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -28,7 +31,7 @@ from typing import IO, Any
 import numpy as np
 
 import stemedb
-from stemedb import _codec
+from stemedb import _codec, _lines
 from stemedb.cli.formats import (
     ASSERTION_FIELDS,
     dumps,
@@ -132,13 +135,16 @@ class Chunk:
     """The good lines of one stretch of a file, as the store will take them.
 
     Encoded records (from `raw` or `encoded`) are blob[offsets[i]:offsets[i+1]]
-    with IDs ids[i], in line order; `assertions` are readable lines, still
-    unsigned. `bad` lists the stretch's bad lines; `end` is the number of
-    bytes of the file read up to the end of the stretch.
+    with IDs ids[i], from lines numbers[i], in line order; `assertions` are
+    readable lines, still unsigned. `bad` lists the stretch's bad lines;
+    `end` is the number of bytes of the file read up to the end of the
+    stretch. While the chunk is being checked it also holds the stretch's
+    text (for the bad lines' entries); check_stream drops it before yielding.
     """
 
-    numbers: list[int] = field(default_factory=list)
-    raws: list[bytes] = field(default_factory=list)
+    numbers: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    blob: bytes = b""
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
     ids: np.ndarray = field(default_factory=lambda: np.empty((0, 32), dtype=np.uint8))
     kinds: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint8))
     proofs: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint8))
@@ -147,60 +153,120 @@ class Chunk:
     bad: list[BadLine] = field(default_factory=list)
     lines: int = 0
     end: int = 0
-    _joined: tuple[bytes, np.ndarray, int] | None = None     # blob() of every record, kept
+    assertion_bytes: int = 0     # text of the `assertions` lines (what holding them costs, roughly)
+    _text: Callable[[int], bytes] | None = None
+
+    @property
+    def count(self) -> int:
+        """Encoded records."""
+        return len(self.numbers)
 
     @property
     def records(self) -> int:
-        return len(self.raws) + len(self.assertions)
+        return self.count + len(self.assertions)
 
     @property
     def raw_bytes(self) -> int:
-        return sum(len(raw) for raw in self.raws)
+        return len(self.blob)
 
-    def blob(self, rows: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
-        """The encoded records (those of `rows`, or all) as one blob and its offsets."""
-        if rows is None and self._joined is not None and self._joined[2] == len(self.raws):
-            return self._joined[0], self._joined[1]
-        raws = self.raws if rows is None else [self.raws[row] for row in rows.tolist()]
-        offsets = np.zeros(len(raws) + 1, dtype=np.int64)
-        np.cumsum([len(raw) for raw in raws], out=offsets[1:])
-        blob = b"".join(raws)
+    def raw(self, row: int) -> bytes:
+        return self.blob[int(self.offsets[row]):int(self.offsets[row + 1])]
+
+    def line(self, number: int) -> bytes:
+        """The text of line `number` (while the chunk holds its stretch's text)."""
+        assert self._text is not None, "the chunk's text was released"
+        return self._text(number)
+
+    def encoded(self, rows: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
+        """The encoded records (those of `rows`, sorted, or all) as one blob and its offsets."""
         if rows is None:
-            self._joined = (blob, offsets, len(raws))
-        return blob, offsets
+            return self.blob, self.offsets
+        return _select(self.blob, self.offsets, rows)
 
     def keep(self, mask: np.ndarray) -> None:
         """Keep only the encoded records where `mask` is true."""
-        self.numbers = [n for n, kept in zip(self.numbers, mask) if kept]
-        self.raws = [raw for raw, kept in zip(self.raws, mask) if kept]
-        self.ids = self.ids[mask]
-        self.kinds = self.kinds[mask]
-        self.proofs = self.proofs[mask]
-        self._joined = None
+        self.blob, self.offsets = _select(self.blob, self.offsets, np.flatnonzero(mask))
+        self.numbers = self.numbers[mask]
+        self.ids = self.ids[mask] if len(self.ids) == len(mask) else self.ids
+        self.kinds = self.kinds[mask] if len(self.kinds) == len(mask) else self.kinds
+        self.proofs = self.proofs[mask] if len(self.proofs) == len(mask) else self.proofs
 
 
-READ_HINT = 1 << 22    # bytes of lines read at a time
+def _select(blob: bytes, offsets: np.ndarray, rows: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """The records `rows` (ascending) of blob/offsets, as a blob and offsets of their own."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    kept = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=kept[1:])
+    if len(rows) == len(offsets) - 1:
+        return blob, offsets
+    where = np.repeat(starts - kept[:-1], lengths) + np.arange(int(kept[-1]), dtype=np.int64)
+    return np.frombuffer(blob, dtype=np.uint8)[where].tobytes(), kept
 
 
-def numbered_lines(stream: IO[bytes], chunk_lines: int) -> Iterator[tuple[list[tuple[int, bytes]], int]]:
-    """(numbered non-blank lines, bytes read so far), `chunk_lines` lines at a time."""
-    batch: list[tuple[int, bytes]] = []
+READ_BYTES = 1 << 24    # bytes of the file read at a time
+
+
+def stretches(stream: IO[bytes], chunk_lines: int) -> Iterator[tuple[dict[str, Any], bytes, int, int]]:
+    """The file `chunk_lines` lines at a time, each stretch scanned by _lines.scan.
+
+    Yields (the scan, the bytes it was made of, the number of its first line
+    from 1, bytes of the file read up to its end). A regular file is scanned
+    in place through a read-only mapping (no copy of its text); a pipe is read
+    READ_BYTES at a time.
+    """
+    mapping = _mapped(stream)
+    if mapping is not None:
+        with mapping:
+            at = 0
+            number = 1
+            while at < len(mapping):
+                scanned = _lines.scan(mapping, at, chunk_lines, True)
+                at += int(scanned["consumed"])
+                yield scanned, mapping, number, at   # type: ignore[misc]
+                number += int(scanned["lines"])
+        return
+    buffer = b""
+    at = 0          # where the next stretch starts in buffer
+    newlines = 0    # newlines in buffer[at:]
+    ended = False
+    number = 1
     position = 0
-    number = 0
     while True:
-        lines = stream.readlines(READ_HINT)
-        if not lines:
-            break
-        for line in lines:
-            number += 1
-            position += len(line)
-            if len(line) > 2 or line.strip():
-                batch.append((number, line))
-            if number % chunk_lines == 0:
-                yield batch, position
-                batch = []
-    if batch or number % chunk_lines:
-        yield batch, position
+        if not ended and newlines < chunk_lines:
+            pieces = [buffer[at:]]
+            while not ended and newlines < chunk_lines:
+                more = stream.read(READ_BYTES)
+                if not more:
+                    ended = True
+                    break
+                newlines += more.count(b"\n")
+                pieces.append(more)
+            buffer = b"".join(pieces)
+            at = 0
+        if at >= len(buffer):
+            return
+        scanned = _lines.scan(buffer, at, chunk_lines, ended)
+        consumed = int(scanned["consumed"])
+        if not consumed:  # cannot happen (a full stretch, or the file's end, is in buffer)
+            raise AssertionError("the line scan took nothing")
+        position += consumed
+        yield scanned, buffer, number, position
+        number += int(scanned["lines"])
+        newlines -= int(scanned["lines"])     # each line taken ended with one (but a file's last)
+        at += consumed
+
+
+def _mapped(stream: IO[bytes]) -> mmap.mmap | None:
+    """A read-only mapping of the rest of `stream` if it is a non-empty regular file at offset 0."""
+    try:
+        fd = stream.fileno()
+        info = os.fstat(fd)
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_size == 0 or stream.tell() != 0:
+        return None
+    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
 
 
 def _shown(line: bytes) -> str:
@@ -226,40 +292,51 @@ def _readable_assertion(document: dict[str, Any], number: int) -> Any:
     return record_from_json(json.dumps(fields), number)
 
 
-def parse_lines(lines: list[tuple[int, bytes]], *, can_sign: bool) -> Chunk:
-    """Lines → a Chunk: each line's record bytes or unsigned assertion, or why it has none."""
-    chunk = Chunk(lines=len(lines))
-    claimed: list[str | None] = []
-    numbers, raws = chunk.numbers, chunk.raws
-    loads, a2b = _loads, binascii.a2b_base64
-    for number, line in lines:
-        try:
-            document = loads(line)
-        except _JSON_ERRORS as exc:
-            chunk.bad.append(BadLine(number, f"line {number}: not JSON ({exc})", _shown(line)))
-            continue
-        # The common line, an export's: parsed here without a call per field.
-        raw = document.get("raw") if type(document) is dict else None
-        record_id = document.get("id") if raw is not None else None
-        if type(raw) is str and (record_id is None or type(record_id) is str):
-            try:
-                numbers.append(number)
-                raws.append(a2b(raw, strict_mode=True))
-                claimed.append(record_id)
-                continue
-            except (ValueError, binascii.Error):
-                numbers.pop()
-        _parse_other(chunk, claimed, number, line, document, can_sign)
-    _validate(chunk, lines, claimed)
+def parse_stretch(scanned: dict[str, Any], text: bytes, first: int, *, can_sign: bool) -> Chunk:
+    """A scanned stretch → a Chunk: each line's record bytes or unsigned assertion, or why it has none.
+
+    The scan has decoded the export lines; every other line is parsed here,
+    one at a time, as JSON (the scan leaves to this path whatever it does not
+    read exactly as the JSON parser would).
+    """
+    kinds, starts, ends = scanned["kinds"], scanned["starts"], scanned["ends"]
+    numbers = scanned["index"] + first
+
+    def line(number: int) -> bytes:
+        row = int(np.searchsorted(numbers, number))
+        return text[int(starts[row]):int(ends[row])]
+
+    chunk = Chunk(lines=len(kinds), _text=line)
+    fast = kinds == _lines.LINE_RECORD
+    chunk.numbers = numbers[fast]
+    chunk.blob, chunk.offsets = scanned["blob"], scanned["offsets"]
+    claims, claimed = scanned["claims"], scanned["claimed"].astype(bool)
+    wrong: dict[int, str] = {}      # number → a claimed id that is not 64 hex digits
+    others = np.flatnonzero(~fast)
+    if len(others):
+        extra: list[tuple[int, bytes, str | None]] = []
+        for row in others.tolist():
+            number = int(numbers[row])
+            found = _parse_line(chunk, number, text[int(starts[row]):int(ends[row])], can_sign)
+            if found is not None:
+                extra.append((number, *found))
+        if extra:
+            chunk.numbers, chunk.blob, chunk.offsets, claims, claimed = _merged(
+                chunk, claims, claimed, extra, wrong)
+    _validate(chunk, claims, claimed, wrong)
     return chunk
 
 
-def _parse_other(chunk: Chunk, claimed: list[str | None], number: int, line: bytes,
-                 document: Any, can_sign: bool) -> None:
-    """Any line but an export line with a well-formed raw: put's forms, or a mistake."""
+def _parse_line(chunk: Chunk, number: int, line: bytes, can_sign: bool) -> tuple[bytes, str | None] | None:
+    """A line the scan left: (its record bytes, the id it claims), or None (an assertion, or bad)."""
+    try:
+        document = _loads(line)
+    except _JSON_ERRORS as exc:
+        chunk.bad.append(BadLine(number, f"line {number}: not JSON ({exc})", _shown(line)))
+        return None
     if not isinstance(document, dict):
         chunk.bad.append(BadLine(number, f"line {number}: expected a JSON object", _shown(line)))
-        return
+        return None
     try:
         raw = _raw_bytes(document, number)
         if raw is None:
@@ -270,16 +347,43 @@ def _parse_other(chunk: Chunk, claimed: list[str | None], number: int, line: byt
                     "--key KEYFILE (stemedb keygen makes one)")
             chunk.assertion_numbers.append(number)
             chunk.assertions.append(assertion)
-            return
+            chunk.assertion_bytes += len(line)
+            return None
         record_id = document.get("id")
         if record_id is not None and not isinstance(record_id, str):
             raise stemedb.InvalidRecord(f"line {number}: id: expected 64 hex digits")
     except stemedb.InvalidRecord as exc:
         chunk.bad.append(BadLine(number, str(exc), _shown(line)))
-        return
-    chunk.numbers.append(number)
-    chunk.raws.append(raw)
-    claimed.append(record_id)
+        return None
+    return raw, record_id
+
+
+def _merged(chunk: Chunk, claims: np.ndarray, claimed: np.ndarray,
+            extra: list[tuple[int, bytes, str | None]],
+            wrong: dict[int, str]) -> tuple[np.ndarray, bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """The scan's records and those parsed here, in line order (numbers, blob, offsets, claims)."""
+    raws = [chunk.raw(row) for row in range(chunk.count)] + [raw for _, raw, _ in extra]
+    numbers = np.concatenate([chunk.numbers, np.array([n for n, _, _ in extra], dtype=np.int64)])
+    more_claims = np.zeros((len(extra), 32), dtype=np.uint8)
+    more_claimed = np.zeros(len(extra), dtype=bool)
+    for row, (number, _, text) in enumerate(extra):
+        if text is None:
+            continue
+        more_claimed[row] = True
+        try:
+            value = bytes.fromhex(text)
+        except ValueError:
+            value = b""
+        if len(value) == 32:
+            more_claims[row] = np.frombuffer(value, dtype=np.uint8)
+        else:
+            wrong[number] = text
+    order = np.argsort(numbers, kind="stable")
+    raws = [raws[row] for row in order.tolist()]
+    offsets = np.zeros(len(raws) + 1, dtype=np.int64)
+    np.cumsum([len(raw) for raw in raws], out=offsets[1:])
+    return (numbers[order], b"".join(raws), offsets,
+            np.concatenate([claims, more_claims])[order], np.concatenate([claimed, more_claimed])[order])
 
 
 def _raw_bytes(document: dict[str, Any], number: int) -> bytes | None:
@@ -289,7 +393,7 @@ def _raw_bytes(document: dict[str, Any], number: int) -> bytes | None:
         try:
             if not isinstance(raw, str):
                 raise ValueError
-            return base64.b64decode(raw, validate=True)
+            return binascii.a2b_base64(raw, strict_mode=True)
         except (ValueError, binascii.Error):
             raise stemedb.InvalidRecord(f"line {number}: raw: expected base64 record bytes") from None
     if "encoded" in document:
@@ -300,56 +404,165 @@ def _raw_bytes(document: dict[str, Any], number: int) -> bytes | None:
     return None
 
 
-def _validate(chunk: Chunk, lines: list[tuple[int, bytes]], claimed: list[str | None]) -> None:
+def _validate(chunk: Chunk, claims: np.ndarray, claimed: np.ndarray, wrong: dict[int, str]) -> None:
     """Canonical bytes and the IDs the lines claim; the bad ones leave the chunk."""
-    blob, offsets = chunk.blob()
     try:
-        ids, columns = _codec.validate_many(blob, offsets)
-        good = np.ones(len(chunk.raws), dtype=bool)
+        ids, columns = _codec.validate_many(chunk.blob, chunk.offsets)
     except stemedb.InvalidRecord:  # find every bad one: record by record
-        text = dict(lines)
-        good = np.zeros(len(chunk.raws), dtype=bool)
-        for row, (number, raw) in enumerate(zip(chunk.numbers, chunk.raws)):
+        good = np.zeros(chunk.count, dtype=bool)
+        for row, number in enumerate(chunk.numbers.tolist()):
+            raw = chunk.raw(row)
             try:
                 _codec.validate_many(raw, np.array([0, len(raw)], dtype=np.int64))
                 good[row] = True
             except stemedb.InvalidRecord as exc:
                 reason = str(exc).removeprefix("record 0: ").removeprefix("records[0]: ")
                 chunk.bad.append(BadLine(number, f"line {number}: raw: not a record ({reason})",
-                                         _shown(text[number])))
-        chunk.numbers = [n for n, kept in zip(chunk.numbers, good) if kept]
-        chunk.raws = [raw for raw, kept in zip(chunk.raws, good) if kept]
-        claimed = [c for c, kept in zip(claimed, good) if kept]
-        blob, offsets = chunk.blob()
-        ids, columns = _codec.validate_many(blob, offsets)
+                                         _shown(chunk.line(number))))
+        chunk.keep(good)
+        claims, claimed = claims[good], claimed[good]
+        ids, columns = _codec.validate_many(chunk.blob, chunk.offsets)
     chunk.ids = ids
     chunk.kinds = np.asarray(columns["kind"], dtype=np.uint8)
     chunk.proofs = np.asarray(columns["proof"], dtype=np.uint8)
-    matches = _claims_match(claimed, ids)
+    matches = ~claimed | (claims == ids).all(axis=1)
+    for number in wrong:
+        row = int(np.searchsorted(chunk.numbers, number))
+        if row < chunk.count and chunk.numbers[row] == number:
+            matches[row] = False
     if not matches.all():
-        text = dict(lines)
         for row in np.flatnonzero(~matches).tolist():
-            number = chunk.numbers[row]
-            chunk.bad.append(BadLine(number, f"line {number}: id {claimed[row]} is not the ID of its "
-                                     f"raw bytes ({bytes(ids[row]).hex()})", _shown(text[number])))
+            number = int(chunk.numbers[row])
+            line = chunk.line(number)
+            text = wrong.get(number) or _loads(line).get("id")
+            chunk.bad.append(BadLine(number, f"line {number}: id {text} is not the ID of its "
+                                     f"raw bytes ({bytes(ids[row]).hex()})", _shown(line)))
         chunk.keep(matches)
 
 
-def _claims_match(claimed: list[str | None], ids: np.ndarray) -> np.ndarray:
-    """Whether each line's `id` (None: no claim) is the ID of its bytes."""
-    matches = np.ones(len(claimed), dtype=bool)
-    given = [row for row, expected in enumerate(claimed) if expected is not None]
+# ------------------------------------------------------------------ import: CSV
+
+CSV_REQUIRED = ("subject", "predicate", "object")
+CSV_IGNORED = ("id", "signers")    # export writes them; rows are signed anew with --key
+OBJECT_TAGS = {name: tag for tag, name in OBJECT_TYPES.items()}
+
+
+def csv_stream(stream: IO[bytes], *, chunk_lines: int) -> Iterator[Chunk]:
+    """CSV rows of assertions (a header first, the columns of export's CSV), `chunk_lines` rows a chunk.
+
+    Each row becomes an unsigned assertion, or a BadLine numbered by the
+    line the row starts on. A header that names an unknown column, or lacks
+    subject, predicate or object, raises InvalidRecord (nothing is read).
+    """
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    reader = csv.reader(text)
     try:
-        expected_ids = np.frombuffer(bytes.fromhex("".join(claimed[row] for row in given)),  # type: ignore[misc]
-                                     dtype=np.uint8).reshape(-1, 32)
-        if len(expected_ids) == len(given):
-            matches[given] = (expected_ids == ids[given]).all(axis=1)
-            return matches
-    except ValueError:
-        pass  # some id is not hex, or not 64 digits: compare them one by one
-    for row in given:
-        matches[row] = str(claimed[row]).lower() == bytes(ids[row]).hex()
-    return matches
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        columns = _csv_columns(header)
+        chunk = Chunk()
+        start = reader.line_num + 1
+        for row in reader:
+            number = start
+            start = reader.line_num + 1
+            if not any(cell.strip() for cell in row):
+                continue
+            chunk.lines += 1
+            shown = _csv_text(row).rstrip("\n")
+            try:
+                chunk.assertions.append(_csv_assertion(columns, row, number))
+                chunk.assertion_numbers.append(number)
+                chunk.assertion_bytes += len(shown)
+            except stemedb.InvalidRecord as exc:
+                chunk.bad.append(BadLine(number, str(exc), shown))
+            if chunk.lines == chunk_lines:
+                chunk.end = stream.tell() if stream.seekable() else 0
+                yield chunk
+                chunk = Chunk()
+        if chunk.lines:
+            chunk.end = stream.tell() if stream.seekable() else 0
+            yield chunk
+    except UnicodeDecodeError as exc:
+        raise stemedb.InvalidRecord(f"line {reader.line_num + 1}: not UTF-8 ({exc.reason})") from None
+    except csv.Error as exc:
+        raise stemedb.InvalidRecord(f"line {reader.line_num}: not CSV ({exc})") from None
+    finally:
+        text.detach()
+
+
+def _csv_columns(header: list[str]) -> list[str]:
+    names = [name.strip() for name in header]
+    unknown = [name for name in names if name not in CSV_COLUMNS]
+    if unknown:
+        raise stemedb.InvalidRecord(
+            f"line 1: unknown column(s) {', '.join(repr(n) for n in unknown)}; the header names "
+            f"columns of {', '.join(CSV_COLUMNS)} (export --format csv writes them all)")
+    missing = [name for name in CSV_REQUIRED if name not in names]
+    if missing:
+        raise stemedb.InvalidRecord(f"line 1: the header lacks column(s) {', '.join(missing)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise stemedb.InvalidRecord(f"line 1: column(s) {', '.join(repeated)} named twice")
+    return names
+
+
+def _csv_assertion(columns: list[str], row: list[str], number: int) -> Any:
+    """An unsigned assertion from one CSV row: cells become put's fields (empty: the default)."""
+    if len(row) != len(columns):
+        raise stemedb.InvalidRecord(f"line {number}: {len(row)} cells, but the header names "
+                                    f"{len(columns)} columns")
+    cells = {name: cell for name, cell in zip(columns, row) if name not in CSV_IGNORED}
+    kind = cells.pop("object_type", "").strip().lower() or "text"
+    if kind not in OBJECT_TAGS:
+        raise stemedb.InvalidRecord(f"line {number}: object_type: {kind!r} is not one of "
+                                    f"{', '.join(OBJECT_TAGS)}")
+    fields: dict[str, Any] = {"subject": cells.pop("subject"), "predicate": cells.pop("predicate"),
+                              "object": _csv_object(cells.pop("object"), kind, number)}
+    for name, cell in cells.items():
+        cell = cell.strip()
+        if not cell:
+            continue
+        if name == "confidence":
+            try:
+                fields[name] = float(cell)
+            except ValueError:
+                raise stemedb.InvalidRecord(f"line {number}: confidence: {cell!r} is not a "
+                                            "number") from None
+        elif name == "vector":
+            try:
+                fields[name] = json.loads(cell)
+            except json.JSONDecodeError:
+                raise stemedb.InvalidRecord(f"line {number}: vector: expected [a,b,…], got "
+                                            f"{cell!r}") from None
+        else:
+            fields[name] = cell
+    return record_from_json(json.dumps(fields), number)
+
+
+def _csv_object(cell: str, kind: str, number: int) -> Any:
+    """The object cell as put's JSON value for its object_type (text unless the row says)."""
+    if kind == "text":
+        return cell
+    value = cell.strip()
+    if kind == "number":
+        try:
+            result = float(value)
+        except ValueError:
+            result = float("nan")
+        if result != result or result in (float("inf"), float("-inf")):
+            raise stemedb.InvalidRecord(f"line {number}: object: {cell!r} is not a finite number "
+                                        "(object_type number)")
+        return result
+    if kind == "boolean":
+        if value.lower() not in ("true", "false"):
+            raise stemedb.InvalidRecord(f"line {number}: object: {cell!r} is not true or false "
+                                        "(object_type boolean)")
+        return value.lower() == "true"
+    if kind == "ref":
+        return {"ref": value}
+    return {"bytes": value}
 
 
 # ------------------------------------------------------------------ import: proofs
@@ -370,12 +583,12 @@ class Checker:
         self._stored = stored
         self._envelopes: dict[bytes, Any] = {}          # ID → Envelope, or the line that was bad
 
-    def check(self, chunk: Chunk, lines: list[tuple[int, bytes]]) -> None:
+    def check(self, chunk: Chunk) -> None:
         """Move the chunk's unprovable records to chunk.bad."""
-        if not chunk.raws:
+        if not chunk.count:
             return
         proofs = chunk.proofs
-        good = np.ones(len(chunk.raws), dtype=bool)
+        good = np.ones(chunk.count, dtype=bool)
         reasons: dict[int, str] = {}
         for row in np.flatnonzero(proofs != PROOF_ENVELOPE).tolist():
             reason = self._signed(chunk, row)
@@ -384,19 +597,18 @@ class Checker:
                 reasons[row] = reason
         members = np.flatnonzero(proofs == PROOF_ENVELOPE)
         if len(members):
-            claimed, signers, single = _codec.envelope_proofs(*chunk.blob())
+            claimed, signers, single = _codec.envelope_proofs(chunk.blob, chunk.offsets)
             reasons.update(self._members(chunk, members, claimed[members], signers[members],
                                          single[members]))
             good[list(reasons)] = False
-        text = dict(lines) if reasons else {}
         for row, reason in sorted(reasons.items()):
-            number = chunk.numbers[row]
-            chunk.bad.append(BadLine(number, f"line {number}: {reason}", _shown(text[number])))
+            number = int(chunk.numbers[row])
+            chunk.bad.append(BadLine(number, f"line {number}: {reason}", _shown(chunk.line(number))))
         if not good.all():
             chunk.keep(good)
 
     def _signed(self, chunk: Chunk, row: int) -> str | None:
-        record = stemedb.decode(chunk.raws[row])
+        record = stemedb.decode(chunk.raw(row))
         record_id = bytes(chunk.ids[row])
         if not record.is_signed:
             return "its raw record is unsigned: sign it (stemedb put --key), or give its fields alone"
@@ -404,7 +616,7 @@ class Checker:
             record.verify()
         except stemedb.SignatureError as exc:
             if isinstance(record, stemedb.Envelope):
-                self._envelopes[record_id] = chunk.numbers[row]
+                self._envelopes[record_id] = int(chunk.numbers[row])
             return str(exc)
         if isinstance(record, stemedb.Envelope):
             self._envelopes[record_id] = record
@@ -470,9 +682,10 @@ def _listed(ids: np.ndarray, listed: np.ndarray) -> np.ndarray:
 def check_stream(stream: IO[bytes], checker: Checker, *, can_sign: bool,
                  chunk_lines: int) -> Iterator[Chunk]:
     """The stream's lines, parsed and proven, one Chunk per `chunk_lines` lines."""
-    for lines, position in numbered_lines(stream, chunk_lines):
-        chunk = parse_lines(lines, can_sign=can_sign)
-        checker.check(chunk, lines)
+    for scanned, text, first, position in stretches(stream, chunk_lines):
+        chunk = parse_stretch(scanned, text, first, can_sign=can_sign)
+        checker.check(chunk)
         chunk.bad.sort(key=lambda bad: bad.number)
         chunk.end = position
+        chunk._text = None      # the stretch's text is not held beyond its check
         yield chunk

@@ -1,0 +1,8 @@
+"""Type stubs for the compiled import-line scanner (ext/stemedb/_lines.pyx)."""
+
+from typing import Any
+
+LINE_RECORD: int
+LINE_OTHER: int
+
+def scan(buffer: bytes, start: int, max_lines: int, final: bool) -> dict[str, Any]: ...
