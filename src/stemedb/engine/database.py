@@ -509,7 +509,7 @@ class Database:
             self._checkpointer.join()
             if self._commit.failure is None:
                 try:
-                    self._checkpointer.checkpoint()
+                    self._checkpointer.at_close()
                 except OSError:
                     pass  # the segments are the truth; the next open replays them
         finally:

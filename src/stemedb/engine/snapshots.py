@@ -4,7 +4,8 @@ Owns: `DIR/index/snapshot-NNNNNNNNNNNN/` (docs/format.md, "Snapshots"):
 capturing the indexes under the state lock, writing them atomically (temp
 directory → fsync files → rename → fsync parent), loading the newest one
 whose checksums match, and deciding when to write one (on `checkpoint()`,
-in the background every `snapshot_every` records, at close). Must never:
+in the background every `snapshot_every` records, at close unless the
+newest one this process wrote leaves under 1 % of `snapshot_every` to replay). Must never:
 write segments, or record a position that covers frames not yet indexed.
 
 Resource handling: a snapshot is a directory of .npy files plus
@@ -59,6 +60,7 @@ class Checkpointer:
         self._write_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._since = 0               # records indexed since the last snapshot was captured
+        self._written: int | None = None  # records the newest snapshot this process wrote holds
 
     def checkpoint(self) -> None:
         """Write a snapshot now (see Database.checkpoint)."""
@@ -77,6 +79,23 @@ class Checkpointer:
                 count = self.state.count
                 self._since = 0
             write_snapshot(self.files, self.directory, arrays, count, meta)
+            self._written = count
+
+    def at_close(self) -> None:
+        """The snapshot of close: wait for one in flight, then write one unless it is nearly current.
+
+        Skipped when the newest snapshot this process wrote leaves fewer than
+        1 % of `every` records for the next open to replay (a bulk load that
+        has just crossed `every` would otherwise write two full snapshots in a
+        row, the background one and this). Replaying them is what an open after
+        a crash at that point does anyway.
+        """
+        self.join()
+        with self.lock:
+            tail = None if self._written is None else self.state.count - self._written
+        if tail is not None and tail < max(self.every // 100, 1):
+            return
+        self.checkpoint()
 
     def indexed(self, records: int) -> None:
         """Count records just indexed; start a background snapshot when `every` are due."""
