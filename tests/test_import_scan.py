@@ -12,7 +12,6 @@ import base64
 import json
 import random
 
-import numpy as np
 import orjson
 import pytest
 

@@ -23,10 +23,19 @@ skipped, when with its newline it is at most two bytes of ASCII whitespace
 (what the Python path skips). The scan runs without the GIL.
 """
 
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy
 
 import numpy as np
+
+
+cdef extern from "Python.h":
+    # as bare pointers: the blob is written, then shrunk in place, before Python sees it
+    PyObject* new_bytes "PyBytes_FromStringAndSize" (const char* data, Py_ssize_t size)
+    char* bytes_data "PyBytes_AS_STRING" (PyObject* bytes) nogil
+    int _PyBytes_Resize(PyObject** bytes, Py_ssize_t size)
 
 cdef enum:
     LINE_RECORD_ = 0      # an export line: `raw` decoded into the blob, `id` into claims
@@ -460,14 +469,19 @@ def scan(buffer, Py_ssize_t start, Py_ssize_t max_lines, bint final):
                 row += 1
             line += 1
             at = stop
-    out = np.empty((position - start) * 3 // 4 + 4, dtype=np.uint8)
     offsets = np.zeros(lines + 1, dtype=np.int64)
     claims = np.zeros((lines, 32), dtype=np.uint8)
     claimed = np.zeros(lines, dtype=np.uint8)
-    cdef uint8_t[::1] ov = out, cv = claimed
+    cdef uint8_t[::1] cv = claimed
     cdef uint8_t[:, ::1] claimv = claims
     cdef int64_t[::1] offv = offsets
     cdef Members m
+    # The decoded raws go straight into a bytes object, shrunk to size at the end (no copy);
+    # nothing between its allocation and the shrink can raise.
+    cdef PyObject* raw = new_bytes(NULL, (position - start) * 3 // 4 + 4)
+    if raw == NULL:
+        raise MemoryError()
+    cdef uint8_t* ov = <uint8_t*>bytes_data(raw)
     with nogil:
         for row in range(lines):
             kv[row] = LINE_OTHER_
@@ -478,7 +492,7 @@ def scan(buffer, Py_ssize_t start, Py_ssize_t max_lines, bint final):
                                                                        &claimv[records, 0]):
                     continue
             length = base64_decode(p + sv[row] + m.raw_start, m.raw_end - m.raw_start,
-                                   &ov[written])
+                                   ov + written)
             if length <= 0:
                 continue
             cv[records] = 1 if m.id_start >= 0 else 0
@@ -486,7 +500,11 @@ def scan(buffer, Py_ssize_t start, Py_ssize_t max_lines, bint final):
             records += 1
             offv[records] = written
             kv[row] = LINE_RECORD_
+    if _PyBytes_Resize(&raw, written) < 0:   # (it frees the object on failure)
+        raise MemoryError()
+    blob = <object>raw
+    Py_DECREF(blob)                           # the reference new_bytes gave us; blob holds one
     return {"consumed": position - start, "lines": taken, "kinds": kinds, "index": index,
-            "starts": starts, "ends": ends, "blob": out[:written].tobytes(),
+            "starts": starts, "ends": ends, "blob": blob,
             "offsets": offsets[:records + 1].copy(), "claims": claims[:records].copy(),
             "claimed": claimed[:records].copy()}

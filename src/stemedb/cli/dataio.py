@@ -315,8 +315,7 @@ class BatchWriter:
     def write(self, chunk: jsonl.Chunk, tally: Tally) -> None:
         """Store the chunk's records; count each unique record once, as new or already present."""
         if len(chunk.ids):
-            _unique, first = np.unique(chunk.ids.view("V32").ravel(), return_index=True)
-            first.sort()
+            first = _first_rows(chunk.ids)
             present = self.present(chunk.ids[first])
             wanted = first[~present]
             tally.already_present += len(chunk.ids) - len(wanted)
@@ -345,8 +344,7 @@ class BatchWriter:
         assert self.signer is not None
         members, envelope = self.signer.sign_batch(assertions)
         ids = stemedb.ids_of(members)
-        _unique, first = np.unique(ids.view("V32").ravel(), return_index=True)
-        first.sort()
+        first = _first_rows(ids)
         present = self.present(ids[first])
         wanted = [assertions[int(row)] for row in first[~present]]
         tally.already_present += len(assertions) - len(wanted)
@@ -356,6 +354,16 @@ class BatchWriter:
             members, envelope = self.signer.sign_batch(wanted)
         self.store.put_many(members, envelope=envelope)
         tally.new += len(wanted)
+
+
+def _first_rows(ids: np.ndarray) -> np.ndarray:
+    """The row of each distinct ID's first occurrence in (n, 32) `ids`, ascending."""
+    prefixes = np.ascontiguousarray(ids[:, :8]).view("<u8").ravel()
+    if len(np.unique(prefixes)) == len(prefixes):   # distinct prefixes: distinct IDs (the usual case)
+        return np.arange(len(ids))
+    _unique, first = np.unique(ids.view("V32").ravel(), return_index=True)
+    first.sort()
+    return first
 
 
 class Progress:

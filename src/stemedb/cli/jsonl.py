@@ -217,12 +217,20 @@ def stretches(stream: IO[bytes], chunk_lines: int) -> Iterator[tuple[dict[str, A
     """
     mapping = _mapped(stream)
     if mapping is not None:
-        with mapping:
+        # The scan releases the GIL: the next stretch is scanned on a second thread while the
+        # caller checks this one (at most two stretches' scans are held).
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        with mapping, ThreadPoolExecutor(1, thread_name_prefix="stemedb-import-scan") as pool:
             at = 0
             number = 1
-            while at < len(mapping):
-                scanned = _lines.scan(mapping, at, chunk_lines, True)
+            ahead: Future[dict[str, Any]] | None = pool.submit(_lines.scan, mapping, at,
+                                                               chunk_lines, True)
+            while ahead is not None:
+                scanned = ahead.result()
                 at += int(scanned["consumed"])
+                ahead = pool.submit(_lines.scan, mapping, at, chunk_lines, True) \
+                    if at < len(mapping) else None
                 yield scanned, mapping, number, at   # type: ignore[misc]
                 number += int(scanned["lines"])
         return
