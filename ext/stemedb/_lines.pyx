@@ -252,14 +252,9 @@ cdef bint check_object(const uint8_t* p, Py_ssize_t n, Members* m) noexcept nogi
         if i >= n:
             return False
         c = p[i]
+        if (state == S_KEY_OR_CLOSE and c == 125) or (state == S_VALUE_OR_CLOSE and c == 93):
+            state = S_AFTER       # an empty container closes as one does after a value
         if state == S_KEY_OR_CLOSE or state == S_KEY:
-            if c == 125 and state == S_KEY_OR_CLOSE:
-                depth -= 1
-                i += 1
-                if depth == 0:
-                    break
-                state = S_AFTER
-                continue
             if c != 34:
                 return False
             j = scan_string(p, i, n, &escaped)
@@ -281,13 +276,6 @@ cdef bint check_object(const uint8_t* p, Py_ssize_t n, Members* m) noexcept nogi
             state = S_VALUE
             continue
         if state == S_VALUE or state == S_VALUE_OR_CLOSE:
-            if c == 93 and state == S_VALUE_OR_CLOSE:
-                depth -= 1
-                i += 1
-                if depth == 0:
-                    break
-                state = S_AFTER
-                continue
             if c == 123 or c == 91:
                 if member != MEMBER_NONE or depth >= MAX_DEPTH:
                     return False
