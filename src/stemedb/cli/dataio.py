@@ -4,13 +4,15 @@ Owns: choosing what to export (filters, and the envelopes the chosen
 members need), writing it; reading an import file (JSON Lines, or CSV rows
 of assertions signed with --key) twice — first every line is checked, then,
 if none is bad (or --skip-bad), the good ones are stored in batches —
-counting new and already-present records, the reject file, and progress. Must never: store anything of a file with a bad line unless
---skip-bad, report a record as stored before the store acknowledged it, or
-leave a half-written --out file under its final name.
+counting new and already-present records, the reject file, and progress.
+Must never: store anything of a file with a bad line unless --skip-bad,
+report a record as stored before the store acknowledged it, or leave a
+half-written --out file under its final name.
 
 Resource handling: the checked records of the first pass are held in
-memory up to RETAIN_BYTES of record bytes (and text of rows to sign); a larger file is read again for
-the second pass (standard input cannot be, and is refused beyond that).
+memory up to RETAIN_BYTES of record bytes (and text of rows to sign); a
+larger file is read again for the second pass (standard input cannot be,
+and is refused beyond that).
 Error handling: bad lines are listed on stderr (every one, with its number
 and reason) and in --rejects; a refusal of the store stops the command with
 how many records were stored before it; Ctrl-C waits for the batch in

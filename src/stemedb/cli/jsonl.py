@@ -184,22 +184,23 @@ class Chunk:
         return _select(self.blob, self.offsets, rows)
 
     def keep(self, mask: np.ndarray) -> None:
-        """Keep only the encoded records where `mask` is true."""
+        """Keep only the encoded records where `mask` is true (after _validate set their IDs)."""
+        self._keep_bytes(mask)
+        self.ids, self.kinds, self.proofs = self.ids[mask], self.kinds[mask], self.proofs[mask]
+
+    def _keep_bytes(self, mask: np.ndarray) -> None:
         self.blob, self.offsets = _select(self.blob, self.offsets, np.flatnonzero(mask))
         self.numbers = self.numbers[mask]
-        self.ids = self.ids[mask] if len(self.ids) == len(mask) else self.ids
-        self.kinds = self.kinds[mask] if len(self.kinds) == len(mask) else self.kinds
-        self.proofs = self.proofs[mask] if len(self.proofs) == len(mask) else self.proofs
 
 
 def _select(blob: bytes, offsets: np.ndarray, rows: np.ndarray) -> tuple[bytes, np.ndarray]:
     """The records `rows` (ascending) of blob/offsets, as a blob and offsets of their own."""
+    if len(rows) == len(offsets) - 1:   # ascending and distinct: all of them
+        return blob, offsets
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
     kept = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=kept[1:])
-    if len(rows) == len(offsets) - 1:
-        return blob, offsets
     where = np.repeat(starts - kept[:-1], lengths) + np.arange(int(kept[-1]), dtype=np.int64)
     return np.frombuffer(blob, dtype=np.uint8)[where].tobytes(), kept
 
@@ -427,7 +428,7 @@ def _validate(chunk: Chunk, claims: np.ndarray, claimed: np.ndarray, wrong: dict
                 reason = str(exc).removeprefix("record 0: ").removeprefix("records[0]: ")
                 chunk.bad.append(BadLine(number, f"line {number}: raw: not a record ({reason})",
                                          _shown(chunk.line(number))))
-        chunk.keep(good)
+        chunk._keep_bytes(good)      # (no IDs yet: they come from the validation below)
         claims, claimed = claims[good], claimed[good]
         ids, columns = _codec.validate_many(chunk.blob, chunk.offsets)
     chunk.ids = ids

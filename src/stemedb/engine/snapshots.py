@@ -82,7 +82,7 @@ class Checkpointer:
             self._written = count
 
     def at_close(self) -> None:
-        """The snapshot of close: wait for one in flight, then write one unless it is nearly current.
+        """The snapshot of close (after join()): written unless the newest one is nearly current.
 
         Skipped when the newest snapshot this process wrote leaves fewer than
         1 % of `every` records for the next open to replay (a bulk load that
@@ -90,7 +90,6 @@ class Checkpointer:
         row, the background one and this). Replaying them is what an open after
         a crash at that point does anyway.
         """
-        self.join()
         with self.lock:
             tail = None if self._written is None else self.state.count - self._written
         if tail is not None and tail < max(self.every // 100, 1):
