@@ -226,6 +226,28 @@ def push_delays(cluster: Cluster) -> tuple[float, float]:
     return max(p50s), max(p99s)
 
 
+def push_stages(cluster: Cluster) -> dict[str, float]:
+    """Where the push delay goes, the largest over every node (and peer), seconds: waiting in the
+    sender's queue, the push's round trip, and on the receiver waiting for a thread and storing."""
+    report = cluster.status()
+    stages: dict[str, float] = {}
+
+    def worst(name: str, value: float | None) -> None:
+        if value is not None:
+            stages[name] = max(stages.get(name, 0.0), value)
+
+    for node in report["nodes"].values():
+        for queue in node.get("push", {}).values():
+            worst("queue wait p99", queue.get("wait_p99_seconds"))
+            worst("round trip p50", queue.get("send_p50_seconds"))
+            worst("round trip p99", queue.get("send_p99_seconds"))
+        intake = node.get("intake", {})
+        worst("intake thread wait p99", intake.get("wait_p99_seconds"))
+        worst("intake store p50", intake.get("store_p50_seconds"))
+        worst("intake store p99", intake.get("store_p99_seconds"))
+    return stages
+
+
 def b7_catchup(root: pathlib.Path, records: list[Any]) -> float:
     server = Single(root)
     empty = pathlib.Path(tempfile.mkdtemp(prefix="replica-", dir=root))
@@ -300,6 +322,8 @@ def main() -> int:
                     add("B9 writes/s reached", reached)
                     add("B9 push delay p50 (ms)", p50 * 1000)
                     add("B9 push delay p99 (ms)", p99 * 1000)
+                    for stage, seconds in push_stages(cluster).items():
+                        add(f"B9 stage {stage} (ms)", seconds * 1000)
                 finally:
                     cluster.stop()
             if "B10" in only:

@@ -59,7 +59,18 @@ def test_replication_table_overrides_defaults():
     text = VALID + "[replication]\nsuspect_after = 3\ndown_after = 9.5\npush_queue_records = 10\n"
     settings = ClusterFile.parse(text).replication
     assert (settings.suspect_after, settings.down_after, settings.push_queue_records) == (3.0, 9.5, 10)
-    assert settings.heartbeat_interval == 0.5
+    assert settings.heartbeat_interval == 0.5 and settings.push_window == 2
+    assert ClusterFile.parse(VALID + "[replication]\npush_window = 8\n").replication.push_window == 8
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", r"replication\.push_window: expected a positive integer, got 0"),
+    ("65", r"replication\.push_window: expected 1\.\.64, got 65"),
+    ("1.5", r"replication\.push_window: expected a positive integer, got 1\.5"),
+])
+def test_push_window_out_of_range_is_named(value, message):
+    with pytest.raises(ClusterFileError, match=message):
+        ClusterFile.parse(VALID + f"[replication]\npush_window = {value}\n")
 
 
 def test_unknown_node_is_named():

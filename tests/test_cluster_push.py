@@ -248,3 +248,68 @@ def test_a_refused_coalesced_push_is_sent_batch_by_batch_and_only_the_bad_one_dr
     queue = run(main)
     assert sent == [[1], [3], [4, 5]]       # after the refusal one at a time, then coalesced again
     assert (queue.stats.refused_batches, queue.stats.refused_records) == (1, 1)
+
+
+def test_a_batch_queued_while_a_push_is_on_its_way_goes_out_without_waiting_for_it():
+    began = []
+
+    async def send(pushed):
+        began.append((trio.current_time(), [int(i) for i in pushed.batch.ids[:, 0]]))
+        await trio.sleep(0.1)                         # the peer answers after 100 ms
+
+    async def main(window):
+        began.clear()
+        queue = PushQueue("b", window=window)
+        queue.peer_up()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, send)
+            queue.offer(tagged(1, 1))
+            await trio.sleep(0.01)
+            queue.offer(tagged(2, 1))
+            await trio.sleep(0.005)
+            assert queue.depth_batches == 2 and queue.depth_records == 2   # in flight still held
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        return queue, list(began)
+
+    queue, two = trio.run(main, 2, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert two == [(pytest.approx(0.0), [1]), (pytest.approx(0.01), [2])]
+    assert sorted(queue.delays) == pytest.approx([0.1, 0.1]) and queue.depth_batches == 0
+    assert max(queue.waits) == pytest.approx(0.0) and list(queue.sends) == pytest.approx([0.1, 0.1])
+    queue, one = trio.run(main, 1, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert one == [(pytest.approx(0.0), [1]), (pytest.approx(0.1), [2])]     # window 1: waits its turn
+    assert sorted(queue.delays) == pytest.approx([0.1, 0.19])
+
+
+def test_pushes_unconfirmed_when_the_senders_stop_go_back_to_the_head_of_the_queue():
+    async def stuck(pushed):
+        await trio.sleep_forever()
+
+    async def main():
+        queue = PushQueue("b", window=2, coalesce_records=1)
+        queue.peer_up()
+        for tag in (1, 2, 3):
+            queue.offer(tagged(tag, 1))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run, stuck)
+            await trio.sleep(1)
+            assert queue.depth_batches == 3 and len(queue._batches) == 1      # two in flight
+            nursery.cancel_scope.cancel()
+        assert [int(b.batch.ids[0, 0]) for b in queue._batches] == [1, 2, 3]
+        assert (queue.depth_batches, queue.depth_records) == (3, 3) and queue.lag() == 1.0
+        sent = []
+
+        async def send(pushed):
+            sent.append(int(pushed.batch.ids[0, 0]))
+
+        async with trio.open_nursery() as nursery:                            # a new drain sends them
+            nursery.start_soon(queue.run, send)
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        assert sorted(sent) == [1, 2, 3] and queue.depth_records == 0
+    run(main)
+
+
+def test_the_window_must_be_positive():
+    with pytest.raises(ValueError, match="window"):
+        PushQueue("b", window=0)

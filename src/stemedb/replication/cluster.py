@@ -29,11 +29,12 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 MAX_PARTITIONS = 65536
 ACK_POLICIES = ("1", "all")
 MAX_NODE_ID = 64
+MAX_PUSH_WINDOW = 64
 
 TOP_KEYS = {"name", "version", "replication_factor", "partitions", "acks", "nodes", "replication"}
 NODE_KEYS = {"id", "address"}
 REPLICATION_KEYS = {"heartbeat_interval", "suspect_after", "down_after", "anti_entropy_interval",
-                    "anti_entropy_jitter", "push_queue_records", "push_queue_bytes",
+                    "anti_entropy_jitter", "push_queue_records", "push_queue_bytes", "push_window",
                     "write_timeout", "read_timeout"}
 
 
@@ -62,6 +63,7 @@ class ReplicationSettings:
     anti_entropy_jitter: float = 0.2    # each wait is the interval × (1 ± jitter), drawn anew
     push_queue_records: int = 100_000   # records one peer's push queue holds at most
     push_queue_bytes: int = 64 << 20    # bytes one peer's push queue holds at most
+    push_window: int = 2                # pushes to one peer in flight at once (1..MAX_PUSH_WINDOW)
     write_timeout: float = 5.0          # a replica that has not confirmed a write by then failed
     read_timeout: float = 30.0          # a read or query forwarded to a replica fails after this
 
@@ -322,6 +324,10 @@ def _settings(check: _Checker, table: Any) -> ReplicationSettings:
     for key in ("push_queue_records", "push_queue_bytes"):
         values[key] = check.positive_int(table, key, required=False, label=f"replication.{key}") \
             or getattr(defaults, key)
+    window = check.positive_int(table, "push_window", required=False, label="replication.push_window")
+    if window is not None and window > MAX_PUSH_WINDOW:
+        check.fail("replication.push_window", f"expected 1..{MAX_PUSH_WINDOW}, got {window}")
+    values["push_window"] = window or defaults.push_window
     if not values["heartbeat_interval"] < values["suspect_after"] < values["down_after"]:
         check.fail("replication", "expected heartbeat_interval < suspect_after < down_after, got "
                    f"{values['heartbeat_interval']}, {values['suspect_after']}, {values['down_after']}")

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +65,7 @@ from stemedb.replication.membership import (
     run_heartbeats,
 )
 from stemedb.replication.placement import GLOBAL, Placement, scope_of
-from stemedb.replication.push import PushBatch, PushQueue
+from stemedb.replication.push import DELAY_SAMPLES, PushBatch, PushQueue, sample_quantiles
 from stemedb.replication.reconcile import WHOLE_STORE
 from stemedb.replication.routing import (
     WritePlan,
@@ -137,6 +139,9 @@ class ClusterNode:
         self.links: dict[str, Link] = {}
         self.forged: dict[str, int] = {}
         self.deferred_members = 0       # pushed members whose envelope had not arrived (repaired later)
+        # Pushes received: seconds waiting for a worker thread, seconds storing (verify + commit).
+        self.intake_waits: deque[float] = deque(maxlen=DELAY_SAMPLES)
+        self.intake_runs: deque[float] = deque(maxlen=DELAY_SAMPLES)
         self.reloads = 0
         self._drains: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
@@ -152,7 +157,8 @@ class ClusterNode:
 
     def _new_queue(self, peer: str) -> PushQueue:
         settings = self.cluster.replication
-        return PushQueue(peer, settings.push_queue_records, settings.push_queue_bytes, clock=self.clock)
+        return PushQueue(peer, settings.push_queue_records, settings.push_queue_bytes, clock=self.clock,
+                         window=settings.push_window)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -420,7 +426,17 @@ class ClusterNode:
         return int(stored)
 
     async def _pushed(self, batch: RecordBatch) -> tuple[int, int]:
-        stored, waiting = await self.run_blocking(self.store.accept, batch)
+        arrived = time.perf_counter()
+        began = 0.0
+
+        def accept() -> tuple[int, RecordBatch]:
+            nonlocal began
+            began = time.perf_counter()
+            return self.store.accept(batch)
+
+        stored, waiting = await self.run_blocking(accept)
+        self.intake_waits.append(began - arrived)
+        self.intake_runs.append(time.perf_counter() - began)
         # A member whose envelope has not arrived (its push was dropped) waits for anti-entropy,
         # which sends envelope and member in one session.
         self.deferred_members += len(waiting)
@@ -538,6 +554,7 @@ class ClusterNode:
             "forged": {p: self.forged.get(p, 0) + stats.forged.get(p, 0)
                        for p in sorted(set(self.forged) | set(stats.forged))},
             "deferred_members": self.deferred_members,
+            "intake": _intake_figures(self.intake_waits, self.intake_runs),
         }
 
     async def status_report(self) -> dict[str, Any]:
@@ -615,3 +632,11 @@ def verified_subset(verified: Verified, share: RecordBatch) -> Verified:
 
 
 __all__ = ["ClusterNode", "WriteResult", "ProtocolError", "store_figures"]
+
+
+def _intake_figures(waits: deque[float], runs: deque[float]) -> dict[str, float | int | None]:
+    """p50 / p99 of the pushes received: waiting for a worker thread, and storing them."""
+    wait, run = sample_quantiles(waits), sample_quantiles(runs)
+    return {"samples": len(runs),
+            "wait_p50_seconds": wait[0] if wait else None, "wait_p99_seconds": wait[1] if wait else None,
+            "store_p50_seconds": run[0] if run else None, "store_p99_seconds": run[1] if run else None}
