@@ -319,3 +319,25 @@ def test_ids_a_batch_came_with_must_be_the_ids_of_its_content(db):
     assert len(db) == 0
     assert db.put_encoded(blob, offsets, ids=ids).tolist() == np.asarray(ids).tolist()
     assert len(db) == 3
+
+
+def test_put_validated_skips_only_the_canonical_checks_it_was_given(db):
+    records, envelope = mixed("v")
+    blob, offsets = batch_of(records)
+    ids, columns = _codec.validate_many(blob, offsets)
+    assert np.array_equal(db.put_validated(blob, offsets, ids, columns), ids)
+    assert db.get_many(ids) == records
+    # the proofs are still checked: a forged signature refuses the batch, nothing is stored
+    forged = claim(7)._with_proof(claim(7).signers, [(0, bytes(64))], None)
+    blob, offsets = batch_of([claim(8), forged])
+    ids, columns = _codec.validate_many(blob, offsets)
+    with pytest.raises(stemedb.SignatureError, match=r"records\[1\]"):
+        db.put_validated(blob, offsets, ids, columns)
+    assert not db.contains(claim(8).id)
+    blob, offsets = batch_of([claim(9)])
+    ids, columns = _codec.validate_many(blob, offsets)
+    with pytest.raises(ValueError, match=r"1 records, IDs of shape \(2, 32\)"):
+        db.put_validated(blob, offsets, np.vstack([ids, ids]), columns)
+    with pytest.raises(TypeError, match="blob must be bytes, got bytearray"):
+        db.put_validated(bytearray(blob), offsets, ids, columns)
+    assert not db.contains(claim(9).id)

@@ -135,7 +135,8 @@ class Chunk:
     """The good lines of one stretch of a file, as the store will take them.
 
     Encoded records (from `raw` or `encoded`) are blob[offsets[i]:offsets[i+1]]
-    with IDs ids[i], from lines numbers[i], in line order; `assertions` are
+    with IDs ids[i] and the columns `_codec.validate_many` found, from lines
+    numbers[i], in line order; `assertions` are
     readable lines, still unsigned. `bad` lists the stretch's bad lines;
     `end` is the number of bytes of the file read up to the end of the
     stretch. While the chunk is being checked it also holds the stretch's
@@ -148,6 +149,7 @@ class Chunk:
     ids: np.ndarray = field(default_factory=lambda: np.empty((0, 32), dtype=np.uint8))
     kinds: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint8))
     proofs: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint8))
+    columns: dict[str, np.ndarray] = field(default_factory=dict)   # validate_many's, one row each
     assertion_numbers: list[int] = field(default_factory=list)
     assertions: list[Any] = field(default_factory=list)
     bad: list[BadLine] = field(default_factory=list)
@@ -187,6 +189,7 @@ class Chunk:
         """Keep only the encoded records where `mask` is true (after _validate set their IDs)."""
         self._keep_bytes(mask)
         self.ids, self.kinds, self.proofs = self.ids[mask], self.kinds[mask], self.proofs[mask]
+        self.columns = {name: values[mask] for name, values in self.columns.items()}
 
     def _keep_bytes(self, mask: np.ndarray) -> None:
         self.blob, self.offsets = _select(self.blob, self.offsets, np.flatnonzero(mask))
@@ -431,7 +434,7 @@ def _validate(chunk: Chunk, claims: np.ndarray, claimed: np.ndarray, wrong: dict
         chunk._keep_bytes(good)      # (no IDs yet: they come from the validation below)
         claims, claimed = claims[good], claimed[good]
         ids, columns = _codec.validate_many(chunk.blob, chunk.offsets)
-    chunk.ids = ids
+    chunk.ids, chunk.columns = ids, columns
     chunk.kinds = np.asarray(columns["kind"], dtype=np.uint8)
     chunk.proofs = np.asarray(columns["proof"], dtype=np.uint8)
     matches = ~claimed | (claims == ids).all(axis=1)

@@ -351,6 +351,28 @@ class Database:
         stored[held] = False
         return PutResult(batch.ids, stored, held)
 
+    def put_validated(self, blob: bytes, offsets: np.ndarray, ids: np.ndarray,
+                      columns: dict[str, np.ndarray]) -> np.ndarray:
+        """put_encoded of records this process already ran through `_codec.validate_many`, with
+        the (n, 32) IDs and the columns it returned for exactly these bytes (`stemedb import`
+        checks every line before it stores any, and does not parse them twice).
+
+        The canonical checks are not repeated; everything else is as put_encoded:
+        the proofs (signatures, envelope membership) are checked here, the batch
+        is refused as a whole, and the IDs are returned. `blob` must be bytes
+        (immutable: what was validated is what is stored).
+        """
+        self._check_open()
+        if not isinstance(blob, bytes):
+            raise TypeError(f"put_validated: blob must be bytes, got {type(blob).__name__}")
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        if ids.shape != (len(offsets) - 1, 32) or any(len(v) != len(ids) for v in columns.values()):
+            raise ValueError(f"put_validated: {len(offsets) - 1} records, IDs of shape {ids.shape} "
+                             f"and columns of {sorted({len(v) for v in columns.values()})} rows")
+        self._commit_batch(verify.EncodedBatch(blob, offsets, np.ascontiguousarray(ids), columns),
+                           None)
+        return ids
+
     def _commit_batch(self, batch: verify.EncodedBatch, kind: RecordKind | None, *,
                       hold_back: bool = False) -> np.ndarray:
         """Check in the caller's thread (size, proofs), then one group commit; returns the held."""
