@@ -57,6 +57,7 @@ class PushBatch:
 
     batch: RecordBatch
     enqueued_at: float = 0.0
+    seq: int = 0            # the order it was queued in (set by offer)
 
     @property
     def records(self) -> int:
@@ -102,6 +103,7 @@ class PushQueue:
             raise ValueError(f"push queue for {self.peer}: bounds and window must be positive")
         self._batches: deque[PushBatch] = deque()
         self._flying: list[PushBatch] = []   # sent, not confirmed yet (still counted as held)
+        self._offered = 0
         self._records = 0
         self._bytes = 0
         self._down = True                 # until the peer is first heard from
@@ -121,6 +123,8 @@ class PushQueue:
             self.stats.dropped_records += batch.records
             return False
         batch.enqueued_at = self.clock()
+        self._offered += 1
+        batch.seq = self._offered
         self._batches.append(batch)
         self._records += batch.records
         self._bytes += batch.size
@@ -195,9 +199,9 @@ class PushQueue:
                 # Cancelled (the node stops, the peer left the file): what was not confirmed
                 # goes back to the head of the queue, as it was.
                 unsent = [b for b in group if any(b is f for f in self._flying)]
-                for batch in reversed(unsent):    # still counted in the bounds: only moved back
+                for batch in unsent:              # still counted in the bounds: only moved back
                     self._land(batch)
-                    self._batches.appendleft(batch)
+                self._batches = deque(sorted([*unsent, *self._batches], key=lambda b: b.seq))
                 raise
 
     async def _deliver(self, send: Send, group: list[PushBatch]) -> None:
