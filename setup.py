@@ -35,6 +35,7 @@ MODULES = {
     "_protocol": ["ext/stemedb/_protocol.pyx"],
     "_reconcile": ["ext/stemedb/_reconcile.pyx", "ext/stemedb/blake3_impl.c"],
     "_lines": ["ext/stemedb/_lines.pyx"],
+    "_pair": ["ext/stemedb/_pair.pyx"],
 }
 
 extensions = [

@@ -754,9 +754,10 @@ def run_warm_up_with(monkeypatch, caplog, cold, *, notice_after: float) -> list[
 
 
 def test_a_warm_up_that_compiles_says_so_and_one_that_loads_says_nothing(monkeypatch, caplog):
-    """Issue 11 item 3: a user is told when the first query waits for the JIT."""
+    """Issue 11 item 3: a user is told when the first whole-store call waits for the JIT."""
     compiling = run_warm_up_with(monkeypatch, caplog, True, notice_after=30.0)
-    assert compiling[0].startswith("compiling the query kernels: the first query after an install")
+    assert compiling[0].startswith("compiling the query kernels: the first whole-store call after "
+                                   "an install")
     assert compiling[1].startswith("query kernels ready after ") and len(compiling) == 2
     # A cache that cannot be read: a warm-up that outlasts the notice time is taken as compiling.
     assert len(run_warm_up_with(monkeypatch, caplog, None, notice_after=0.0)) == 2

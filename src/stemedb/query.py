@@ -9,9 +9,10 @@ never: write records, decode more than the winners and what the caller asks
 for, or answer from a materialised view that a later write has invalidated.
 
 Read path: the (subject, predicate) key -> candidate record numbers from the
-query-side CSR index (lenses/_state.py) -> one numba kernel confirms the
-subject / predicate keys and applies revisions and filters over the engine's
-fixed-width columns -> the lens reads columns, never decoded records -> only
+query-side CSR index (lenses/_state.py) -> one compiled call (stemedb._pair,
+built ahead of time: no JIT on this path) confirms the subject / predicate
+keys and applies revisions and filters over the engine's fixed-width
+columns -> the lens reads columns, never decoded records -> only
 the winner is decoded (contributions are decoded when first read). Posting
 keys are 64-bit hashes: the decoded winner's subject and predicate are
 compared with the query's, and on a mismatch the candidates are confirmed
@@ -24,9 +25,10 @@ the records whose write notification the query layer has processed.
 
 Resource handling: audit entries are appended to `audit.log` in the data
 directory (`db.side_file`: open, append, fdatasync, close per entry). The
-numba kernels are compiled (or loaded from numba's cache) on the first use
-of the query engine in a process, or by `warm_up()` (the server calls it at
-start). Error handling: bad arguments raise ValueError / TypeError naming
+numba kernels of the whole-store passes are compiled (or loaded from
+numba's cache) once per process: in the background from the first single
+query, in the foreground by the first whole-store call, or by `warm_up()`
+(the server calls it at start). Error handling: bad arguments raise ValueError / TypeError naming
 the parameter; a closed store raises StemeError; damaged records raise
 CorruptionError from the engine.
 """
@@ -43,7 +45,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from stemedb import _codec
+from stemedb import _codec, _pair
 from stemedb.engine.database import Database
 from stemedb.lenses import Lens, _kernels, get_lens
 from stemedb.lenses._state import KeyIndex, QueryState, state_of
@@ -93,10 +95,12 @@ _warm_done = threading.Event()
 def warm_up(*, background: bool = False) -> None:
     """Compile (or load from numba's cache) every kernel, once per process.
 
-    The first query of a process calls it (and waits); a server calls it at
-    start so that no client query pays the JIT. `background=True` starts it
-    in a daemon thread and returns at once; a query that arrives before it
-    finishes waits for it.
+    The whole-store calls (query_many, query_encoded, conflicts,
+    trust_ranks, materialize) call it and wait; a single `query` starts it
+    in the background and does not wait — its lens work is compiled ahead of
+    time (stemedb._pair), so it never waits for the JIT. A server calls it at
+    start. `background=True` starts it in a daemon thread and returns at
+    once; a whole-store call that arrives before it finishes waits for it.
     """
     global _warm_started
     with _warm_lock:
@@ -117,8 +121,9 @@ def _run_warm_up() -> None:
 
     def tell() -> None:
         told.set()
-        log.warning("compiling the query kernels: the first query after an install waits 10-20 s "
-                    "for this; the compiled code is cached for later processes")
+        log.warning("compiling the query kernels: the first whole-store call after an install "
+                    "(query_many, conflicts, trust_ranks, materialize) waits 10-20 s for this, "
+                    "single queries do not; the compiled code is cached for later processes")
 
     # numba's disk cache says whether this will compile; if it cannot be read, a warm-up
     # still running after WARM_UP_NOTICE_SECONDS is compiling (a cache load takes less).
@@ -191,7 +196,7 @@ def _key_rows(context: Context, index: KeyIndex, key: int) -> tuple[np.ndarray, 
     a = context.arrays
     levels, scan_lo = index.snapshot(a, context.count)
     base, tail = levels
-    raw, flags = _kernels.key_rows(np.uint64(key), *base.arrays, *tail.arrays, scan_lo,
+    raw, flags = _pair.key_rows(np.uint64(key), *base.arrays, *tail.arrays, scan_lo,
                                    context.count, a[index.column], a["target"])
     return raw, int(flags)
 
@@ -203,7 +208,7 @@ def _filter(context: Context, raw: np.ndarray, subject_key: int, predicate_key: 
             flags: int = _CHECK_ALL) -> np.ndarray:
     a = context.arrays
     f = context.filters
-    return _kernels.filter_candidates(
+    return _pair.filter_candidates(
         raw, len(raw), flags, a["subject"], a["predicate"], np.uint64(subject_key),
         np.uint64(predicate_key), a["timestamp"], f.as_of_limit, a["target"], a["id"], a["epoch"],
         f.epoch_key, a["lifecycle"], f.lifecycle_mask)
@@ -232,7 +237,7 @@ def _pair_candidates(context: Context, subject: str, predicate: str) -> np.ndarr
     levels, scan_lo = context.state.pairs.snapshot(a, context.count)
     base, tail = levels
     pair, subject_key, predicate_key = _pair_keys(subject, predicate)
-    return _kernels.select_pair(
+    return _pair.select_pair(
         pair, *base.arrays, *tail.arrays, scan_lo, context.count, a["pair"], a["subject"],
         a["predicate"], subject_key, predicate_key, a["timestamp"], f.as_of_limit, a["target"],
         a["id"], a["epoch"], f.epoch_key, a["lifecycle"], f.lifecycle_mask)
@@ -240,8 +245,7 @@ def _pair_candidates(context: Context, subject: str, predicate: str) -> np.ndarr
 
 # Lenses whose whole rule is one kernel mode: the planner runs them fused with the
 # candidate selection (one call), bypassing Candidates / Outcome.
-_FUSED = {Recency: _kernels.RECENCY, Confidence: _kernels.CONFIDENCE,
-          Consensus: _kernels.CONSENSUS}
+_FUSED = {Recency: _pair.RECENCY, Confidence: _pair.CONFIDENCE, Consensus: _pair.CONSENSUS}
 
 
 def _fused_outcome(context: Context, lens: Lens, subject: str, predicate: str) -> Outcome:
@@ -250,7 +254,7 @@ def _fused_outcome(context: Context, lens: Lens, subject: str, predicate: str) -
     levels, scan_lo = context.state.pairs.snapshot(a, context.count)
     base, tail = levels
     pair, subject_key, predicate_key = _pair_keys(subject, predicate)
-    cand, weights, winner, share, conflict = _kernels.resolve_pair(
+    cand, weights, winner, share, conflict = _pair.resolve_pair(
         pair, *base.arrays, *tail.arrays, scan_lo, context.count, a["pair"], a["subject"],
         a["predicate"], subject_key, predicate_key, a["timestamp"], f.as_of_limit, a["target"],
         a["id"], a["epoch"], f.epoch_key, a["lifecycle"], f.lifecycle_mask, a["confidence"],
@@ -418,7 +422,7 @@ def query(db: Database, subject: str, predicate: str | None = None, *, lens: Len
     Resolution for every predicate of the subject that has candidates
     (lenses with fixed predicates, like Constraints, return one Resolution).
     """
-    _ensure_warm()
+    warm_up(background=True)    # for the whole-store calls; a single query needs no JIT
     _check_names(subject, predicate)
     chosen = get_lens(lens)
     filters = Filters.make(lifecycle, epoch, as_of, decay, now)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import numpy as np
 
-from stemedb import _codec
+from stemedb import _codec, _pair
 from stemedb._codec import Record
 from stemedb.lenses import _kernels
 from stemedb.records import Assertion, Epoch, Lifecycle, SourceClass
@@ -197,7 +197,7 @@ class Context:
 
     def effective_confidence(self, rows: np.ndarray) -> np.ndarray:
         f = self.filters
-        return _kernels.effective_confidence(
+        return _pair.effective_confidence(
             rows, self.arrays["confidence"], self.arrays["timestamp"], self.arrays["source_class"],
             f.decay, float(f.now or 0), HALF_LIVES)
 
@@ -213,7 +213,7 @@ class Context:
         # Votes written after this snapshot are in the posting lists but not in its arrays.
         flat, offsets = self.db.view.postings("target").get_many(keys, below=self.count)
         a = self.arrays
-        return _kernels.net_votes(rows, flat, offsets, a["kind"], a["timestamp"],
+        return _pair.net_votes(rows, flat, offsets, a["kind"], a["timestamp"],
                                   self.filters.as_of_limit, a["confidence"], a["signer"], a["id"])
 
     def superseded_epochs(self, epoch_keys: Sequence[int]) -> set[int]:
@@ -447,9 +447,9 @@ def claims_of(candidates: Candidates, weights: np.ndarray) -> tuple[np.ndarray, 
     """
     a = candidates.context.arrays
     weights = np.ascontiguousarray(weights, dtype=np.float64)
-    group, units, counts, latest = _kernels.group_claims(candidates.rows, weights, a["object"],
+    group, units, counts, latest = _pair.group_claims(candidates.rows, weights, a["object"],
                                                          a["timestamp"], a["id"])
-    order = _kernels.rank_claims(candidates.rows, units, latest, a["timestamp"], a["id"])
+    order = _pair.rank_claims(candidates.rows, units, latest, a["timestamp"], a["id"])
     return group, units, counts, latest, order
 
 
@@ -459,16 +459,16 @@ def conflict_score(candidates: Candidates, weights: np.ndarray) -> float:
         return 0.0
     a = candidates.context.arrays
     weights = np.ascontiguousarray(weights, dtype=np.float64)
-    _, units, counts, _ = _kernels.group_claims(candidates.rows, weights, a["object"],
+    _, units, counts, _ = _pair.group_claims(candidates.rows, weights, a["object"],
                                                 a["timestamp"], a["id"])
-    return float(_kernels.entropy(units, counts))
+    return float(_pair.entropy(units, counts))
 
 
 def pick(candidates: Candidates, weights: np.ndarray, mode: int) -> Outcome:
     """An Outcome by one of the kernel rules (RECENCY, CONFIDENCE, CONSENSUS) over these weights."""
     a = candidates.context.arrays
     weights = np.ascontiguousarray(weights, dtype=np.float64)
-    index, confidence, conflict = _kernels.pick(candidates.rows, weights, a["object"],
+    index, confidence, conflict = _pair.pick(candidates.rows, weights, a["object"],
                                                 a["timestamp"], a["id"], mode)
     winner = None if index < 0 else int(index)
     return Outcome(candidates, winner, float(confidence), weights, float(conflict))

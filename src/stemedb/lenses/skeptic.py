@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from stemedb import _pair
 from stemedb.lenses import _kernels
 from stemedb.lenses.base import Candidates, Lens, Outcome, claims_of
 from stemedb.lenses.weighted import Authority
@@ -96,7 +97,7 @@ class Skeptic(Lens):
             lens = Authority()
             a = candidates.context.arrays
             keys, values, default = lens.trust_table(candidates)
-            return _kernels.authority_weights(
+            return _pair.authority_weights(
                 candidates.rows, candidates.effective_confidence, a["source_class"], a["signer"],
                 lens.multiplier_array(), keys, values, default)
         return candidates.effective_confidence
@@ -106,7 +107,7 @@ class Skeptic(Lens):
         if not len(candidates):
             return candidates.outcome(None, 0.0, weights, 0.0, SkepticAnalysis(UNANIMOUS, 0.0, []))
         _, units, counts, latest, order = claims_of(candidates, weights)
-        score = float(_kernels.entropy(units, counts))
+        score = float(_pair.entropy(units, counts))
         total = int(units.sum())
         basis = units if total > 0 else counts
         denominator = total if total > 0 else int(counts.sum())

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from stemedb import _pair
 from stemedb.lenses import _kernels
 from stemedb.lenses.base import (
     DEFAULT_TRUST,
@@ -105,7 +106,7 @@ class Authority(Lens):
     def resolve(self, candidates: Candidates) -> Outcome:
         a = candidates.context.arrays
         keys, values, default = self.trust_table(candidates)
-        weights = _kernels.authority_weights(
+        weights = _pair.authority_weights(
             candidates.rows, candidates.effective_confidence, a["source_class"], a["signer"],
             self.multiplier_array(), keys, values, default)
         return pick(candidates, weights, _kernels.CONFIDENCE)
