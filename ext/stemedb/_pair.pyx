@@ -237,16 +237,28 @@ def key_rows(uint64_t key, const uint64_t[:] base_keys, const int64_t[:] base_st
     """(record numbers of one key, ascending, int64; their flags) from the three index levels:
     the base CSR, the tail CSR and the unindexed records [scan_lo, scan_hi), scanned (a
     scanned record sets FLAG_MIXED, and FLAG_REVISED if it has a parent)."""
+    cdef int64_t flags = 0
+    cdef Py_ssize_t m = 0
+    raw = _gathered(key, base_keys, base_starts, base_rows, base_flags, tail_keys, tail_starts,
+                    tail_rows, tail_flags, scan_lo, scan_hi, key_column, target, &flags, &m)
+    return raw[:m], flags
+
+
+cdef object _gathered(uint64_t key, const uint64_t[:] base_keys, const int64_t[:] base_starts,
+                      const uint32_t[:] base_rows, const uint8_t[:] base_flags,
+                      const uint64_t[:] tail_keys, const int64_t[:] tail_starts,
+                      const uint32_t[:] tail_rows, const uint8_t[:] tail_flags,
+                      Py_ssize_t scan_lo, Py_ssize_t scan_hi, const uint64_t[:] key_column,
+                      const uint64_t[:] target, int64_t* flags, Py_ssize_t* count):
+    """An int64 array whose first count[0] entries are the record numbers of `key`."""
     cdef Span base = _csr_span(base_keys, base_starts, base_flags, key)
     cdef Span tail = _csr_span(tail_keys, tail_starts, tail_flags, key)
-    cdef int64_t flags = 0
-    raw = np.empty(_room(base, tail, scan_lo, scan_hi) + 1, dtype=np.int64)
-    cdef int64_t[::1] out = raw
-    cdef Py_ssize_t m
+    rows = np.empty(_room(base, tail, scan_lo, scan_hi) + 1, dtype=np.int64)
+    cdef int64_t[::1] out = rows
     with nogil:
-        m = _gather(key, base, base_rows, tail, tail_rows, scan_lo, scan_hi, key_column, target,
-                    &out[0], &flags)
-    return raw[:m], flags
+        count[0] = _gather(key, base, base_rows, tail, tail_rows, scan_lo, scan_hi, key_column,
+                           target, &out[0], flags)
+    return rows
 
 
 def filter_candidates(const int64_t[:] raw, Py_ssize_t count, int64_t flags,
@@ -278,15 +290,28 @@ def select_pair(uint64_t key, const uint64_t[:] base_keys, const int64_t[:] base
                 IdColumn ids, const uint64_t[:] epoch, uint64_t epoch_key,
                 const uint8_t[:] lifecycle, int64_t lifecycle_mask):
     """key_rows then filter_candidates, in one call."""
-    cdef Span base = _csr_span(base_keys, base_starts, base_flags, key)
-    cdef Span tail = _csr_span(tail_keys, tail_starts, tail_flags, key)
+    return _select(key, base_keys, base_starts, base_rows, base_flags, tail_keys, tail_starts,
+                   tail_rows, tail_flags, scan_lo, scan_hi, key_column, subject, predicate,
+                   subject_key, predicate_key, timestamp, as_of, target, ids, epoch, epoch_key,
+                   lifecycle, lifecycle_mask)
+
+
+cdef object _select(uint64_t key, const uint64_t[:] base_keys, const int64_t[:] base_starts,
+                    const uint32_t[:] base_rows, const uint8_t[:] base_flags,
+                    const uint64_t[:] tail_keys, const int64_t[:] tail_starts,
+                    const uint32_t[:] tail_rows, const uint8_t[:] tail_flags, Py_ssize_t scan_lo,
+                    Py_ssize_t scan_hi, const uint64_t[:] key_column, const uint64_t[:] subject,
+                    const uint64_t[:] predicate, uint64_t subject_key, uint64_t predicate_key,
+                    const uint64_t[:] timestamp, uint64_t as_of, const uint64_t[:] target,
+                    IdColumn ids, const uint64_t[:] epoch, uint64_t epoch_key,
+                    const uint8_t[:] lifecycle, int64_t lifecycle_mask):
+    """The filtered candidates of `key` (int64 record numbers, ascending)."""
     cdef int64_t flags = 0
-    rows = np.empty(_room(base, tail, scan_lo, scan_hi) + 1, dtype=np.int64)
+    cdef Py_ssize_t m = 0
+    rows = _gathered(key, base_keys, base_starts, base_rows, base_flags, tail_keys, tail_starts,
+                     tail_rows, tail_flags, scan_lo, scan_hi, key_column, target, &flags, &m)
     cdef int64_t[::1] out = rows
-    cdef Py_ssize_t m
     with nogil:
-        m = _gather(key, base, base_rows, tail, tail_rows, scan_lo, scan_hi, key_column, target,
-                    &out[0], &flags)
         m = _filter(&out[0], m, flags, subject, predicate, subject_key, predicate_key, timestamp,
                     as_of, target, ids, epoch, epoch_key, lifecycle, lifecycle_mask)
     return rows[:m]
@@ -637,21 +662,18 @@ def resolve_pair(uint64_t key, const uint64_t[:] base_keys, const int64_t[:] bas
                  const uint64_t[:] obj, int mode):
     """select_pair, effective_confidence and pick in one call (Recency, Confidence, Consensus):
     (candidates, weights, winner index or -1, confidence, conflict score)."""
-    cdef Span base = _csr_span(base_keys, base_starts, base_flags, key)
-    cdef Span tail = _csr_span(tail_keys, tail_starts, tail_flags, key)
-    cdef Py_ssize_t room = _room(base, tail, scan_lo, scan_hi) + 1, m, index = -1
-    cdef int64_t flags = 0
+    cand = _select(key, base_keys, base_starts, base_rows, base_flags, tail_keys, tail_starts,
+                   tail_rows, tail_flags, scan_lo, scan_hi, key_column, subject, predicate,
+                   subject_key, predicate_key, timestamp, as_of, target, ids, epoch, epoch_key,
+                   lifecycle, lifecycle_mask)
+    cdef Py_ssize_t m = len(cand), index = -1
     cdef double share = 0.0, conflict = 0.0
-    rows = np.empty(room, dtype=np.int64)
-    weights = np.empty(room, dtype=np.float64)
-    cdef int64_t[::1] out = rows
+    weights = np.empty(m + 1, dtype=np.float64)
+    cdef const int64_t[::1] rows = cand
     cdef double[::1] weight = weights
-    with nogil:
-        m = _gather(key, base, base_rows, tail, tail_rows, scan_lo, scan_hi, key_column, target,
-                    &out[0], &flags)
-        m = _filter(&out[0], m, flags, subject, predicate, subject_key, predicate_key, timestamp,
-                    as_of, target, ids, epoch, epoch_key, lifecycle, lifecycle_mask)
-        _effective(&out[0], m, confidence, timestamp, source_class, decay, now, half_lives,
-                   &weight[0])
-        _pick(&out[0], m, &weight[0], obj, timestamp, ids, mode, &index, &share, &conflict)
-    return rows[:m], weights[:m], index, share, conflict
+    if m:
+        with nogil:
+            _effective(&rows[0], m, confidence, timestamp, source_class, decay, now, half_lives,
+                       &weight[0])
+            _pick(&rows[0], m, &weight[0], obj, timestamp, ids, mode, &index, &share, &conflict)
+    return cand, weights[:m], index, share, conflict
