@@ -548,7 +548,7 @@ def test_crash_kill(tmp_path):
 
 @pytest.mark.slow
 def test_crash_kill_many(tmp_path):
-    """STEMEDB_CRASH_KILLS sets the count (default 1,000; CI's mid-size slow run uses 200)."""
+    """STEMEDB_CRASH_KILLS sets the count (default 1,000; CI's mid-size slow run uses 100)."""
     text = os.environ.get("STEMEDB_CRASH_KILLS", "1000")
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"STEMEDB_CRASH_KILLS: {text!r} is not a positive whole number")
