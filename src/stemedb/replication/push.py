@@ -153,10 +153,14 @@ class PushQueue:
         return self._bytes
 
     def lag(self) -> float:
-        """Seconds the oldest batch not confirmed yet has waited (0 when none is held)."""
-        oldest = [b.enqueued_at for b in self._flying[:1]] + [b.enqueued_at for b in
-                                                               list(self._batches)[:1]]
-        return self.clock() - min(oldest) if oldest else 0.0
+        """Seconds the oldest batch not confirmed yet has waited (0 when none is held).
+
+        Batches are taken from the head in queue order, so the first one in
+        flight (if any) is older than every queued one, and the queue's head
+        older than the rest of the queue."""
+        if self._flying:
+            return self.clock() - self._flying[0].enqueued_at
+        return self.clock() - self._batches[0].enqueued_at if self._batches else 0.0
 
     def delay_quantiles(self) -> tuple[float, float] | None:
         """(p50, p99) in seconds of the push delays kept (enqueued → the peer confirmed durable);
