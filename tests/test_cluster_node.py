@@ -81,6 +81,14 @@ def test_acks_1_is_durable_on_one_replica_at_ack_then_pushed_to_the_other(tmp_pa
             await wait_until(lambda: holders(cluster, member.id) == ["n2", "n3"])
             await wait_until(lambda: holders(cluster, envelope.id) == ["n1", "n2", "n3"])
             assert cluster.nodes["n2"].node.queues["n3"].stats.sent_records >= 2
+            # the push delay's stages: the sender's queue figures, the receiver's intake
+            sent = cluster.nodes["n2"].node.status()["push"]["n3"]
+            assert 0 <= sent["wait_p99_seconds"] <= sent["delay_p99_seconds"]
+            # (the queue's clock is trio's mock clock here, so a round trip may read 0)
+            assert 0 <= sent["send_p50_seconds"] <= sent["send_p99_seconds"] <= sent["delay_p99_seconds"]
+            intake = cluster.nodes["n3"].node.status()["intake"]
+            assert intake["samples"] >= 1 and 0 <= intake["wait_p50_seconds"] <= intake["wait_p99_seconds"]
+            assert 0 <= intake["store_p50_seconds"] <= intake["store_p99_seconds"]
     run(main)
 
 

@@ -325,7 +325,7 @@ def _settings(check: _Checker, table: Any) -> ReplicationSettings:
         values[key] = check.positive_int(table, key, required=False, label=f"replication.{key}") \
             or getattr(defaults, key)
     window = check.positive_int(table, "push_window", required=False, label="replication.push_window")
-    if window is not None and window > MAX_PUSH_WINDOW:
+    if window > MAX_PUSH_WINDOW:
         check.fail("replication.push_window", f"expected 1..{MAX_PUSH_WINDOW}, got {window}")
     values["push_window"] = window or defaults.push_window
     if not values["heartbeat_interval"] < values["suspect_after"] < values["down_after"]:
