@@ -1,7 +1,8 @@
 """Declares the compiled extensions; everything else lives in pyproject.toml.
 
 STEMEDB_BUILD=debug builds without optimisation and with assertions;
-STEMEDB_BUILD=asan adds AddressSanitizer. The default is an optimised build,
+STEMEDB_BUILD=asan adds AddressSanitizer; STEMEDB_BUILD=profile is the optimised build
+with its symbols kept, for perf. The default is an optimised build,
 linked with -s: the extensions carry no symbol table and no debug sections
 (Python's own CFLAGS often include -g), which keeps the wheel small. Debug and asan
 builds keep both, for debuggers and sanitizer reports.
@@ -18,11 +19,13 @@ COMPILE = {
     "release": ["-O3"],
     "debug": ["-O0", "-g", "-UNDEBUG"],
     "asan": ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],
+    "profile": ["-O3", "-g", "-fno-omit-frame-pointer"],
 }
 LINK = {
     "release": ["-s"],
     "debug": [],
     "asan": ["-fsanitize=address"],
+    "profile": [],
 }
 if MODE not in COMPILE:
     raise SystemExit(f"STEMEDB_BUILD={MODE!r}: expected one of {', '.join(COMPILE)}")
@@ -36,6 +39,7 @@ MODULES = {
     "_reconcile": ["ext/stemedb/_reconcile.pyx", "ext/stemedb/blake3_impl.c"],
     "_lines": ["ext/stemedb/_lines.pyx"],
     "_pair": ["ext/stemedb/_pair.pyx"],
+    "_point": ["ext/stemedb/_point.pyx"],
 }
 
 extensions = [
@@ -52,7 +56,7 @@ extensions = [
 
 
 class BuildExt(build_ext):
-    """build_ext without the run path of the interpreter that builds.
+    """build_ext on every core, without the run path of the interpreter that builds.
 
     A Python built with --enable-shared (pyenv's, for one) puts -Wl,-rpath
     with its own lib directory into LDSHARED. The extensions need no library
@@ -60,6 +64,13 @@ class BuildExt(build_ext):
     a wheel that path of the build machine would be searched first on every
     machine the wheel is installed on.
     """
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        # The extensions are independent: compile them on every core unless told otherwise
+        # (pip install and python -m build pass no --parallel).
+        if not self.parallel:
+            self.parallel = os.cpu_count() or 1
 
     def build_extensions(self) -> None:
         linker = self.compiler.linker_so

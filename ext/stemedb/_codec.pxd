@@ -212,3 +212,8 @@ cdef class EpochCore(Record):
 
 cdef class EnvelopeCore(Record):
     cdef bytes _members         # concatenated member IDs, 32 bytes each
+
+
+# Decode one record from data[0:length] (checks as `decode`); *consumed is set to the
+# bytes it used, which the caller compares with length (trailing bytes are an error).
+cdef Record decode_at(const uint8_t* data, Py_ssize_t length, Py_ssize_t* consumed)

@@ -1024,6 +1024,14 @@ cdef inline bytes span_bytes(Span s):
     return bytes_at(s.data, s.size)
 
 
+cdef inline bint _all_ascii(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef uint8_t seen = 0
+    for i in range(n):
+        seen |= p[i]
+    return seen < 0x80
+
+
 cdef bytes span_utf8(Span s, str field, Py_ssize_t lo, Py_ssize_t hi):
     """The bytes of a length-prefixed string: lo..hi of them, valid UTF-8."""
     cdef bytes b
@@ -1032,6 +1040,8 @@ cdef bytes span_utf8(Span s, str field, Py_ssize_t lo, Py_ssize_t hi):
             raise InvalidRecord(f"{field}: {s.size} bytes, the limit is {hi}")
         raise InvalidRecord(f"{field}: length {s.size}, allowed {lo}..{hi}")
     b = span_bytes(s)
+    if _all_ascii(s.data, s.size):
+        return b          # ASCII is valid UTF-8: no str object made and thrown away
     try:
         b.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -1051,11 +1061,20 @@ cdef float canonical_f32(float v, str field) except? -1:
     return v
 
 
+cdef extern from *:
+    """
+    static PyObject* stm_tp_new(PyObject* cls, PyObject* args) {
+        return ((PyTypeObject*)cls)->tp_new((PyTypeObject*)cls, args, NULL);
+    }
+    """
+    object _tp_new "stm_tp_new"(object cls, object args)
+
+
 cdef Record new_record(uint8_t kind):
     cls = _classes[kind]
     if cls is None:
         raise RuntimeError("stemedb.records has not registered its classes")
-    return cls.__new__(cls)
+    return _tp_new(cls, ())     # as cls.__new__(cls), without looking __new__ up per record
 
 
 cdef tuple decode_signers(const RecordFields* f):

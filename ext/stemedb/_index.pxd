@@ -48,6 +48,13 @@ cdef class IdIndex(_Guarded):
                        uint8_t[::1] is_new) except -1
     # Grows the table (x2 steps) until `count` IDs fit within the load limit.
     cdef int _reserve(self, uint64_t count) except -1
+    # The record number of one 32-byte ID, or -1; `all_ids` holds `rows` IDs of 32 bytes.
+    # Raises ValueError (returns -2) when a candidate has no row there.
+    cdef int64_t find_one(self, const uint8_t *id, const uint8_t *all_ids, size_t rows) except -2
+    # The record numbers whose slots match the top half of id's key (the only records that
+    # can be id; a caller that can read each one's ID elsewhere tells them apart without
+    # the ID column): their count, or -1 when there are more than max_out.
+    cdef Py_ssize_t candidates(self, const uint8_t *id, int64_t *out, Py_ssize_t max_out) except -2
 
 
 cdef class PostingIndex(_Guarded):

@@ -583,6 +583,41 @@ cdef class IdIndex(_Guarded):
                 "rows; pass the whole ID column")
         return found
 
+    cdef int64_t find_one(self, const uint8_t *id, const uint8_t *all_ids, size_t rows) except -2:
+        cdef uint64_t key = _le64(id)
+        cdef uint32_t bad = 0
+        cdef int64_t found
+        self._begin_read()
+        found = _id_find(&self._slots[0], ((<size_t>1) << self._bits) - 1, key, id, all_ids, rows,
+                         _id_home(key, self._bits), &bad)
+        self._end_read()
+        if found == -2:
+            raise ValueError(
+                f"the index holds record number {bad} but all_ids has only {rows} rows; "
+                "pass the whole ID column")
+        return found
+
+    cdef Py_ssize_t candidates(self, const uint8_t *id, int64_t *out, Py_ssize_t max_out) except -2:
+        cdef uint64_t key = _le64(id)
+        cdef size_t mask = ((<size_t>1) << self._bits) - 1
+        cdef size_t pos = _id_home(key, self._bits)
+        cdef uint64_t slot
+        cdef Py_ssize_t n = 0
+        self._begin_read()
+        while True:
+            pos = _id_candidate(&self._slots[0], mask, key, pos)
+            slot = self._slots[pos]
+            if _slot_empty(slot):
+                break
+            if n == max_out:
+                n = -1
+                break
+            out[n] = <uint32_t>slot
+            n += 1
+            pos = (pos + 1) & mask
+        self._end_read()
+        return n
+
     def _lookup_general(self, id, all_ids):
         cdef const uint8_t[::1] one = np.frombuffer(id, dtype=np.uint8)
         if one.shape[0] != ID_SIZE:

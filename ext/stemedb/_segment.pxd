@@ -23,3 +23,9 @@ cdef enum FrameType:
 cdef enum ScanStop:
     STOP_CLEAN = 0                  # zero magic or end of the scanned range: no more frames
     STOP_BAD = 1                    # a frame failed its magic, length or checksum
+
+
+# 1 if a valid record or batch frame starts at pos (and fits before end), 0 if
+# not, -1 at a clean end; *length_out is the frame's payload length.
+cdef int check_frame(const uint8_t* base, Py_ssize_t pos, Py_ssize_t end,
+                     uint32_t* length_out) noexcept nogil

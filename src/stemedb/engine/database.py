@@ -120,7 +120,14 @@ class Database:
             self._release_lock()
             raise
         self._verifier = verify.Verifier(verify_threads)
-        self._reads = Reads(self.log, self._state, self._state_lock)
+        self._reads = Reads(self.log, self._state, self._state_lock, self.path)
+        # Point reads go straight to the compiled reader (stemedb._point): one call from the
+        # caller to the bytes. The methods below say what they do; these instance attributes
+        # only skip the Python frames between (after close they raise DatabaseClosed too).
+        point = self._reads.point
+        self.get_encoded = point.get_encoded  # type: ignore[method-assign]
+        self.get = point.get  # type: ignore[method-assign]
+        self.contains = point.contains  # type: ignore[method-assign]
         notifier = WriteNotifier()
         self.view = ReadView(self._state, self._state_lock, self._reads, notifier, self._check_open)
         self._checkpointer = Checkpointer(
@@ -536,6 +543,7 @@ class Database:
                     pass  # the segments are the truth; the next open replays them
         finally:
             self._closed = True
+            self._reads.point.close()
             self._verifier.close()
             self.log.close()
             self._release_lock()

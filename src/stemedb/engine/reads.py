@@ -2,8 +2,9 @@
 
 Owns: the read path (ID index → location column → `_segment.gather`, which
 checks each frame's CRC straight from the read-only mapping → decoding only
-when the caller wants objects), scans by subject / predicate / kind, and
-the sizes of stored records. Must never: serve bytes whose frame checksum
+when the caller wants objects; for one ID, `_point.PointReader` does all of
+that in one compiled call), scans by subject / predicate / kind, and the
+sizes of stored records. Must never: serve bytes whose frame checksum
 fails, or hold the state lock while decoding.
 
 Error handling: an absent ID raises NotFound (or gives -1 / an empty slice
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from stemedb import _codec, _segment
+from stemedb import _codec, _point, _segment
 from stemedb._codec import Record
 from stemedb.engine.indexes import State
 from stemedb.engine.segments import Segment, SegmentLog
@@ -36,27 +37,17 @@ IdsLike = np.ndarray | Iterable[bytes | bytearray | memoryview]
 class Reads:
     """The read path of one open store. Thread-safe."""
 
-    def __init__(self, log: SegmentLog, state: State, lock: threading.RLock) -> None:
+    def __init__(self, log: SegmentLog, state: State, lock: threading.RLock, path: str = "") -> None:
         self.log = log
         self.state = state
         self.lock = lock
+        # One ID: get_encoded / get / contains in one compiled call each.
+        self.point = _point.PointReader(state, log.segments, lock, id_bytes, unreadable,
+                                        path or log.directory)
 
     def get_encoded(self, record_id: bytes) -> bytes:
         """The stored bytes (content + proof) of the record with this ID, checksum-checked."""
-        if type(record_id) is not bytes or len(record_id) != 32:
-            record_id = bytes(id_array([record_id])[0])
-        with self.lock:
-            state = self.state
-            row = state.ids.lookup(record_id, state.columns.arrays["id"])
-            if row < 0:
-                raise NotFound(f"no record with ID {record_id.hex()}")
-            location = int(state.columns.arrays["location"][row])
-            length = int(state.columns.arrays["length"][row])
-        segment = self.log.segments[location >> 32]
-        data = _segment.frame_payload(segment.buffer, location & 0xFFFFFFFF, length)
-        if data is None:
-            raise unreadable(segment, location & 0xFFFFFFFF, f"record {record_id.hex()}")
-        return data
+        return self.point.get_encoded(record_id)
 
     def stored(self, record_id: bytes) -> Record | None:
         """The stored record with this ID, or None if it is absent or its frame is damaged."""
@@ -133,12 +124,7 @@ class Reads:
         return kinds, keys
 
     def contains(self, record_id: bytes) -> bool:
-        # The single-ID probe get_encoded uses: no (1, 32) array built for one lookup.
-        if type(record_id) is not bytes or len(record_id) != 32:
-            record_id = bytes(id_array([record_id])[0])
-        with self.lock:
-            state = self.state
-            return bool(state.ids.lookup(record_id, state.all_ids()) >= 0)
+        return self.point.contains(record_id)
 
     def scan(self, subject: str | None, predicate: str | None, kind: str | None) -> Iterator[Record]:
         """Stored records in write order, by subject and/or predicate and/or kind name."""
@@ -175,6 +161,15 @@ def unreadable(segment: Segment, offset: int, name: str) -> CorruptionError:
     return CorruptionError(
         f"{segment.path} at offset {offset}: {name} {failed}; it is not served (restore it "
         "from a replica or backup)", path=segment.path, offset=offset)
+
+
+def id_bytes(record_id: object) -> bytes:
+    """One ID as 32 bytes (from bytes, bytearray or memoryview); InvalidRecord names a malformed one."""
+    if isinstance(record_id, (bytearray, memoryview)):
+        record_id = bytes(record_id)
+    if not isinstance(record_id, bytes) or len(record_id) != 32:
+        raise InvalidRecord(f"record_id: expected 32 bytes, got {_describe(record_id)}")
+    return record_id
 
 
 def id_array(ids: IdsLike) -> np.ndarray:

@@ -1,0 +1,221 @@
+"""One record by ID in one compiled call: the point reads of an open store (private API).
+
+Owns: `PointReader`, which answers `Database.get_encoded`, `get` and
+`contains` from the ID index probe to the result without a chain of Python
+functions: the probe (`IdIndex.candidates`), the location column, the
+frame's checks (magic, length, CRC, the ID in its header) straight from the
+segment's read-only mapping, and one bytes object copied out of it (or a
+record decoded from the mapping). No numpy array is
+made per call; the column arrays are read through views that are refreshed
+only when the engine has replaced an array (it doubles them as the store
+grows).
+
+Must never: serve bytes whose frame fails its checks, read a segment
+mapping after `close()` (every call checks the flag first, and the mapping
+is held only for the length of one call), or read the indexes without the
+engine's state lock (a writer changes them under it).
+
+Error handling: as the Python read path — NotFound for an absent ID,
+CorruptionError (built by the engine's `unreadable`) for a damaged frame
+or a missing segment file, InvalidRecord for an ID that is not 32 bytes,
+DatabaseClosed after `close()`.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcmp
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define stm_point_prefetch(p) __builtin_prefetch((p), 0)
+    #else
+    #define stm_point_prefetch(p) ((void)(p))
+    #endif
+    """
+    void stm_point_prefetch(const void *p) nogil
+
+from stemedb._codec cimport Record, decode_at
+from stemedb._index cimport IdIndex
+from stemedb._segment cimport FRAME_HEADER_SIZE, check_frame
+
+from stemedb.errors import DatabaseClosed, InvalidRecord, NotFound
+
+cdef enum:
+    ID_SIZE = 32
+    FRAME_ID_AT = 16          # a frame header's record ID (docs/format.md, "Segment files")
+    MAX_CANDIDATES = 8        # records sharing a slot key half, read through their frames
+
+
+cdef class PointReader:
+    """The point reads of one open store; thread-safe (under the engine's state lock).
+
+    `state` is the engine's `State` (its `ids` index and `columns.arrays`),
+    `segments` the log's list of segments (each with `.buffer`), `lock` the
+    state lock, `normalise(id)` turns a bytes-like ID into 32 bytes or raises
+    InvalidRecord, `unreadable(segment, offset, name)` builds the error for a
+    damaged frame, and `path` names the store in the error after close.
+    """
+
+    cdef IdIndex _ids
+    cdef dict _arrays
+    cdef list _segments
+    cdef object _acquire, _release
+    cdef object _normalise, _unreadable
+    cdef str _path
+    cdef bint _closed
+    # views of the columns, refreshed when the engine replaces an array
+    cdef object _id_array, _location_array
+    cdef const uint8_t[:, ::1] _id_view
+    cdef const uint64_t[::1] _location_view
+
+    def __init__(self, state, list segments, lock, normalise, unreadable, str path):
+        # A State keeps its index and its columns' dict for its whole life (the engine
+        # replaces arrays inside the dict, which _refresh follows).
+        self._ids = state.ids
+        self._arrays = state.columns.arrays
+        self._segments = segments
+        self._acquire = lock.acquire
+        self._release = lock.release
+        self._normalise = normalise
+        self._unreadable = unreadable
+        self._path = path
+        self._closed = False
+
+    def close(self):
+        """Answer DatabaseClosed from now on and drop the views of the columns."""
+        self._closed = True
+        self._id_array = self._location_array = None
+        self._id_view = None
+        self._location_view = None
+
+    @property
+    def closed(self):
+        return self._closed
+
+    cdef inline int _refresh(self, dict arrays) except -1:
+        cdef object ids = arrays["id"]
+        cdef object locations = arrays["location"]
+        if ids is not self._id_array:
+            self._id_view = ids
+            self._id_array = ids
+        if locations is not self._location_array:
+            self._location_view = locations
+            self._location_array = locations
+        return 0
+
+    cdef inline bytes _key(self, record_id):
+        if self._closed:
+            raise DatabaseClosed(f"{self._path}: the database is closed; open it again to use it")
+        if type(record_id) is bytes and PyBytes_GET_SIZE(record_id) == ID_SIZE:
+            return <bytes>record_id
+        return <bytes>self._normalise(record_id)
+
+    cdef int64_t _row(self, bytes key) except -2:
+        """The record number of `key`, or -1; the state lock must be held."""
+        self._refresh(self._arrays)
+        if self._id_view.shape[0] == 0:
+            return -1
+        return self._ids.find_one(<const uint8_t *>PyBytes_AS_STRING(key), &self._id_view[0, 0],
+                            <size_t>self._id_view.shape[0])
+
+    cdef object _read(self, record_id, bint decoded):
+        """The stored bytes of the record with this ID, or the record decoded from them.
+
+        The index gives the records whose slot matches the ID's key (almost always one);
+        each one's frame carries its ID in the header, so the frame itself (CRC-checked)
+        says whether it is the record asked for, without a read of the ID column. Only a
+        frame that fails its checks is identified through the ID column, to tell "this
+        record is damaged" from "another record is damaged".
+        """
+        cdef bytes key = self._key(record_id)
+        cdef const uint8_t *id_bytes = <const uint8_t *>PyBytes_AS_STRING(key)
+        cdef int64_t rows[MAX_CANDIDATES]
+        cdef uint64_t locations[MAX_CANDIDATES]
+        cdef Py_ssize_t n, i
+        cdef int64_t row
+        cdef uint32_t length
+        cdef Py_ssize_t offset, consumed = 0
+        cdef const uint8_t *frame
+        cdef list segments = []
+        cdef object segment, out
+        cdef Py_buffer view
+        cdef bint ours
+        self._acquire()
+        try:
+            n = self._ids.candidates(id_bytes, rows, MAX_CANDIDATES)
+            if n < 0:             # a crowded slot run: the full probe through the ID column
+                row = self._row(key)
+                n = 0 if row < 0 else 1
+                rows[0] = row
+            if n:
+                self._refresh(self._arrays)
+            for i in range(n):
+                locations[i] = self._location_view[rows[i]]
+                segments.append(self._segments[<Py_ssize_t>(locations[i] >> 32)])
+        finally:
+            self._release()
+        for i in range(n):
+            segment = segments[i]
+            offset = <Py_ssize_t>(locations[i] & 0xFFFFFFFF)
+            out = None
+            ours = False
+            PyObject_GetBuffer(segment.buffer, &view, PyBUF_SIMPLE)
+            try:
+                frame = <const uint8_t *>view.buf + offset
+                # the frame's cache lines at once, not one miss after another as the CRC walks
+                stm_point_prefetch(frame + 64)
+                stm_point_prefetch(frame + 128)
+                stm_point_prefetch(frame + 192)
+                if offset < view.len and check_frame(<const uint8_t *>view.buf, offset, view.len,
+                                                     &length) == 1:
+                    if memcmp(frame + FRAME_ID_AT, id_bytes, ID_SIZE) != 0:
+                        continue      # another record with the same key half
+                    ours = True
+                    if not decoded:
+                        out = PyBytes_FromStringAndSize(<const char *>frame + FRAME_HEADER_SIZE, length)
+                    else:
+                        # straight from the mapping: no bytes object for the payload first
+                        out = decode_at(frame + FRAME_HEADER_SIZE, length, &consumed)
+                        if consumed != length:
+                            raise InvalidRecord(
+                                f"trailing bytes: {length - consumed} bytes after the record's proof")
+            finally:
+                PyBuffer_Release(&view)
+            if ours:
+                return out
+            if self._is_row_of(rows[i], id_bytes):
+                raise self._unreadable(segment, offset, f"record {key.hex()}")
+        raise NotFound(f"no record with ID {key.hex()}")
+
+    cdef bint _is_row_of(self, int64_t row, const uint8_t *id_bytes) except -1:
+        """Whether record `row` is the record with this ID, by the ID column."""
+        cdef bint same
+        self._acquire()
+        try:
+            self._refresh(self._arrays)
+            same = (row < self._id_view.shape[0]
+                    and memcmp(&self._id_view[row, 0], id_bytes, ID_SIZE) == 0)
+        finally:
+            self._release()
+        return same
+
+    def get_encoded(self, record_id):
+        """The stored bytes (content + proof) of the record with this ID, checksum-checked."""
+        return self._read(record_id, False)
+
+    def get(self, record_id):
+        """The record with this ID, decoded from its checksum-checked bytes."""
+        return self._read(record_id, True)
+
+    def contains(self, record_id):
+        """Whether a record with this ID is stored."""
+        cdef bytes key = self._key(record_id)
+        cdef int64_t row
+        self._acquire()
+        try:
+            row = self._row(key)
+        finally:
+            self._release()
+        return row >= 0
