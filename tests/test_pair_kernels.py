@@ -158,3 +158,32 @@ def test_the_constants_agree():
     assert (_pair.RECENCY, _pair.CONFIDENCE, _pair.CONSENSUS) == (
         _kernels.RECENCY, _kernels.CONFIDENCE, _kernels.CONSENSUS)
     assert (_pair.FLAG_REVISED, _pair.FLAG_MIXED) == (_kernels.FLAG_REVISED, _kernels.FLAG_MIXED)
+
+
+_ONE_QUERY = _pair.PairQuery(HALF_LIVES)    # one instance for every seed: its views must follow
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_pair_query_with_kept_views_is_the_fused_pair(seed):
+    # What a single query calls: resolve_pair with the views of the columns and levels kept
+    # between calls. Each seed brings new arrays (and every second call a replaced one),
+    # so a view kept past its array would give another store's answer.
+    from stemedb.lenses._state import Level, Levels
+    rng, n, a, base, tail, scan_lo = store(seed)
+    levels = Levels(Level(*base, 0, scan_lo), Level(*tail, 0, scan_lo))
+    for round_ in range(3):
+        if round_ == 1:                      # the engine grows a column: a new array, same rows
+            a = dict(a, confidence=a["confidence"].copy(), id=a["id"].copy())
+        for key in (1, 2, 3):
+            as_of, epoch_key, mask, subject_key, predicate_key = filters(rng)
+            decay = bool(rng.random() < 0.5)
+            for mode in (_pair.RECENCY, _pair.CONFIDENCE, _pair.CONSENSUS):
+                expected = _pair.resolve_pair(
+                    np.uint64(key), *base, *tail, scan_lo, n, a["pair"], a["subject"], a["predicate"],
+                    subject_key, predicate_key, a["timestamp"], as_of, a["target"], a["id"],
+                    a["epoch"], epoch_key, a["lifecycle"], mask, a["confidence"], a["source_class"],
+                    decay, 3.0 * 86_400_000_000.0 * 365, HALF_LIVES, a["object"], mode)
+                got = _ONE_QUERY.resolve(a, levels, scan_lo, n, key, int(subject_key),
+                                         int(predicate_key), int(as_of), int(epoch_key), mask, decay,
+                                         3.0 * 86_400_000_000.0 * 365, mode)
+                same(got, expected)

@@ -126,3 +126,16 @@ def test_point_reads_beside_a_writer(tmp_path):
             thread.join()
         assert not problems
         assert len(db) == 4200
+
+
+def test_record_at_decodes_by_record_number(tmp_path):
+    with stemedb.open(tmp_path / "db", segment_size=SMALL) as db:
+        records = claims(0, 700)
+        db.put_many(records)
+        for row in (0, 1, 350, 699):
+            assert db.view.record_at(row) == records[row] == db.view.records_at([row])[0]
+        for row in (-1, 700, 10**6):
+            with pytest.raises(IndexError, match=f"record number {row}: the store holds 700"):
+                db.view.record_at(row)
+    with pytest.raises(stemedb.DatabaseClosed):
+        db.view.record_at(0)

@@ -677,3 +677,94 @@ def resolve_pair(uint64_t key, const uint64_t[:] base_keys, const int64_t[:] bas
                        &weight[0])
             _pick(&rows[0], m, &weight[0], obj, timestamp, ids, mode, &index, &share, &conflict)
     return cand, weights[:m], index, share, conflict
+
+
+# ------------------------------------------------------- one store, many calls
+
+cdef class PairQuery:
+    """`resolve_pair` for one store, with its views of the columns kept between calls.
+
+    A call of `resolve_pair` takes some twenty array arguments, and taking a
+    typed view of each one costs more than the lens work on a pair of a few
+    claims. A PairQuery keeps the views and re-takes one only when the engine
+    (or the query index) has replaced that array: `arrays` is a snapshot's
+    column mapping, `levels` the pair index's (base, tail) Levels. Same
+    arguments otherwise, same results (tests/test_pair_kernels.py).
+    """
+
+    cdef dict _held                   # name -> the array each view below was taken of
+    cdef const uint64_t[:] _pair, _subject, _predicate, _timestamp, _target, _epoch, _object
+    cdef IdColumn _ids
+    cdef const uint8_t[:] _lifecycle, _source_class
+    cdef const float[:] _confidence
+    cdef const double[:] _half_lives
+    cdef object _levels
+    cdef const uint64_t[:] _base_keys, _tail_keys
+    cdef const int64_t[:] _base_starts, _tail_starts
+    cdef const uint32_t[:] _base_rows, _tail_rows
+    cdef const uint8_t[:] _base_flags, _tail_flags
+
+    def __init__(self, half_lives):
+        self._held = {}
+        self._half_lives = np.ascontiguousarray(half_lives, dtype=np.float64)
+        self._levels = None
+
+    cdef inline bint _stale(self, object arrays, str name):
+        array = arrays[name]
+        if self._held.get(name) is array:
+            return False
+        self._held[name] = array
+        return True
+
+    cdef int _refresh(self, object arrays, levels) except -1:
+        if self._stale(arrays, "pair"):
+            self._pair = arrays["pair"]
+        if self._stale(arrays, "subject"):
+            self._subject = arrays["subject"]
+        if self._stale(arrays, "predicate"):
+            self._predicate = arrays["predicate"]
+        if self._stale(arrays, "timestamp"):
+            self._timestamp = arrays["timestamp"]
+        if self._stale(arrays, "target"):
+            self._target = arrays["target"]
+        if self._stale(arrays, "epoch"):
+            self._epoch = arrays["epoch"]
+        if self._stale(arrays, "object"):
+            self._object = arrays["object"]
+        if self._stale(arrays, "id"):
+            self._ids = arrays["id"]
+        if self._stale(arrays, "lifecycle"):
+            self._lifecycle = arrays["lifecycle"]
+        if self._stale(arrays, "source_class"):
+            self._source_class = arrays["source_class"]
+        if self._stale(arrays, "confidence"):
+            self._confidence = arrays["confidence"]
+        if levels is not self._levels:
+            base, tail = levels
+            self._base_keys, self._base_starts, self._base_rows, self._base_flags = base.arrays
+            self._tail_keys, self._tail_starts, self._tail_rows, self._tail_flags = tail.arrays
+            self._levels = levels
+        return 0
+
+    def resolve(self, object arrays, levels, Py_ssize_t scan_lo, Py_ssize_t scan_hi, uint64_t key,
+                uint64_t subject_key, uint64_t predicate_key, uint64_t as_of, uint64_t epoch_key,
+                int64_t lifecycle_mask, bint decay, double now, int mode):
+        """As resolve_pair over these columns and levels: (candidates, weights, winner index
+        or -1, confidence, conflict score)."""
+        self._refresh(arrays, levels)
+        cand = _select(key, self._base_keys, self._base_starts, self._base_rows, self._base_flags,
+                       self._tail_keys, self._tail_starts, self._tail_rows, self._tail_flags,
+                       scan_lo, scan_hi, self._pair, self._subject, self._predicate, subject_key,
+                       predicate_key, self._timestamp, as_of, self._target, self._ids, self._epoch,
+                       epoch_key, self._lifecycle, lifecycle_mask)
+        cdef Py_ssize_t m = len(cand), index = -1
+        cdef double share = 0.0, conflict = 0.0
+        weights = np.empty(m + 1, dtype=np.float64)
+        cdef const int64_t[::1] rows = cand
+        cdef double[::1] weight = weights
+        if m:
+            _effective(&rows[0], m, self._confidence, self._timestamp, self._source_class, decay,
+                       now, self._half_lives, &weight[0])
+            _pick(&rows[0], m, &weight[0], self._object, self._timestamp, self._ids, mode, &index,
+                  &share, &conflict)
+        return cand, weights[:m], index, share, conflict

@@ -59,6 +59,7 @@ cdef class PointReader:
     """
 
     cdef IdIndex _ids
+    cdef object _columns
     cdef dict _arrays
     cdef list _segments
     cdef object _acquire, _release
@@ -74,6 +75,7 @@ cdef class PointReader:
         # A State keeps its index and its columns' dict for its whole life (the engine
         # replaces arrays inside the dict, which _refresh follows).
         self._ids = state.ids
+        self._columns = state.columns
         self._arrays = state.columns.arrays
         self._segments = segments
         self._acquire = lock.acquire
@@ -200,6 +202,41 @@ cdef class PointReader:
         finally:
             self._release()
         return same
+
+    def record_at(self, Py_ssize_t row):
+        """The record with this record number, decoded straight from its checked frame."""
+        cdef uint64_t location
+        cdef uint32_t length
+        cdef Py_ssize_t offset, consumed = 0
+        cdef const uint8_t *frame
+        cdef object segment, out = None
+        cdef Py_buffer view
+        if self._closed:
+            raise DatabaseClosed(f"{self._path}: the database is closed; open it again to use it")
+        self._acquire()
+        try:
+            if row < 0 or row >= self._columns.count:
+                raise IndexError(f"record number {row}: the store holds {self._columns.count}")
+            self._refresh(self._arrays)
+            location = self._location_view[row]
+            segment = self._segments[<Py_ssize_t>(location >> 32)]
+        finally:
+            self._release()
+        offset = <Py_ssize_t>(location & 0xFFFFFFFF)
+        PyObject_GetBuffer(segment.buffer, &view, PyBUF_SIMPLE)
+        try:
+            frame = <const uint8_t *>view.buf + offset
+            if offset < view.len and check_frame(<const uint8_t *>view.buf, offset, view.len,
+                                                 &length) == 1:
+                out = decode_at(frame + FRAME_HEADER_SIZE, length, &consumed)
+                if consumed != length:
+                    raise InvalidRecord(
+                        f"trailing bytes: {length - consumed} bytes after the record's proof")
+        finally:
+            PyBuffer_Release(&view)
+        if out is None:
+            raise self._unreadable(segment, offset, "record")
+        return out
 
     def get_encoded(self, record_id):
         """The stored bytes (content + proof) of the record with this ID, checksum-checked."""

@@ -1,5 +1,6 @@
 """Type stubs for stemedb._pair (ext/stemedb/_pair.pyx): the lens work of one pair, compiled."""
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -37,3 +38,10 @@ def rank_claims(cand: np.ndarray, units: np.ndarray, latest: np.ndarray, timesta
 def pick(cand: np.ndarray, weights: np.ndarray, obj: np.ndarray, timestamp: np.ndarray,
          ids: np.ndarray, mode: int) -> tuple[int, float, float]: ...
 def resolve_pair(key: Any, *arrays_and_filters: Any) -> tuple[np.ndarray, np.ndarray, int, float, float]: ...
+
+class PairQuery:
+    def __init__(self, half_lives: np.ndarray) -> None: ...
+    def resolve(self, arrays: Mapping[str, np.ndarray], levels: Any, scan_lo: int, scan_hi: int,
+                key: Any, subject_key: Any, predicate_key: Any, as_of: int, epoch_key: int,
+                lifecycle_mask: int, decay: bool, now: float, mode: int
+                ) -> tuple[np.ndarray, np.ndarray, int, float, float]: ...

@@ -33,7 +33,11 @@ class _OnFirstUse(ModuleType):
 
     def __getattr__(self, name: str) -> Any:
         module = importlib.import_module(self.__name__)
-        return getattr(module, name)
+        value = getattr(module, name)
+        # Kept here: the next read is a plain attribute, not an import per query (the
+        # module's functions do not change once it is loaded).
+        setattr(self, name, value)
+        return value
 
 
 if not TYPE_CHECKING:

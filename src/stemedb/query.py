@@ -248,18 +248,26 @@ def _pair_candidates(context: Context, subject: str, predicate: str) -> np.ndarr
 _FUSED = {Recency: _pair.RECENCY, Confidence: _pair.CONFIDENCE, Consensus: _pair.CONSENSUS}
 
 
+_NO_LIMIT = 0xFFFFFFFFFFFFFFFF     # as_of when none is given (an int: no numpy scalar per query)
+
+
+def _pair_query(state: QueryState) -> _pair.PairQuery:
+    """The store's PairQuery: resolve_pair with the column views kept between queries."""
+    found = state.pair_query
+    if not isinstance(found, _pair.PairQuery):
+        found = state.pair_query = _pair.PairQuery(HALF_LIVES)
+    return found
+
+
 def _fused_outcome(context: Context, lens: Lens, subject: str, predicate: str) -> Outcome:
-    a = context.arrays
     f = context.filters
-    levels, scan_lo = context.state.pairs.snapshot(a, context.count)
-    base, tail = levels
+    levels, scan_lo = context.state.pairs.snapshot(context.arrays, context.count)
     pair, subject_key, predicate_key = _pair_keys(subject, predicate)
-    cand, weights, winner, share, conflict = _pair.resolve_pair(
-        pair, *base.arrays, *tail.arrays, scan_lo, context.count, a["pair"], a["subject"],
-        a["predicate"], subject_key, predicate_key, a["timestamp"], f.as_of_limit, a["target"],
-        a["id"], a["epoch"], f.epoch_key, a["lifecycle"], f.lifecycle_mask, a["confidence"],
-        a["source_class"], f.decay, float(f.now or 0), HALF_LIVES, a["object"],
-        _FUSED[type(lens)])
+    cand, weights, winner, share, conflict = _pair_query(context.state).resolve(
+        context.arrays, levels, scan_lo, context.count, pair, subject_key, predicate_key,
+        _NO_LIMIT if f.as_of is None else f.as_of,
+        0 if f.epoch is None else _codec.id_key(f.epoch), f.lifecycle_mask, f.decay,
+        float(f.now or 0), _FUSED[type(lens)])
     return Outcome(Candidates(context, cand), None if winner < 0 else int(winner), float(share),
                    weights, float(conflict))
 
@@ -293,12 +301,12 @@ def _resolve(context: Context, lens: Lens, outcome: Outcome, subject: str, predi
     row = outcome.winner_row
     if row is None:
         return outcome, None
-    winner = context.assertions([row])[0]
+    winner = context.assertion_at(row)
     if _matches(winner, subject, predicate, context.filters):
         return outcome, winner
     outcome = lens.resolve(Candidates(context, confirm()))
     row = outcome.winner_row
-    return outcome, (context.assertions([row])[0] if row is not None else None)
+    return outcome, (context.assertion_at(row) if row is not None else None)
 
 
 def _resolution(context: Context, lens: Lens, outcome: Outcome, winner: Assertion | None, subject: str,
@@ -389,7 +397,7 @@ def _resolve_fixed(context: Context, lens: Lens, subject: str, predicate: str | 
     parts = [_pair_candidates(context, subject, name) for name in names]
     cand = np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
     outcome = lens.resolve(Candidates(context, cand))
-    winner = context.assertions([outcome.winner_row])[0] if outcome.winner_row is not None else None
+    winner = context.assertion_at(outcome.winner_row) if outcome.winner_row is not None else None
     return _resolution(context, lens, outcome, winner, subject, predicate)
 
 
@@ -741,7 +749,7 @@ class MaterializedView:
         if entry is None:
             entry = (-1, 0.0, 0.0, 0, 0)
         row, confidence, conflict, count, _ = entry
-        winner = context.assertions([row])[0] if row >= 0 else None
+        winner = context.assertion_at(row) if row >= 0 else None
         if winner is not None and not _matches(winner, subject, predicate, context.filters):
             return None
         lens = self.lens

@@ -81,10 +81,16 @@ class Reads:
             raise unreadable(self.log.segments[segment], offset, name)
         return blob, offsets
 
+    def record_at(self, row: int) -> Record:
+        """Decode the record with this record number (DatabaseClosed after close)."""
+        return self.point.record_at(row)
+
     def records_at(self, rows: np.ndarray) -> list[Record]:
         """Decode the records with these record numbers (checksums checked)."""
         if not len(rows):
             return []
+        if len(rows) == 1:      # one record (a query's winner): one compiled call
+            return [self.point.record_at(int(rows[0]))]
         blob, offsets = self.gather(rows)
         return list(_codec.decode_many(blob, offsets))
 

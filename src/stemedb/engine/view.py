@@ -46,6 +46,7 @@ class RecordReader(Protocol):
     """What the view reads records through (engine/reads.py)."""
 
     def records_at(self, rows: np.ndarray) -> list[Record]: ...
+    def record_at(self, row: int) -> Record: ...
     def gather(self, rows: np.ndarray) -> tuple[bytes, np.ndarray]: ...
 
 
@@ -168,6 +169,10 @@ class ReadView:
         """Decode the records with these record numbers (frame checksums checked)."""
         self._check_open()
         return self._reader.records_at(np.asarray(rows, dtype=np.int64))
+
+    def record_at(self, row: int) -> Record:
+        """Decode the record with this record number (one compiled call; frame checks as get)."""
+        return self._reader.record_at(row)
 
     def gather(self, rows: np.ndarray | Sequence[int]) -> tuple[bytes, np.ndarray]:
         """(blob, offsets) of the encoded records with these record numbers, checksums checked."""

@@ -187,6 +187,13 @@ class Context:
         """(blob, offsets) of these record numbers, encoded (checksums checked)."""
         return self.db.view.gather(rows)
 
+    def assertion_at(self, row: int) -> Assertion:
+        """Decode one record number the query selected as an assertion."""
+        record = self.db.view.record_at(row)
+        if not isinstance(record, Assertion):
+            raise TypeError(f"expected an assertion, got a {type(record).__name__}")
+        return record
+
     def assertions(self, rows: np.ndarray | Sequence[int]) -> list[Assertion]:
         """Decode record numbers the query selected by the kind column: assertions, all of them."""
         records = self.records(rows)
