@@ -139,3 +139,42 @@ def test_record_at_decodes_by_record_number(tmp_path):
                 db.view.record_at(row)
     with pytest.raises(stemedb.DatabaseClosed):
         db.view.record_at(0)
+
+
+def test_batch_gather_on_two_threads_with_damaged_frames_and_absent_rows(tmp_path):
+    # 12,000 rows is past the two-thread threshold: each thread copies half; frames that
+    # fail their checks (two in the first half, one in the second) get empty slices, in
+    # row order, and every other record is where its offsets say.
+    from stemedb import _segment
+    path = tmp_path / "db"
+    records = claims(0, 6000)
+    with stemedb.open(path, segment_size=SMALL) as db:
+        db.put_many(records)
+        arrays = db._state.columns.arrays
+        locations = arrays["location"][:6000].copy()
+    victims = [17, 2900, 5003]
+    for row in victims:
+        location = int(locations[row])
+        segment_file = sorted((path / "segments").iterdir())[location >> 32]
+        with open(segment_file, "r+b") as handle:
+            handle.seek((location & 0xFFFFFFFF) + 70)
+            byte = handle.read(1)
+            handle.seek((location & 0xFFFFFFFF) + 70)
+            handle.write(bytes([byte[0] ^ 0x55]))
+    with stemedb.open(path, segment_size=SMALL) as db:
+        arrays = db._state.columns.arrays
+        rng = np.random.default_rng(5)
+        rows = np.concatenate([np.arange(6000), rng.permutation(6000)[:5000], [-1] * 1000])
+        rng.shuffle(rows)
+        blob, offsets, bad = _segment.gather([s.buffer for s in db.log.segments],
+                                             arrays["location"], arrays["length"], rows)
+        assert [index for index, _, _ in bad] == [i for i, row in enumerate(rows) if row in victims]
+        assert len(offsets) == len(rows) + 1 and offsets[-1] == len(blob)
+        for i, row in enumerate(rows.tolist()):
+            piece = bytes(blob[offsets[i]:offsets[i + 1]])
+            if row < 0 or row in victims:
+                assert piece == b""
+            else:
+                assert piece == records[row].encode()
+        with pytest.raises(stemedb.CorruptionError, match="fails its checksum"):
+            db.get_encoded_many([r.id for r in records])

@@ -21,20 +21,11 @@ or a missing segment file, InvalidRecord for an ID that is not 32 bytes,
 DatabaseClosed after `close()`.
 """
 
+from cpython.object cimport PyObject
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp
-
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define stm_point_prefetch(p) __builtin_prefetch((p), 0)
-    #else
-    #define stm_point_prefetch(p) ((void)(p))
-    #endif
-    """
-    void stm_point_prefetch(const void *p) nogil
 
 from stemedb._codec cimport Record, decode_at
 from stemedb._index cimport IdIndex
@@ -140,7 +131,8 @@ cdef class PointReader:
         cdef uint32_t length
         cdef Py_ssize_t offset, consumed = 0
         cdef const uint8_t *frame
-        cdef list segments = []
+        # borrowed: the log's list holds every segment for as long as the store is open
+        cdef PyObject *segments[MAX_CANDIDATES]
         cdef object segment, out
         cdef Py_buffer view
         cdef bint ours
@@ -155,21 +147,17 @@ cdef class PointReader:
                 self._refresh(self._arrays)
             for i in range(n):
                 locations[i] = self._location_view[rows[i]]
-                segments.append(self._segments[<Py_ssize_t>(locations[i] >> 32)])
+                segments[i] = <PyObject *>self._segments[<Py_ssize_t>(locations[i] >> 32)]
         finally:
             self._release()
         for i in range(n):
-            segment = segments[i]
-            offset = <Py_ssize_t>(locations[i] & 0xFFFFFFFF)
+            segment = <object>segments[i]
+            offset = <Py_ssize_t>(locations[i] & <uint64_t>0xFFFFFFFF)
             out = None
             ours = False
             PyObject_GetBuffer(segment.buffer, &view, PyBUF_SIMPLE)
             try:
                 frame = <const uint8_t *>view.buf + offset
-                # the frame's cache lines at once, not one miss after another as the CRC walks
-                stm_point_prefetch(frame + 64)
-                stm_point_prefetch(frame + 128)
-                stm_point_prefetch(frame + 192)
                 if offset < view.len and check_frame(<const uint8_t *>view.buf, offset, view.len,
                                                      &length) == 1:
                     if memcmp(frame + FRAME_ID_AT, id_bytes, ID_SIZE) != 0:
@@ -222,7 +210,7 @@ cdef class PointReader:
             segment = self._segments[<Py_ssize_t>(location >> 32)]
         finally:
             self._release()
-        offset = <Py_ssize_t>(location & 0xFFFFFFFF)
+        offset = <Py_ssize_t>(location & <uint64_t>0xFFFFFFFF)
         PyObject_GetBuffer(segment.buffer, &view, PyBUF_SIMPLE)
         try:
             frame = <const uint8_t *>view.buf + offset
