@@ -497,7 +497,7 @@ cdef class Record:
     cdef uint8_t* write_content(self, uint8_t* out):
         cdef uint8_t* p
         cdef Py_ssize_t size = self.content_size()
-        if size > 0xFFFFFFFF:
+        if size > <Py_ssize_t>0xFFFFFFFF:
             raise InvalidRecord(f"record: content of {size} bytes exceeds 2**32-1")
         p = write_header(out, self.header_version(), self.kind_code(), <uint32_t>size,
                          <uint8_t>len(self._signers))
@@ -1296,8 +1296,8 @@ def decode_many(buffer, offsets):
 # ----------------------------------------------------------------------------
 # Batches: encode and hash many records per call.
 
-def encode_many(records, bint remember=False):
-    """Encode many records at once.
+def encode_many(records, bint remember=False, before=()):
+    """Encode many records at once (after the records of `before`, if any, in one blob).
 
     Returns (blob, offsets, ids): record i is blob[offsets[i]:offsets[i+1]]
     (content then proof) and its ID is ids[i], an (n, 32) uint8 array. The
@@ -1306,7 +1306,9 @@ def encode_many(records, bint remember=False):
     each record keeps its content and ID (what signing a batch wants, so
     that storing the signed members later costs no second encode or hash).
     """
-    cdef list items = list(records)
+    cdef list items = list(before) if before else []
+    cdef Py_ssize_t first = len(items)
+    items.extend(records)
     cdef Py_ssize_t n = len(items), i, total = 0, csize, pending = 0
     cdef Record rec
     offsets = np.empty(n + 1, dtype=np.int64)
@@ -1329,7 +1331,8 @@ def encode_many(records, bint remember=False):
         for i in range(n):
             obj = items[i]
             if not isinstance(obj, Record):
-                raise InvalidRecord(f"records[{i}]: expected a StemeDB record, got {type(obj).__name__}")
+                where = f"records[{i - first}]" if i >= first else f"envelope[{i}]"
+                raise InvalidRecord(f"{where}: expected a StemeDB record, got {type(obj).__name__}")
             rec = <Record>obj
             csize = (PyBytes_GET_SIZE(rec._content_cache) if rec._content_cache is not None
                      else rec.content_size())

@@ -509,7 +509,7 @@ def encode_record_batch(blob, offsets):
     if start < 0 or end > view.shape[0] or start > end:
         raise ValueError("offsets: outside the blob")
     for i in range(n):
-        if offs[i + 1] < offs[i] or offs[i + 1] - offs[i] > 0xFFFFFFFF:
+        if offs[i + 1] < offs[i] or offs[i + 1] - offs[i] > <int64_t>0xFFFFFFFF:
             raise ValueError(f"offsets[{i + 1}]: decreasing or too large")
     size = 4 + 4 * n + (end - start)
     out = PyBytes_FromStringAndSize(NULL, size)

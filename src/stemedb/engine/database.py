@@ -305,10 +305,8 @@ class Database:
         """
         self._check_open()
         envelopes = _envelope_list(envelope)
-        blob, offsets, ids = _codec.encode_many(records)
-        if envelopes:
-            env_blob, env_offsets, env_ids = _codec.encode_many(envelopes)
-            blob, offsets, ids = _concat([env_blob, blob], [env_offsets, offsets], [env_ids, ids])
+        # The envelopes go first in the batch: one encode of both, no second copy of the blob.
+        blob, offsets, ids = _codec.encode_many(records, before=envelopes)
         # Encoded just now from record objects, which are canonical by construction: only the
         # columns are parsed, not the rules of put_encoded.
         self._commit_batch(verify.trusted(blob, offsets, ids, first=len(envelopes)), None)
@@ -652,12 +650,3 @@ def _envelope_list(envelope: Envelope | Sequence[Envelope] | None) -> list[Envel
         f"envelope: expected a stemedb.Envelope or a list of them, got {type(envelope).__name__}")
 
 
-def _concat(blobs: list[bytes], offsets_list: list[np.ndarray],
-            ids_list: list[np.ndarray]) -> tuple[bytes, np.ndarray, np.ndarray]:
-    shifted = []
-    base = 0
-    for blob, offsets in zip(blobs, offsets_list):
-        shifted.append(offsets[:-1] + base)
-        base += len(blob)
-    offsets = np.concatenate(shifted + [np.array([base], dtype=np.int64)])
-    return b"".join(blobs), offsets, np.concatenate(ids_list)
