@@ -688,10 +688,13 @@ cdef class PairQuery:
     typed view of each one costs more than the lens work on a pair of a few
     claims. A PairQuery keeps the views and re-takes one only when the engine
     (or the query index) has replaced that array: `arrays` is a snapshot's
-    column mapping, `levels` the pair index's (base, tail) Levels. Same
-    arguments otherwise, same results (tests/test_pair_kernels.py).
+    column mapping, `levels` the pair index's (base, tail) Levels; the same
+    mapping object as the last call means the same arrays (the engine's
+    snapshots share one until it replaces them), so nothing is re-checked.
+    Same arguments otherwise, same results (tests/test_pair_kernels.py).
     """
 
+    cdef object _arrays               # the column mapping of the last call
     cdef dict _held                   # name -> the array each view below was taken of
     cdef const uint64_t[:] _pair, _subject, _predicate, _timestamp, _target, _epoch, _object
     cdef IdColumn _ids
@@ -706,6 +709,7 @@ cdef class PairQuery:
 
     def __init__(self, half_lives):
         self._held = {}
+        self._arrays = None
         self._half_lives = np.ascontiguousarray(half_lives, dtype=np.float64)
         self._levels = None
 
@@ -717,6 +721,9 @@ cdef class PairQuery:
         return True
 
     cdef int _refresh(self, object arrays, levels) except -1:
+        if arrays is self._arrays and levels is self._levels:
+            return 0      # the same column mapping as last time (snapshots share it): same views
+        self._arrays = arrays
         if self._stale(arrays, "pair"):
             self._pair = arrays["pair"]
         if self._stale(arrays, "subject"):

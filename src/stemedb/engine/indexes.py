@@ -52,6 +52,7 @@ class Columns:
     def __init__(self, capacity: int = 1024) -> None:
         self.count = 0
         self.capacity = max(capacity, 1024)
+        self.generation = 0      # +1 each time the arrays are replaced (readers re-take them then)
         self.arrays: dict[str, np.ndarray] = {}
         for name, dtype in {**_codec.COLUMNS, **EXTRA_COLUMNS}.items():
             self.arrays[name] = np.zeros(self.capacity, dtype=dtype)
@@ -69,6 +70,7 @@ class Columns:
             grown[: self.count] = array[: self.count]
             self.arrays[name] = grown
         self.capacity = capacity
+        self.generation += 1
 
     def append(self, values: dict[str, np.ndarray], n: int) -> None:
         self.reserve(n)

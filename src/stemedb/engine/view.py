@@ -136,6 +136,8 @@ class ReadView:
         self._notifier = notifier
         self._check_open = check_open   # raises StemeError once the store is closed
         self._postings = {name: Postings(state, lock, name) for name in POSTINGS}
+        self._arrays: dict[str, np.ndarray] | None = None   # the column dict snapshots share
+        self._arrays_generation = -1
 
     @property
     def count(self) -> int:
@@ -143,10 +145,19 @@ class ReadView:
         return self._state.count
 
     def snapshot(self) -> Snapshot:
-        """The count and the column arrays, taken together (see Snapshot)."""
+        """The count and the column arrays, taken together (see Snapshot).
+
+        Snapshots share one copy of the column dict until the engine replaces
+        its arrays (read-only, as the arrays are), so that a reader holding
+        per-array views can tell "nothing changed" by the dict's identity.
+        """
         self._check_open()
         with self._lock:
-            return Snapshot(self._state.count, dict(self._state.columns.arrays))
+            columns = self._state.columns
+            if columns.generation != self._arrays_generation or self._arrays is None:
+                self._arrays = dict(columns.arrays)
+                self._arrays_generation = columns.generation
+            return Snapshot(self._state.count, self._arrays)
 
     def column(self, name: str) -> np.ndarray:
         """Rows [0, count) of one column (a view of the engine's array: read-only)."""
