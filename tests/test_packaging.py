@@ -133,9 +133,15 @@ def test_an_unknown_name_is_an_attribute_error():
     assert not hasattr(stemedb, "engine_of_everything")
 
 
+WHOLE_STORE = ("stemedb.lenses._kernels (the whole-store calls: query_many, conflicts, materialize, "
+               "trust ranks)")
+QUERY_MANY = ("import tempfile\ndb = stemedb.open(tempfile.mkdtemp())\n"
+              "db.put(stemedb.Assertion('s', 'p', 1).sign(stemedb.Signer.generate()))\n"
+              "assert db.query('s', 'p').winner is not None\ndb.query_many([('s', 'p')])")
+
+
 @pytest.mark.parametrize("blocked, statement, needed_by", [
-    ("numba", "stemedb.Recency", "stemedb.Recency"),
-    ("numba", "stemedb.lenses", "stemedb.lenses"),
+    ("numba", QUERY_MANY, WHOLE_STORE),
     ("trio", "import stemedb.server", "stemedb.server"),
     ("prometheus_client", "import stemedb.server", "stemedb.server"),
 ])
@@ -146,6 +152,19 @@ def test_without_the_server_extra_the_error_names_the_extra(blocked, statement, 
     last = result.stderr.strip().splitlines()[-1]
     assert last == (f"ModuleNotFoundError: {needed_by} needs {blocked}, which the client-only install "
                     "(pip install stemedb) leaves out: pip install 'stemedb[server]'")
+
+
+def test_lenses_and_single_queries_need_no_numba():
+    # A single query runs stemedb._pair (compiled with the package): no numba is imported,
+    # even with numba installed, until a whole-store call or the warm-up after a query.
+    result = run_python("import sys\nimport stemedb, stemedb.query, tempfile\nstemedb.Recency\n"
+                        "assert 'numba' not in sys.modules, 'importing the query engine loaded numba'\n"
+                        "sys.modules['numba'] = None\n"
+                        "db = stemedb.open(tempfile.mkdtemp())\n"
+                        "db.put(stemedb.Assertion('s', 'p', 1).sign(stemedb.Signer.generate()))\n"
+                        "print(db.query('s', 'p', lens=stemedb.Consensus()).winner.subject)\ndb.close()")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["s"]
 
 
 def test_a_missing_module_that_is_no_extra_is_reported_as_it_is():

@@ -41,13 +41,14 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, TypeAlias
 
 import numpy as np
 
 from stemedb import _codec, _pair
 from stemedb.engine.database import Database
-from stemedb.lenses import Lens, _kernels, get_lens
+from stemedb.lenses import Lens, _bulk, _rules, get_lens
 from stemedb.lenses._state import KeyIndex, QueryState, state_of
 from stemedb.lenses.base import (
     HALF_LIVES,
@@ -92,6 +93,11 @@ _warm_started = False
 _warm_done = threading.Event()
 
 
+def _kernels() -> ModuleType:
+    """The numba kernels (lenses/_kernels.py), imported on first use (lenses/_bulk.py)."""
+    return _bulk.kernels()
+
+
 def warm_up(*, background: bool = False) -> None:
     """Compile (or load from numba's cache) every kernel, once per process.
 
@@ -127,7 +133,12 @@ def _run_warm_up() -> None:
 
     # numba's disk cache says whether this will compile; if it cannot be read, a warm-up
     # still running after WARM_UP_NOTICE_SECONDS is compiling (a cache load takes less).
-    cold = _kernels.cache_is_cold()
+    try:
+        kernels = _kernels()
+    except ModuleNotFoundError:     # a client-only install: the whole-store calls say so
+        _warm_done.set()
+        return
+    cold = kernels.cache_is_cold()
     notice = threading.Timer(WARM_UP_NOTICE_SECONDS, tell)
     notice.daemon = True
     if cold:
@@ -135,7 +146,7 @@ def _run_warm_up() -> None:
     elif cold is None:
         notice.start()
     try:
-        _kernels.warm_up()
+        kernels.warm_up()
     finally:
         notice.cancel()
         if told.is_set():
@@ -201,7 +212,7 @@ def _key_rows(context: Context, index: KeyIndex, key: int) -> tuple[np.ndarray, 
     return raw, int(flags)
 
 
-_CHECK_ALL = _kernels.FLAG_REVISED | _kernels.FLAG_MIXED
+_CHECK_ALL = _rules.FLAG_REVISED | _rules.FLAG_MIXED
 
 
 def _filter(context: Context, raw: np.ndarray, subject_key: int, predicate_key: int,
@@ -430,7 +441,6 @@ def query(db: Database, subject: str, predicate: str | None = None, *, lens: Len
     Resolution for every predicate of the subject that has candidates
     (lenses with fixed predicates, like Constraints, return one Resolution).
     """
-    warm_up(background=True)    # for the whole-store calls; a single query needs no JIT
     _check_names(subject, predicate)
     chosen = get_lens(lens)
     filters = Filters.make(lifecycle, epoch, as_of, decay, now)
@@ -444,6 +454,10 @@ def query(db: Database, subject: str, predicate: str | None = None, *, lens: Len
         result = _resolve_pair(context, chosen, subject, predicate)
     if audit:
         _write_audit(db, agent, subject, predicate, chosen, filters, result)
+    # For the whole-store calls; a single query needs no JIT. Started after the answer, so
+    # that importing numba (in a thread, holding the GIL most of the time) does not slow
+    # the first query down.
+    warm_up(background=True)
     return result
 
 
@@ -479,7 +493,7 @@ def _batch_kernel(context: Context, lens: Lens, pairs: list[tuple[str, str]]
     f = context.filters
     levels, scan_lo = context.state.pairs.snapshot(a, context.count)
     base, tail = levels
-    return _kernels.resolve_keys(  # type: ignore[no-any-return]
+    return _kernels().resolve_keys(  # type: ignore[no-any-return]
         np.ascontiguousarray(keys[:, 0]), np.ascontiguousarray(keys[:, 1]),
         np.ascontiguousarray(keys[:, 2]), *base.arrays, *tail.arrays, scan_lo, context.count,
         a["pair"], a["subject"], a["predicate"], a["timestamp"], f.as_of_limit, a["target"],
@@ -619,7 +633,7 @@ def conflicts(db: Database, top: int | None = None, *, lifecycle: LifecycleSpec 
     context = _context(db, state_of(db), filters)
     a = context.arrays
     level = context.state.pairs.full(a, context.count)
-    scores, sizes, claims, sample = _kernels.conflicts_all(
+    scores, sizes, claims, sample = _kernels().conflicts_all(
         *level.arrays, a["timestamp"], filters.as_of_limit, a["target"], a["id"], a["lifecycle"],
         filters.lifecycle_mask, a["confidence"], a["object"])
     keep = np.flatnonzero((scores > 0.0) & (scores >= min_score))
@@ -704,7 +718,7 @@ class MaterializedView:
                 if lens.trust:
                     trust_keys, trust_values = context.trust()
                     default = 0.5
-            winners, shares, scores, sizes = _kernels.resolve_all(
+            winners, shares, scores, sizes = _kernels().resolve_all(
                 *level.arrays, a["timestamp"], a["target"], a["id"], a["lifecycle"],
                 a["confidence"], a["source_class"], a["signer"], a["object"], mode,
                 lens.bulk_authority, multipliers, trust_keys, trust_values, default)
@@ -714,7 +728,7 @@ class MaterializedView:
         entries = {}
         for i, key in enumerate(level.keys.tolist()):
             raw = level.rows[level.starts[i]:level.starts[i + 1]].astype(np.int64)
-            cand = _filter(context, raw, 0, 0, int(level.flags[i]) & _kernels.FLAG_REVISED)
+            cand = _filter(context, raw, 0, 0, int(level.flags[i]) & _rules.FLAG_REVISED)
             outcome = lens.resolve(Candidates(context, cand))
             conflict = outcome.conflict_score
             if conflict is None:

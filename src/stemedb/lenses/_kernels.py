@@ -29,7 +29,20 @@ from typing import Any, TypeVar
 import numpy as np
 from numba import njit
 
-from stemedb.records import RecordKind
+# The rules' constants (lenses/_rules.py), module globals here so that numba folds them in.
+from stemedb.lenses._rules import (
+    CONFIDENCE,
+    CONSENSUS,
+    DAY_US,
+    ENTROPY_SCALE,
+    FLAG_MIXED,
+    FLAG_REVISED,
+    KIND_VOTE,
+    NO_LIMIT,
+    RECENCY,
+    WEIGHT_CAP,
+    WEIGHT_SCALE,
+)
 
 Function = TypeVar("Function", bound=Callable[..., Any])
 _compile = njit(nogil=True, cache=True)
@@ -54,19 +67,6 @@ def cache_is_cold() -> bool | None:
     except AttributeError:
         return None
 
-# Lens modes understood by `resolve` and `resolve_all`.
-RECENCY = 0        # latest timestamp, then lowest ID
-CONFIDENCE = 1     # highest weight, then latest, then lowest ID
-CONSENSUS = 2      # heaviest claim (group of equal objects), then the claim holding the latest assertion
-
-WEIGHT_SCALE = 2.0 ** 32      # weight units per 1.0 of weight
-WEIGHT_CAP = 65536.0          # one candidate's weight is capped here (votes can be large)
-ENTROPY_SCALE = 2.0 ** 40     # entropy units per nat
-DAY_US = 86_400_000_000.0
-NO_LIMIT = np.uint64(0xFFFFFFFFFFFFFFFF)
-FLAG_REVISED = 1              # index key flag: some record of the key has a parent (revisions)
-FLAG_MIXED = 2                # index key flag: its records differ in subject / predicate key
-KIND_VOTE = np.uint8(RecordKind.VOTE)   # the kind column of a Vote (a compile-time constant here)
 
 
 # ----------------------------------------------------------------- helpers

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import numpy as np
 
 from stemedb.engine.view import Snapshot
-from stemedb.lenses import _kernels
+from stemedb.lenses import _bulk, _rules
 from stemedb.records import Epoch, RecordKind
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class Level(NamedTuple):
     keys: np.ndarray      # uint64, unique, ascending
     starts: np.ndarray    # int64, len(keys) + 1
     rows: np.ndarray      # uint32 record numbers, ascending within each key
-    flags: np.ndarray     # uint8 per key: _kernels.FLAG_REVISED | FLAG_MIXED
+    flags: np.ndarray     # uint8 per key: _rules.FLAG_REVISED | FLAG_MIXED
     lo: int
     hi: int
 
@@ -117,7 +117,7 @@ def _key_flags(arrays: Arrays, rows: np.ndarray, starts: np.ndarray,
     for name in confirm:
         values = arrays[name][rows]
         mixed |= np.logical_or.reduceat(values != np.repeat(values[firsts], sizes), firsts)
-    flags = np.where(revised, _kernels.FLAG_REVISED, 0) | np.where(mixed, _kernels.FLAG_MIXED, 0)
+    flags = np.where(revised, _rules.FLAG_REVISED, 0) | np.where(mixed, _rules.FLAG_MIXED, 0)
     return flags.astype(np.uint8)
 
 
@@ -322,7 +322,7 @@ class QueryState:
 
 def trust_ranks(level: Level, arrays: Arrays) -> tuple[np.ndarray, np.ndarray]:
     """FEATURES.md §3: 0.5 + 0.05 per agreeing pair - 0.1 per disagreeing pair, clamped to [0, 1]."""
-    signers, marks = _kernels.trust_votes(
+    signers, marks = _bulk.kernels().trust_votes(   # a whole-store numba pass
         *level.arrays, arrays["timestamp"], arrays["target"], arrays["id"], arrays["lifecycle"],
         arrays["confidence"], arrays["signer"], arrays["object"])
     if not len(signers):

@@ -23,7 +23,7 @@ import numpy as np
 
 from stemedb import _codec, _pair
 from stemedb._codec import Record
-from stemedb.lenses import _kernels
+from stemedb.lenses import _rules
 from stemedb.records import Assertion, Epoch, Lifecycle, SourceClass
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ LifecycleSpec: TypeAlias = "Stage | Collection[Stage]"
 EpochSpec: TypeAlias = "Epoch | bytes | bytearray | memoryview | str | None"
 
 LIFECYCLE_ANY = 0xFF
-NO_LIMIT = int(_kernels.NO_LIMIT)
+NO_LIMIT = int(_rules.NO_LIMIT)
 
 # FEATURES.md §3: half-lives in days (Regulatory never decays) and Authority multipliers.
 HALF_LIVES_DAYS: dict[SourceClass, float] = {
@@ -358,7 +358,7 @@ class Lens:
     # "epochs"): a materialised view of the lens is dropped when any of these change.
     # Unknown (custom) lenses are assumed to depend on everything.
     reads: ClassVar[frozenset[str]] = frozenset({"votes", "trust", "epochs"})
-    # Kernel rule (_kernels.RECENCY / CONFIDENCE / CONSENSUS) that computes this lens for
+    # Kernel rule (_rules.RECENCY / CONFIDENCE / CONSENSUS) that computes this lens for
     # every pair at once, if there is one (materialised views); otherwise views loop.
     bulk_mode: ClassVar[int | None] = None
     bulk_authority: ClassVar[bool] = False

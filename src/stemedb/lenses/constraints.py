@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stemedb import _codec
-from stemedb.lenses import _kernels
+from stemedb.lenses import _rules
 from stemedb.lenses.base import Candidates, Lens, Outcome, claims_of
 from stemedb.lenses.skeptic import _jsonable
 
@@ -86,6 +86,6 @@ class Constraints(Lens):
         for g, record in zip(order.tolist(), records):
             members = np.flatnonzero(group == g)
             member_ids = sorted(bytes(ids[i]) for i in members)
-            rules[int(objects[members[0]])] = Rule(record.object, float(units[g]) / _kernels.WEIGHT_SCALE,
+            rules[int(objects[members[0]])] = Rule(record.object, float(units[g]) / _rules.WEIGHT_SCALE,
                                                    member_ids)
         return rules

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from stemedb.lenses import _kernels
+from stemedb.lenses import _rules
 from stemedb.lenses.base import Candidates, Lens, Outcome, pick
 
 
@@ -21,10 +21,10 @@ class Recency(Lens):
 
     name = "recency"
     reads: ClassVar[frozenset[str]] = frozenset()
-    bulk_mode: ClassVar[int | None] = _kernels.RECENCY
+    bulk_mode: ClassVar[int | None] = _rules.RECENCY
 
     def resolve(self, candidates: Candidates) -> Outcome:
-        return pick(candidates, candidates.effective_confidence, _kernels.RECENCY)
+        return pick(candidates, candidates.effective_confidence, _rules.RECENCY)
 
 
 class Confidence(Lens):
@@ -35,7 +35,7 @@ class Confidence(Lens):
 
     name = "confidence"
     reads: ClassVar[frozenset[str]] = frozenset()
-    bulk_mode: ClassVar[int | None] = _kernels.CONFIDENCE
+    bulk_mode: ClassVar[int | None] = _rules.CONFIDENCE
 
     def resolve(self, candidates: Candidates) -> Outcome:
-        return pick(candidates, candidates.effective_confidence, _kernels.CONFIDENCE)
+        return pick(candidates, candidates.effective_confidence, _rules.CONFIDENCE)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stemedb import _pair
-from stemedb.lenses import _kernels
+from stemedb.lenses import _rules
 from stemedb.lenses.base import Candidates, Lens, Outcome, claims_of
 from stemedb.lenses.weighted import Authority
 
@@ -88,7 +88,7 @@ class Skeptic(Lens):
 
     @property
     def bulk_mode(self) -> int | None:  # type: ignore[override]
-        return _kernels.CONSENSUS if self.weighting == "confidence" else None
+        return _rules.CONSENSUS if self.weighting == "confidence" else None
 
     def weights(self, candidates: Candidates) -> np.ndarray:
         if self.weighting == "votes":
@@ -114,7 +114,7 @@ class Skeptic(Lens):
         latest_rows = candidates.rows[latest[order]]
         records = candidates.context.assertions(latest_rows)
         claims = [Claim(value=record.object, share=float(basis[g]) / denominator,
-                        weight=float(units[g]) / _kernels.WEIGHT_SCALE, assertions=int(counts[g]),
+                        weight=float(units[g]) / _rules.WEIGHT_SCALE, assertions=int(counts[g]),
                         latest=record)
                   for g, record in zip(order.tolist(), records)]
         analysis = SkepticAnalysis(status_of(len(claims), score), score, claims)

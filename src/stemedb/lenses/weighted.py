@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stemedb import _pair
-from stemedb.lenses import _kernels
+from stemedb.lenses import _rules
 from stemedb.lenses.base import (
     DEFAULT_TRUST,
     SOURCE_MULTIPLIERS,
@@ -35,10 +35,10 @@ class Consensus(Lens):
 
     name = "consensus"
     reads: ClassVar[frozenset[str]] = frozenset()
-    bulk_mode: ClassVar[int | None] = _kernels.CONSENSUS
+    bulk_mode: ClassVar[int | None] = _rules.CONSENSUS
 
     def resolve(self, candidates: Candidates) -> Outcome:
-        return pick(candidates, candidates.effective_confidence, _kernels.CONSENSUS)
+        return pick(candidates, candidates.effective_confidence, _rules.CONSENSUS)
 
 
 class VoteConsensus(Lens):
@@ -54,7 +54,7 @@ class VoteConsensus(Lens):
     reads: ClassVar[frozenset[str]] = frozenset({"votes"})
 
     def resolve(self, candidates: Candidates) -> Outcome:
-        return pick(candidates, candidates.net_votes(), _kernels.CONSENSUS)
+        return pick(candidates, candidates.net_votes(), _rules.CONSENSUS)
 
 
 class Authority(Lens):
@@ -68,7 +68,7 @@ class Authority(Lens):
 
     name = "authority"
     reads: ClassVar[frozenset[str]] = frozenset({"trust"})
-    bulk_mode: ClassVar[int | None] = _kernels.CONFIDENCE
+    bulk_mode: ClassVar[int | None] = _rules.CONFIDENCE
     bulk_authority: ClassVar[bool] = True
 
     def __init__(self, multipliers: Mapping[Any, float] | None = None, *, trust: bool = True) -> None:
@@ -109,4 +109,4 @@ class Authority(Lens):
         weights = _pair.authority_weights(
             candidates.rows, candidates.effective_confidence, a["source_class"], a["signer"],
             self.multiplier_array(), keys, values, default)
-        return pick(candidates, weights, _kernels.CONFIDENCE)
+        return pick(candidates, weights, _rules.CONFIDENCE)
