@@ -444,3 +444,15 @@ def test_vote_and_epoch_conveniences(db):
         db.vote(epoch)
     with pytest.raises(stemedb.InvalidRecord, match="epoch: expected a stemedb.Epoch, got Assertion"):
         db.epoch(target)
+
+
+def test_group_signing_writer_refuses_only_the_record_that_cannot_fit_a_segment(tmp_path):
+    with stemedb.open(tmp_path / "db", segment_size=SMALL) as db:
+        writer = db.writer(SIGNER)
+        with pytest.raises(stemedb.InvalidRecord, match=r"bytes do not fit a 65536-byte segment"):
+            writer.put(Assertion("big", "p", "x" * 70_000, timestamp=1))
+        # many records that fit one by one, though not all in one frame: all stored
+        many = [Assertion("s", "p", "y" * 9_000 + str(i), timestamp=10 + i) for i in range(12)]
+        ids = writer.put_many(many)
+        assert len(ids) == 12 and all(db.contains(i) for i in ids)
+        assert db.stats()["by_kind"]["assertion"] == 12      # nothing of the refused one

@@ -850,3 +850,40 @@ def test_a_query_during_a_write_notification_sees_the_store_before_that_write(db
     assert seen == [("old", [old_id])]
     after = q.query(db, "aspirin", "treats")
     assert after.value == "new" and [c.assertion_id for c in after.contributions] == [new.id, old_id]
+
+
+def test_single_queries_on_threads_beside_a_growing_store_keep_their_answers(tmp_path):
+    # Each store keeps one PairQuery whose column views every query may refresh; while one
+    # thread writes (the columns double several times), queries on other threads must give
+    # the answers they gave before for pairs the writes do not touch.
+    signer = stemedb.Signer.from_seed(b"\x44" * 32)
+    with stemedb.open(tmp_path / "db") as db:
+        fixed = [Assertion(f"fixed{i % 40}", f"p{i % 3}", i % 5, confidence=0.1 + (i % 7) / 10,
+                           timestamp=1000 + i).sign(signer) for i in range(600)]
+        db.put_many(fixed)
+        pairs = sorted({(a.subject, a.predicate) for a in fixed})
+        expected = {(pair, lens): db.query(*pair, lens=lens).winner
+                    for pair in pairs for lens in ("recency", "consensus")}
+        stop = threading.Event()
+        problems: list[str] = []
+
+        def ask() -> None:
+            n = 0
+            while not stop.is_set():
+                pair = pairs[n % len(pairs)]
+                lens = ("recency", "consensus")[n % 2]
+                if db.query(*pair, lens=lens).winner != expected[(pair, lens)]:
+                    problems.append(f"{pair} {lens}")
+                n += 1
+
+        askers = [threading.Thread(target=ask) for _ in range(3)]
+        for thread in askers:
+            thread.start()
+        for start in range(0, 20_000, 1000):
+            members, envelope = signer.sign_batch(
+                [Assertion(f"other{i}", "q", i, timestamp=5000 + i) for i in range(start, start + 1000)])
+            db.put_many(members, envelope=envelope)
+        stop.set()
+        for thread in askers:
+            thread.join()
+        assert not problems, problems[:5]

@@ -747,9 +747,13 @@ cdef class PairQuery:
         if self._stale(arrays, "confidence"):
             self._confidence = arrays["confidence"]
         if levels is not self._levels:
-            base, tail = levels
-            self._base_keys, self._base_starts, self._base_rows, self._base_flags = base.arrays
-            self._tail_keys, self._tail_starts, self._tail_rows, self._tail_flags = tail.arrays
+            # Levels and Level are tuples: indexed here, not through the Python `arrays`
+            # property, so that no Python code runs (and no other thread) mid-refresh.
+            base, tail = levels[0], levels[1]
+            self._base_keys, self._base_starts = base[0], base[1]
+            self._base_rows, self._base_flags = base[2], base[3]
+            self._tail_keys, self._tail_starts = tail[0], tail[1]
+            self._tail_rows, self._tail_flags = tail[2], tail[3]
             self._levels = levels
         return 0
 
@@ -758,11 +762,19 @@ cdef class PairQuery:
                 int64_t lifecycle_mask, bint decay, double now, int mode):
         """As resolve_pair over these columns and levels: (candidates, weights, winner index
         or -1, confidence, conflict score)."""
+        # Another thread may refresh the kept views (to an older snapshot's arrays, even)
+        # while _select below runs without the GIL: this call works on its own copies of
+        # them, taken with no Python code in between (so under the GIL, at one instant).
         self._refresh(arrays, levels)
+        cdef const float[:] confidence = self._confidence
+        cdef const uint64_t[:] timestamp = self._timestamp
+        cdef const uint8_t[:] source_class = self._source_class
+        cdef const uint64_t[:] obj = self._object
+        cdef IdColumn ids = self._ids
         cand = _select(key, self._base_keys, self._base_starts, self._base_rows, self._base_flags,
                        self._tail_keys, self._tail_starts, self._tail_rows, self._tail_flags,
                        scan_lo, scan_hi, self._pair, self._subject, self._predicate, subject_key,
-                       predicate_key, self._timestamp, as_of, self._target, self._ids, self._epoch,
+                       predicate_key, timestamp, as_of, self._target, ids, self._epoch,
                        epoch_key, self._lifecycle, lifecycle_mask)
         cdef Py_ssize_t m = len(cand), index = -1
         cdef double share = 0.0, conflict = 0.0
@@ -770,8 +782,7 @@ cdef class PairQuery:
         cdef const int64_t[::1] rows = cand
         cdef double[::1] weight = weights
         if m:
-            _effective(&rows[0], m, self._confidence, self._timestamp, self._source_class, decay,
-                       now, self._half_lives, &weight[0])
-            _pick(&rows[0], m, &weight[0], self._object, self._timestamp, self._ids, mode, &index,
-                  &share, &conflict)
+            _effective(&rows[0], m, confidence, timestamp, source_class, decay, now,
+                       self._half_lives, &weight[0])
+            _pick(&rows[0], m, &weight[0], obj, timestamp, ids, mode, &index, &share, &conflict)
         return cand, weights[:m], index, share, conflict

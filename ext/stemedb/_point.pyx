@@ -31,7 +31,7 @@ from stemedb._codec cimport Record, decode_at
 from stemedb._index cimport IdIndex
 from stemedb._segment cimport FRAME_HEADER_SIZE, check_frame
 
-from stemedb.errors import DatabaseClosed, InvalidRecord, NotFound
+from stemedb.errors import CorruptionError, DatabaseClosed, InvalidRecord, NotFound
 
 cdef enum:
     ID_SIZE = 32
@@ -147,7 +147,7 @@ cdef class PointReader:
                 self._refresh(self._arrays)
             for i in range(n):
                 locations[i] = self._location_view[rows[i]]
-                segments[i] = <PyObject *>self._segments[<Py_ssize_t>(locations[i] >> 32)]
+                segments[i] = self._segment_of(locations[i], key.hex())
         finally:
             self._release()
         for i in range(n):
@@ -179,6 +179,17 @@ cdef class PointReader:
                 raise self._unreadable(segment, offset, f"record {key.hex()}")
         raise NotFound(f"no record with ID {key.hex()}")
 
+    cdef PyObject *_segment_of(self, uint64_t location, str record) except NULL:
+        """The segment a location names (borrowed: the log's list only grows while the store
+        is open, and this reader keeps the list); a location past the last segment is damage."""
+        cdef Py_ssize_t number = <Py_ssize_t>(location >> 32)
+        if number >= len(self._segments):
+            raise CorruptionError(
+                f"{self._path}: the index locates {'record ' + record if record else 'a record'} in "
+                f"segment {number}, but the store has {len(self._segments)} segments; it is not "
+                "served (check the store with `stemedb verify`)", path=self._path)
+        return <PyObject *>self._segments[number]
+
     cdef bint _is_row_of(self, int64_t row, const uint8_t *id_bytes) except -1:
         """Whether record `row` is the record with this ID, by the ID column."""
         cdef bint same
@@ -207,7 +218,7 @@ cdef class PointReader:
                 raise IndexError(f"record number {row}: the store holds {self._columns.count}")
             self._refresh(self._arrays)
             location = self._location_view[row]
-            segment = self._segments[<Py_ssize_t>(location >> 32)]
+            segment = <object>self._segment_of(location, None)
         finally:
             self._release()
         offset = <Py_ssize_t>(location & <uint64_t>0xFFFFFFFF)

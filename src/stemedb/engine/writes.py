@@ -124,7 +124,11 @@ class WritePath:
         members = [record._with_proof((key,), (), None) for record in records]
         # remember=True: the leader re-proves them with the envelope without re-encoding
         blob, offsets, ids = _codec.encode_many(members, remember=True)
-        self.check_fits(np.diff(offsets) + ENVELOPE_PROOF, ids)
+        # The whole batch fitting one frame bounds each record (the common case: no numpy
+        # per put); otherwise each record is checked and the first too big is named.
+        whole = int(offsets[-1]) + ENVELOPE_PROOF * len(members)
+        if (_segment.FRAME_HEADER + whole + 7) // 8 * 8 > self.frame_capacity():
+            self.check_fits(np.diff(offsets) + ENVELOPE_PROOF, ids)
         if subject_votes:
             check_vote_subjects(trusted(blob, offsets, ids), self.subjects)
         self.commit.submit(Pending(Unsigned(members, ids, signer)))
