@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 
@@ -197,3 +198,30 @@ def test_a_location_past_the_last_segment_is_damage_not_a_crash(tmp_path):
         assert db.get(records[2].id) == records[2]
         locations[1] = kept
         assert db.get(records[1].id) == records[1]
+
+
+class _Buffer(ctypes.Structure):
+    """CPython's Py_buffer, for holding an export the way compiled code does."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+def test_close_succeeds_while_a_read_holds_a_segment_buffer(tmp_path):
+    # A point read holds its segment's buffer for the length of one call; a close on another
+    # thread in that moment must still close the store (and the read finish or fail cleanly).
+    db = stemedb.open(tmp_path / "db")
+    record = claims(0, 1)[0]
+    db.put(record)
+    view = _Buffer()    # what a read in flight holds: a buffer exported by the segment's memoryview
+    assert ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(db.log.segments[0].buffer),
+                                               ctypes.byref(view), 0) == 0
+    db.close()
+    assert db.closed
+    ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
+    with pytest.raises(stemedb.DatabaseClosed):
+        db.get(record.id)
+    with stemedb.open(tmp_path / "db") as again:      # the lock and files were released
+        assert again.get(record.id) == record
