@@ -109,6 +109,8 @@ def warm_up(*, background: bool = False) -> None:
     once; a whole-store call that arrives before it finishes waits for it.
     """
     global _warm_started
+    if background and _warm_started:
+        return          # every query after the first: no lock taken
     with _warm_lock:
         start = not _warm_started
         _warm_started = True
