@@ -17,15 +17,9 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 
+from stemedb._threads cimport pthread_create, pthread_join, pthread_t
+
 import numpy as np
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_t:
-        pass
-    int pthread_create(pthread_t *thread, const void *attr,
-                       void *(*start_routine)(void *) noexcept nogil, void *arg)
-    int pthread_join(pthread_t thread, void **retval)
 
 
 cdef enum:

@@ -37,6 +37,9 @@ cdef enum:
     ID_SIZE = 32
     FRAME_ID_AT = 16          # a frame header's record ID (docs/format.md, "Segment files")
     MAX_CANDIDATES = 8        # records sharing a slot key half, read through their frames
+    FRAME_OURS = 0            # what _from_frame found: the record asked for,
+    FRAME_OTHER = 1           # a sound frame of another record,
+    FRAME_BAD = 2             # a frame that fails its checks
 
 
 cdef class PointReader:
@@ -128,14 +131,11 @@ cdef class PointReader:
         cdef uint64_t locations[MAX_CANDIDATES]
         cdef Py_ssize_t n, i
         cdef int64_t row
-        cdef uint32_t length
-        cdef Py_ssize_t offset, consumed = 0
-        cdef const uint8_t *frame
+        cdef Py_ssize_t offset
         # borrowed: the log's list holds every segment for as long as the store is open
         cdef PyObject *segments[MAX_CANDIDATES]
-        cdef object segment, out
-        cdef Py_buffer view
-        cdef bint ours
+        cdef object segment, found
+        cdef int state
         self._acquire()
         try:
             n = self._ids.candidates(id_bytes, rows, MAX_CANDIDATES)
@@ -153,31 +153,45 @@ cdef class PointReader:
         for i in range(n):
             segment = <object>segments[i]
             offset = <Py_ssize_t>(locations[i] & <uint64_t>0xFFFFFFFF)
-            out = None
-            ours = False
-            PyObject_GetBuffer(segment.buffer, &view, PyBUF_SIMPLE)
-            try:
-                frame = <const uint8_t *>view.buf + offset
-                if offset < view.len and check_frame(<const uint8_t *>view.buf, offset, view.len,
-                                                     &length) == 1:
-                    if memcmp(frame + FRAME_ID_AT, id_bytes, ID_SIZE) != 0:
-                        continue      # another record with the same key half
-                    ours = True
-                    if not decoded:
-                        out = PyBytes_FromStringAndSize(<const char *>frame + FRAME_HEADER_SIZE, length)
-                    else:
-                        # straight from the mapping: no bytes object for the payload first
-                        out = decode_at(frame + FRAME_HEADER_SIZE, length, &consumed)
-                        if consumed != length:
-                            raise InvalidRecord(
-                                f"trailing bytes: {length - consumed} bytes after the record's proof")
-            finally:
-                PyBuffer_Release(&view)
-            if ours:
-                return out
-            if self._is_row_of(rows[i], id_bytes):
+            found = self._from_frame(segment, offset, id_bytes, decoded, &state)
+            if state == FRAME_OURS:
+                return found
+            if state == FRAME_BAD and self._is_row_of(rows[i], id_bytes):
                 raise self._unreadable(segment, offset, f"record {key.hex()}")
         raise NotFound(f"no record with ID {key.hex()}")
+
+    cdef object _from_frame(self, object segment, Py_ssize_t offset, const uint8_t *id_bytes,
+                            bint decoded, int *state):
+        """The frame at `offset` of `segment`: its bytes or its record when it passes its checks
+        (and, with `id_bytes`, carries that ID), *state = FRAME_OURS; FRAME_OTHER when it is a
+        sound frame of another record; FRAME_BAD when it fails its checks. The segment's
+        buffer is held for this call only."""
+        cdef Py_buffer view
+        cdef uint32_t length
+        cdef Py_ssize_t consumed = 0
+        cdef const uint8_t *frame
+        cdef object out = None
+        state[0] = FRAME_BAD
+        PyObject_GetBuffer(segment.buffer, &view, PyBUF_SIMPLE)
+        try:
+            frame = <const uint8_t *>view.buf + offset
+            if offset < view.len and check_frame(<const uint8_t *>view.buf, offset, view.len,
+                                                 &length) == 1:
+                if id_bytes != NULL and memcmp(frame + FRAME_ID_AT, id_bytes, ID_SIZE) != 0:
+                    state[0] = FRAME_OTHER      # another record with the same key half
+                elif not decoded:
+                    out = PyBytes_FromStringAndSize(<const char *>frame + FRAME_HEADER_SIZE, length)
+                    state[0] = FRAME_OURS
+                else:
+                    # straight from the mapping: no bytes object for the payload first
+                    out = decode_at(frame + FRAME_HEADER_SIZE, length, &consumed)
+                    if consumed != length:
+                        raise InvalidRecord(
+                            f"trailing bytes: {length - consumed} bytes after the record's proof")
+                    state[0] = FRAME_OURS
+        finally:
+            PyBuffer_Release(&view)
+        return out
 
     cdef PyObject *_segment_of(self, uint64_t location, str record) except NULL:
         """The segment a location names (borrowed: the log's list only grows while the store
@@ -205,11 +219,8 @@ cdef class PointReader:
     def record_at(self, Py_ssize_t row):
         """The record with this record number, decoded straight from its checked frame."""
         cdef uint64_t location
-        cdef uint32_t length
-        cdef Py_ssize_t offset, consumed = 0
-        cdef const uint8_t *frame
-        cdef object segment, out = None
-        cdef Py_buffer view
+        cdef object segment, out
+        cdef int state
         if self._closed:
             raise DatabaseClosed(f"{self._path}: the database is closed; open it again to use it")
         self._acquire()
@@ -221,20 +232,10 @@ cdef class PointReader:
             segment = <object>self._segment_of(location, None)
         finally:
             self._release()
-        offset = <Py_ssize_t>(location & <uint64_t>0xFFFFFFFF)
-        PyObject_GetBuffer(segment.buffer, &view, PyBUF_SIMPLE)
-        try:
-            frame = <const uint8_t *>view.buf + offset
-            if offset < view.len and check_frame(<const uint8_t *>view.buf, offset, view.len,
-                                                 &length) == 1:
-                out = decode_at(frame + FRAME_HEADER_SIZE, length, &consumed)
-                if consumed != length:
-                    raise InvalidRecord(
-                        f"trailing bytes: {length - consumed} bytes after the record's proof")
-        finally:
-            PyBuffer_Release(&view)
-        if out is None:
-            raise self._unreadable(segment, offset, "record")
+        out = self._from_frame(segment, <Py_ssize_t>(location & <uint64_t>0xFFFFFFFF), NULL, True,
+                               &state)
+        if state != FRAME_OURS:
+            raise self._unreadable(segment, <Py_ssize_t>(location & <uint64_t>0xFFFFFFFF), "record")
         return out
 
     def get_encoded(self, record_id):

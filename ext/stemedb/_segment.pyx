@@ -14,6 +14,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
 from stemedb._hash cimport stm_blake3, stm_crc32c
+from stemedb._threads cimport pthread_create, pthread_join, pthread_t
 
 import numpy as np
 
@@ -382,14 +383,6 @@ def last_nonzero(buffer, Py_ssize_t start, Py_ssize_t end):
         while pos > start and view[pos - 1] == 0:
             pos -= 1
     return pos
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_t:
-        pass
-    int pthread_create(pthread_t *thread, const void *attr,
-                       void *(*start_routine)(void *) noexcept nogil, void *arg)
-    int pthread_join(pthread_t thread, void **retval)
 
 
 cdef enum:
