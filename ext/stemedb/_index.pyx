@@ -559,29 +559,13 @@ cdef class IdIndex(_Guarded):
         it probes directly, without building arrays.
         """
         cdef const uint8_t[:, ::1] column
-        cdef const uint8_t *key_bytes
-        cdef uint64_t key
-        cdef uint32_t bad = 0
-        cdef int64_t found
-        cdef uint64_t[::1] slots
         if type(id) is not bytes or PyBytes_GET_SIZE(id) != ID_SIZE or not (
                 isinstance(all_ids, np.ndarray) and all_ids.dtype == np.uint8 and all_ids.ndim == 2
                 and all_ids.shape[1] == ID_SIZE and all_ids.flags.c_contiguous):
             return self._lookup_general(id, all_ids)
         column = all_ids
-        key_bytes = <const uint8_t *>PyBytes_AS_STRING(id)
-        key = _le64(key_bytes)
-        self._begin_read()
-        slots = self._slots
-        found = _id_find(&slots[0], ((<size_t>1) << self._bits) - 1, key, key_bytes,
-                         &column[0, 0] if column.shape[0] else NULL, <size_t>column.shape[0],
-                         _id_home(key, self._bits), &bad)
-        self._end_read()
-        if found == -2:
-            raise ValueError(
-                f"the index holds record number {bad} but all_ids has only {column.shape[0]} "
-                "rows; pass the whole ID column")
-        return found
+        return self.find_one(<const uint8_t *>PyBytes_AS_STRING(id),
+                             &column[0, 0] if column.shape[0] else NULL, <size_t>column.shape[0])
 
     cdef int64_t find_one(self, const uint8_t *id, const uint8_t *all_ids, size_t rows) except -2:
         cdef uint64_t key = _le64(id)

@@ -101,9 +101,13 @@ cdef class PointReader:
             self._location_array = locations
         return 0
 
-    cdef inline bytes _key(self, record_id):
+    cdef inline int _check_open(self) except -1:
         if self._closed:
             raise DatabaseClosed(f"{self._path}: the database is closed; open it again to use it")
+        return 0
+
+    cdef inline bytes _key(self, record_id):
+        self._check_open()
         if type(record_id) is bytes and PyBytes_GET_SIZE(record_id) == ID_SIZE:
             return <bytes>record_id
         return <bytes>self._normalise(record_id)
@@ -221,8 +225,7 @@ cdef class PointReader:
         cdef uint64_t location
         cdef object segment, out
         cdef int state
-        if self._closed:
-            raise DatabaseClosed(f"{self._path}: the database is closed; open it again to use it")
+        self._check_open()
         self._acquire()
         try:
             if row < 0 or row >= self._columns.count:

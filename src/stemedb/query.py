@@ -41,7 +41,6 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -93,11 +92,6 @@ _warm_started = False
 _warm_done = threading.Event()
 
 
-def _kernels() -> ModuleType:
-    """The numba kernels (lenses/_kernels.py), imported on first use (lenses/_bulk.py)."""
-    return _bulk.kernels()
-
-
 def warm_up(*, background: bool = False) -> None:
     """Compile (or load from numba's cache) every kernel, once per process.
 
@@ -136,7 +130,7 @@ def _run_warm_up() -> None:
     # numba's disk cache says whether this will compile; if it cannot be read, a warm-up
     # still running after WARM_UP_NOTICE_SECONDS is compiling (a cache load takes less).
     try:
-        kernels = _kernels()
+        kernels = _bulk.kernels()
     except ModuleNotFoundError:     # a client-only install: the whole-store calls say so
         _warm_done.set()
         return
@@ -261,7 +255,7 @@ def _pair_candidates(context: Context, subject: str, predicate: str) -> np.ndarr
 _FUSED = {Recency: _pair.RECENCY, Confidence: _pair.CONFIDENCE, Consensus: _pair.CONSENSUS}
 
 
-_NO_LIMIT = 0xFFFFFFFFFFFFFFFF     # as_of when none is given (an int: no numpy scalar per query)
+_NO_LIMIT = int(_rules.NO_LIMIT)   # as_of when none is given (an int: no numpy scalar per query)
 
 
 def _pair_query(state: QueryState) -> _pair.PairQuery:
@@ -495,7 +489,7 @@ def _batch_kernel(context: Context, lens: Lens, pairs: list[tuple[str, str]]
     f = context.filters
     levels, scan_lo = context.state.pairs.snapshot(a, context.count)
     base, tail = levels
-    return _kernels().resolve_keys(  # type: ignore[no-any-return]
+    return _bulk.kernels().resolve_keys(  # type: ignore[no-any-return]
         np.ascontiguousarray(keys[:, 0]), np.ascontiguousarray(keys[:, 1]),
         np.ascontiguousarray(keys[:, 2]), *base.arrays, *tail.arrays, scan_lo, context.count,
         a["pair"], a["subject"], a["predicate"], a["timestamp"], f.as_of_limit, a["target"],
@@ -635,7 +629,7 @@ def conflicts(db: Database, top: int | None = None, *, lifecycle: LifecycleSpec 
     context = _context(db, state_of(db), filters)
     a = context.arrays
     level = context.state.pairs.full(a, context.count)
-    scores, sizes, claims, sample = _kernels().conflicts_all(
+    scores, sizes, claims, sample = _bulk.kernels().conflicts_all(
         *level.arrays, a["timestamp"], filters.as_of_limit, a["target"], a["id"], a["lifecycle"],
         filters.lifecycle_mask, a["confidence"], a["object"])
     keep = np.flatnonzero((scores > 0.0) & (scores >= min_score))
@@ -720,7 +714,7 @@ class MaterializedView:
                 if lens.trust:
                     trust_keys, trust_values = context.trust()
                     default = 0.5
-            winners, shares, scores, sizes = _kernels().resolve_all(
+            winners, shares, scores, sizes = _bulk.kernels().resolve_all(
                 *level.arrays, a["timestamp"], a["target"], a["id"], a["lifecycle"],
                 a["confidence"], a["source_class"], a["signer"], a["object"], mode,
                 lens.bulk_authority, multipliers, trust_keys, trust_values, default)
