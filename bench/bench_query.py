@@ -58,19 +58,20 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
-from workload import generate  # noqa: E402
+from workload import chunks, generate  # noqa: E402
 
 import stemedb  # noqa: E402
 from stemedb import query as q  # noqa: E402
 
 CHUNK = 50_000
+PART = 1_000_000  # above this many records the workload is generated and loaded in parts
 SQL_CONFLICTS = """
 WITH g AS (SELECT subject, predicate, object, SUM(confidence) AS w
            FROM assertions GROUP BY subject, predicate, object),
@@ -91,22 +92,35 @@ def say(text: str) -> None:
 
 # ------------------------------------------------------------------- stores
 
-def build_ours(path: str, workload: Any) -> None:
-    by_key = {a.public_key: a for a in workload.agents}
+def build_ours(path: str, parts: Iterable[Any]) -> None:
+    """Load the workload's parts (epochs first, then each part's assertions and votes), not timed."""
     db = stemedb.open(path, durability="none")
     try:
-        members, envelope = workload.agents[0].sign_batch(workload.epochs)
-        db.put_many(members, envelope=envelope)
-        for records in (workload.assertions, workload.votes):
-            for start in range(0, len(records), CHUNK):
-                groups: dict[bytes, list[Any]] = defaultdict(list)
-                for record in records[start:start + CHUNK]:
-                    groups[record.signers[0]].append(record)
-                signed = [by_key[key].sign_batch(group) for key, group in groups.items()]
-                db.put_many([m for ms, _ in signed for m in ms], envelope=[e for _, e in signed])
+        first = True
+        for workload in parts:
+            by_key = {a.public_key: a for a in workload.agents}
+            if first:
+                members, envelope = workload.agents[0].sign_batch(workload.epochs)
+                db.put_many(members, envelope=envelope)
+                first = False
+            for records in (workload.assertions, workload.votes):
+                for start in range(0, len(records), CHUNK):
+                    groups: dict[bytes, list[Any]] = defaultdict(list)
+                    for record in records[start:start + CHUNK]:
+                        groups[record.signers[0]].append(record)
+                    signed = [by_key[key].sign_batch(group) for key, group in groups.items()]
+                    db.put_many([m for ms, _ in signed for m in ms], envelope=[e for _, e in signed])
         db.checkpoint()
     finally:
         db.close()
+
+
+def workload_parts(records: int) -> Iterator[Any]:
+    """The workload in parts: one generate() up to a million records, else 1 M chunks (fits in memory)."""
+    if records <= PART:
+        yield generate(records, signers=1)
+    else:
+        yield from chunks(records, PART, signers=1)
 
 
 def object_text(value: Any) -> str:
@@ -131,12 +145,15 @@ def sqlite_open(path: str) -> sqlite3.Connection:
     return conn
 
 
-def build_sqlite(path: str, workload: Any) -> None:
+def create_sqlite(path: str) -> sqlite3.Connection:
     conn = sqlite_open(path)
     conn.execute("CREATE TABLE assertions (id BLOB PRIMARY KEY, subject TEXT, predicate TEXT, "
                  "object TEXT, confidence REAL, ts INTEGER, source_class INTEGER, lifecycle INTEGER, "
                  "signer BLOB, body BLOB)")
-    records = workload.assertions
+    return conn
+
+
+def fill_sqlite(conn: sqlite3.Connection, records: list[Any]) -> None:
     for start in range(0, len(records), CHUNK):
         part = records[start:start + CHUNK]
         blob, offsets, ids = stemedb.encode_many(part)
@@ -147,6 +164,9 @@ def build_sqlite(path: str, workload: Any) -> None:
         conn.execute("BEGIN")
         conn.executemany("INSERT INTO assertions VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
         conn.execute("COMMIT")
+
+
+def finish_sqlite(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX assertions_sp ON assertions (subject, predicate)")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("ANALYZE")
@@ -155,17 +175,36 @@ def build_sqlite(path: str, workload: Any) -> None:
 
 # ------------------------------------------------------------------ queries
 
-def query_sets(workload: Any, uniform: int, hot: int, seed: int = 7) -> dict[str, list[tuple[str, str]]]:
-    rng = np.random.default_rng(seed)
-    records = workload.assertions
-    pairs = sorted({(a.subject, a.predicate) for a in records})
-    subjects = sorted({subject for subject, _ in pairs})
-    return {
-        "uniform": [pairs[i] for i in rng.integers(0, len(pairs), uniform)],
-        # pairs with no claim at all: a known subject, a predicate nobody used
-        "empty": [(subjects[i], "predicate_without_claims") for i in rng.integers(0, len(subjects), uniform)],
-        "hot": [(records[i].subject, records[i].predicate) for i in rng.integers(0, len(records), hot)],
-    }
+class QuerySets:
+    """The query sets, drawn with a fixed seed while the workload's parts stream past."""
+
+    def __init__(self, records: int, hot: int, seed: int = 7) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.hot_at = np.sort(self.rng.integers(0, records, hot))  # record numbers the hot set draws
+        self.pairs: set[tuple[str, str]] = set()
+        self.hot: list[tuple[str, str]] = []
+        self.seen = 0
+
+    def add(self, records: list[Any]) -> None:
+        self.pairs.update((a.subject, a.predicate) for a in records)
+        end = self.seen + len(records)
+        lo, hi = np.searchsorted(self.hot_at, [self.seen, end])
+        self.hot += [(records[i - self.seen].subject, records[i - self.seen].predicate)
+                     for i in self.hot_at[lo:hi]]
+        self.seen = end
+
+    def sets(self, uniform: int) -> dict[str, list[tuple[str, str]]]:
+        pairs = sorted(self.pairs)
+        subjects = sorted({subject for subject, _ in pairs})
+        hot = list(self.hot)
+        self.rng.shuffle(hot)  # in draw order, not record order
+        return {
+            "uniform": [pairs[i] for i in self.rng.integers(0, len(pairs), uniform)],
+            # pairs with no claim at all: a known subject, a predicate nobody used
+            "empty": [(subjects[i], "predicate_without_claims")
+                      for i in self.rng.integers(0, len(subjects), uniform)],
+            "hot": hot,
+        }
 
 
 # B3's targets for one db.query per call, against SQLite's plain indexed select of the same pair.
@@ -291,18 +330,32 @@ def main() -> None:
 def run(args: argparse.Namespace, base: str) -> None:
     say(f"B3 query bench: {args.records:,} assertions, {args.runs} runs, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}")
-    started = time.perf_counter()
-    workload = generate(args.records, signers=1)
-    say(f"  generated the workload in {time.perf_counter() - started:.1f} s")
     ours_path, sqlite_path = os.path.join(base, "ours"), os.path.join(base, "sqlite.db")
     started = time.perf_counter()
-    build_ours(ours_path, workload)
-    say(f"  built our store in {time.perf_counter() - started:.1f} s (not timed)")
-    started = time.perf_counter()
-    build_sqlite(sqlite_path, workload)
-    say(f"  built the SQLite table in {time.perf_counter() - started:.1f} s (not timed)")
-    sets = query_sets(workload, args.uniform, args.hot)
-    del workload
+    conn = create_sqlite(sqlite_path)
+    picked = QuerySets(args.records, args.hot)
+    built = {"generate": 0.0, "sqlite": 0.0}
+
+    def parts() -> Iterator[Any]:  # each part also goes to SQLite and the query sets
+        clock = time.perf_counter()
+        for workload in workload_parts(args.records):
+            built["generate"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            fill_sqlite(conn, workload.assertions)
+            picked.add(workload.assertions)
+            built["sqlite"] += time.perf_counter() - clock
+            yield workload
+            clock = time.perf_counter()
+
+    build_ours(ours_path, parts())
+    clock = time.perf_counter()
+    finish_sqlite(conn)
+    built["sqlite"] += time.perf_counter() - clock
+    total = time.perf_counter() - started
+    say(f"  generated the workload in {built['generate']:.1f} s, built the SQLite table in "
+        f"{built['sqlite']:.1f} s and our store in {total - built['generate'] - built['sqlite']:.1f} s "
+        "(not timed)")
+    sets = picked.sets(args.uniform)
     gc.collect()
     gc.freeze()
 
