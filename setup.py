@@ -40,6 +40,7 @@ MODULES = {
     "_lines": ["ext/stemedb/_lines.pyx"],
     "_pair": ["ext/stemedb/_pair.pyx"],
     "_point": ["ext/stemedb/_point.pyx"],
+    "_single": ["ext/stemedb/_single.pyx"],
 }
 
 extensions = [

@@ -48,8 +48,6 @@ cdef double DAY_US = 86400000000.0
 cdef uint64_t NO_LIMIT = 0xFFFFFFFFFFFFFFFFULL
 cdef uint8_t KIND_VOTE = int(RecordKind.VOTE)
 
-ctypedef const uint8_t[:, :] IdColumn
-
 
 # ----------------------------------------------------------------- helpers
 
@@ -694,26 +692,13 @@ cdef class PairQuery:
     Same arguments otherwise, same results (tests/test_pair_kernels.py).
     """
 
-    cdef object _arrays               # the column mapping of the last call
-    cdef dict _held                   # name -> the array each view below was taken of
-    cdef const uint64_t[:] _pair, _subject, _predicate, _timestamp, _target, _epoch, _object
-    cdef IdColumn _ids
-    cdef const uint8_t[:] _lifecycle, _source_class
-    cdef const float[:] _confidence
-    cdef const double[:] _half_lives
-    cdef object _levels
-    cdef const uint64_t[:] _base_keys, _tail_keys
-    cdef const int64_t[:] _base_starts, _tail_starts
-    cdef const uint32_t[:] _base_rows, _tail_rows
-    cdef const uint8_t[:] _base_flags, _tail_flags
-
     def __init__(self, half_lives):
         self._held = {}
         self._arrays = None
         self._half_lives = np.ascontiguousarray(half_lives, dtype=np.float64)
         self._levels = None
 
-    cdef inline bint _stale(self, object arrays, str name):
+    cdef bint _stale(self, object arrays, str name):
         array = arrays[name]
         if self._held.get(name) is array:
             return False
@@ -762,6 +747,15 @@ cdef class PairQuery:
                 int64_t lifecycle_mask, bint decay, double now, int mode):
         """As resolve_pair over these columns and levels: (candidates, weights, winner index
         or -1, confidence, conflict score)."""
+        cdef Py_ssize_t winner_row
+        cdef uint64_t winner_object
+        return self.run(arrays, levels, scan_lo, scan_hi, key, subject_key, predicate_key, as_of,
+                        epoch_key, lifecycle_mask, decay, now, mode, &winner_row, &winner_object)
+
+    cdef tuple run(self, object arrays, levels, Py_ssize_t scan_lo, Py_ssize_t scan_hi, uint64_t key,
+                   uint64_t subject_key, uint64_t predicate_key, uint64_t as_of, uint64_t epoch_key,
+                   int64_t lifecycle_mask, bint decay, double now, int mode,
+                   Py_ssize_t* winner_row, uint64_t* winner_object):
         # Another thread may refresh the kept views (to an older snapshot's arrays, even)
         # while _select below runs without the GIL: this call works on its own copies of
         # them, taken with no Python code in between (so under the GIL, at one instant).
@@ -781,8 +775,13 @@ cdef class PairQuery:
         weights = np.empty(m + 1, dtype=np.float64)
         cdef const int64_t[::1] rows = cand
         cdef double[::1] weight = weights
+        winner_row[0] = -1
+        winner_object[0] = 0
         if m:
             _effective(&rows[0], m, confidence, timestamp, source_class, decay, now,
                        self._half_lives, &weight[0])
             _pick(&rows[0], m, &weight[0], obj, timestamp, ids, mode, &index, &share, &conflict)
+            if index >= 0:
+                winner_row[0] = rows[index]
+                winner_object[0] = obj[rows[index]]
         return cand, weights[:m], index, share, conflict

@@ -45,11 +45,12 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from stemedb import _codec, _pair
+from stemedb import _codec, _pair, _single
 from stemedb.engine.database import Database
 from stemedb.lenses import Lens, _bulk, _rules, get_lens
 from stemedb.lenses._state import KeyIndex, QueryState, state_of
 from stemedb.lenses.base import (
+    DEFAULT_FILTERS,
     HALF_LIVES,
     Candidates,
     Context,
@@ -266,6 +267,39 @@ def _pair_query(state: QueryState) -> _pair.PairQuery:
     return found
 
 
+def _single_query(state: QueryState) -> _single.SingleQuery:
+    """The store's one-call query (stemedb._single), sharing the PairQuery's column views."""
+    found = state.single_query
+    if not isinstance(found, _single.SingleQuery):
+        found = state.single_query = _single.SingleQuery(_pair_query(state), Resolution,
+                                                         _pair_contributions, DEFAULT_FILTERS)
+    return found
+
+
+def _pair_contributions(db: Database, state: QueryState, count: int, arrays: Mapping[str, np.ndarray],
+                        rows: np.ndarray, weights: np.ndarray, winner_object: int | None
+                        ) -> list[Contribution]:
+    """The contributions of a Resolution that stemedb._single answered (built when first read)."""
+    context = Context(db, state, count, arrays, DEFAULT_FILTERS)
+    return _ContributionSource(context, rows, weights, winner_object).build()
+
+
+# id(lens) -> (lens, kernel mode, describe()) of the lenses _single answers for (the fused ones)
+_SINGLE_LENSES: dict[int, tuple[Lens, int, str]] = {}
+
+
+def _single_lens(chosen: Lens) -> tuple[Lens, int, str] | None:
+    found = _SINGLE_LENSES.get(id(chosen))
+    if found is not None and found[0] is chosen:
+        return found
+    if type(chosen) not in _FUSED:
+        return None
+    if len(_SINGLE_LENSES) >= 64:   # lens objects made per call: keep the table small
+        _SINGLE_LENSES.clear()
+    found = _SINGLE_LENSES[id(chosen)] = (chosen, _FUSED[type(chosen)], chosen.describe())
+    return found
+
+
 def _fused_outcome(context: Context, lens: Lens, subject: str, predicate: str) -> Outcome:
     f = context.filters
     levels, scan_lo = context.state.pairs.snapshot(context.arrays, context.count)
@@ -439,6 +473,16 @@ def query(db: Database, subject: str, predicate: str | None = None, *, lens: Len
     """
     _check_names(subject, predicate)
     chosen = get_lens(lens)
+    if (predicate is not None and epoch is None and as_of is None and now is None and decay is False
+            and not audit and type(lifecycle) is str and lifecycle == "any"):
+        # The common case in one compiled call (stemedb._single); None: take the general path.
+        single = _single_lens(chosen)
+        if single is not None:
+            state = state_of(db)
+            answer = _single_query(state).answer(db, state, subject, predicate, single[1], single[2])
+            if answer is not None:
+                warm_up(background=True)
+                return answer
     filters = Filters.make(lifecycle, epoch, as_of, decay, now)
     context = _context(db, state_of(db), filters)
     result: Resolution | dict[str, Resolution]

@@ -214,6 +214,7 @@ class QueryState:
         self.epoch_generation = 0
         self.views: dict[Hashable, CachedView] = {}
         self.pair_query: object = None  # stemedb.query's _pair.PairQuery for this store, made on first use
+        self.single_query: object = None  # and its _single.SingleQuery (which shares that PairQuery)
         self.visible = visible          # every batch below this count was notified
         self._notify_lock = threading.Lock()
         self._trust: tuple[int, np.ndarray, np.ndarray] | None = None
