@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stemedb._pair import PairQuery
+from stemedb.results import Resolution
 
 class PairContributions:
     def build(self) -> list[Any]: ...
@@ -12,4 +13,4 @@ class SingleQuery:
     def __init__(self, pair: PairQuery, resolution: type, build: Callable[..., list[Any]],
                  filters: Any) -> None: ...
     def answer(self, db: Any, state: Any, subject: str, predicate: str, mode: int,
-               lens: str) -> Any | None: ...
+               lens: str) -> Resolution | None: ...
