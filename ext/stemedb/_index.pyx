@@ -430,6 +430,14 @@ cdef class IdIndex(_Guarded):
     def __len__(self):
         return self._count
 
+    def release(self):
+        """Empty the index and free its table (the store is closing); False, changing
+        nothing, while another thread is using it."""
+        if self._writing or self._readers:
+            return False
+        self.__init__()
+        return True
+
     def memory_bytes(self):
         """Bytes held by the index's arrays (the table; nothing per call)."""
         return self._slots.shape[0] * 8
@@ -817,6 +825,14 @@ cdef class PostingIndex(_Guarded):
     def __len__(self):
         """Distinct keys."""
         return self._keys
+
+    def release(self):
+        """Empty the index and free its arrays (the store is closing); False, changing
+        nothing, while another thread is using it."""
+        if self._writing or self._readers:
+            return False
+        self.__init__()
+        return True
 
     def memory_bytes(self):
         """Bytes held by the index's arrays (table and prev)."""

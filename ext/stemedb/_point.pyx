@@ -80,7 +80,11 @@ cdef class PointReader:
         self._closed = False
 
     def close(self):
-        """Answer DatabaseClosed from now on and drop the views of the columns."""
+        """Answer DatabaseClosed from now on and drop the views of the columns.
+
+        Called under the state lock (the engine's close), so a read that found
+        the store open and then waited for the lock sees `_closed` once it has it.
+        """
         self._closed = True
         self._id_array = self._location_array = None
         self._id_view = None
@@ -142,6 +146,7 @@ cdef class PointReader:
         cdef int state
         self._acquire()
         try:
+            self._check_open()   # again under the lock: close() may have released the indexes
             n = self._ids.candidates(id_bytes, rows, MAX_CANDIDATES)
             if n < 0:             # a crowded slot run: the full probe through the ID column
                 row = self._row(key)
@@ -213,6 +218,7 @@ cdef class PointReader:
         cdef bint same
         self._acquire()
         try:
+            self._check_open()   # again under the lock: close() may have released the indexes
             self._refresh(self._arrays)
             same = (row < self._id_view.shape[0]
                     and memcmp(&self._id_view[row, 0], id_bytes, ID_SIZE) == 0)
@@ -228,6 +234,7 @@ cdef class PointReader:
         self._check_open()
         self._acquire()
         try:
+            self._check_open()   # again under the lock: close() may have released the indexes
             if row < 0 or row >= self._columns.count:
                 raise IndexError(f"record number {row}: the store holds {self._columns.count}")
             self._refresh(self._arrays)
@@ -255,6 +262,7 @@ cdef class PointReader:
         cdef int64_t row
         self._acquire()
         try:
+            self._check_open()   # again under the lock: close() may have released the indexes
             row = self._row(key)
         finally:
             self._release()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,13 @@ class Database(StorageDatabase):
     `stemedb.engine.Database`; the query methods below resolve claims
     through lenses (docs/query.md).
     """
+
+    def close(self) -> None:
+        """Close the store (see stemedb.engine.Database.close) and drop its query state."""
+        super().close()
+        states = sys.modules.get("stemedb.lenses._state")   # none to drop if no query ran
+        if states is not None:
+            states.forget(self)
 
     def query(self, subject: str, predicate: str | None = None, *, lens: LensSpec = "recency",
               lifecycle: LifecycleSpec = "any", epoch: EpochSpec = None, as_of: int | None = None,

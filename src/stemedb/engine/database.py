@@ -96,6 +96,7 @@ class Database:
         self.metrics = Metrics()
         self.recovery = RecoveryReport()
         self._closed = False
+        self._count_at_close = 0
         self._state_lock = threading.RLock()
         self.files.makedirs(self.path)
         self._lock_fd = self._take_lock()
@@ -454,7 +455,7 @@ class Database:
         return self.contains(record_id)
 
     def __len__(self) -> int:
-        return self._state.count
+        return self._count_at_close if self._closed else self._state.count
 
     def scan(self, subject: str | None = None, predicate: str | None = None,
              *, kind: str | None = None) -> Iterator[Record]:
@@ -540,8 +541,12 @@ class Database:
                 except OSError:
                     pass  # the segments are the truth; the next open replays them
         finally:
-            self._closed = True
-            self._reads.point.close()
+            with self._state_lock:   # a reader that found the store open waits, then sees it closed
+                self._count_at_close = self._state.count
+                self._closed = True
+                self._reads.point.close()
+                self.view.release()
+                self._state.release()
             self._verifier.close()
             self.log.close()
             self._release_lock()
@@ -561,7 +566,7 @@ class Database:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<stemedb.Database {self.path!r} records={self._state.count}>"
+        return f"<stemedb.Database {self.path!r} records={len(self)}>"
 
 
 @dataclass(frozen=True)

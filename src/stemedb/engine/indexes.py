@@ -58,6 +58,15 @@ class Columns:
             self.arrays[name] = np.zeros(self.capacity, dtype=dtype)
         self.arrays["id"] = np.zeros((self.capacity, 32), dtype=np.uint8)
 
+    def release(self) -> None:
+        """Back to an empty table of the smallest capacity, in the same dict (readers hold it):
+        a closing store frees its columns at once, not when the garbage collector gets to it."""
+        self.count = 0
+        self.capacity = 1024
+        for name, array in self.arrays.items():
+            self.arrays[name] = np.zeros((self.capacity,) + array.shape[1:], dtype=array.dtype)
+        self.generation += 1
+
     def reserve(self, extra: int) -> None:
         needed = self.count + extra
         if needed <= self.capacity:
@@ -124,6 +133,17 @@ class State:
     @property
     def count(self) -> int:
         return self.columns.count
+
+    def release(self) -> None:
+        """Free the in-memory indexes of a closing store (under the state lock, after the last
+        write and snapshot). The Database object may outlive close() by a long time, or wait
+        in a reference cycle for the garbage collector: its memory does not. Empty afterwards."""
+        self.columns.release()
+        self.ids.release()
+        for index in self.postings.values():
+            index.release()
+        self.superseded_by = EpochLinks()
+        self.trees = _reconcile.ScopeTrees(self.partitions)
 
     def all_ids(self) -> np.ndarray:
         return self.columns.arrays["id"]

@@ -159,6 +159,11 @@ class ReadView:
                 self._arrays_generation = columns.generation
             return Snapshot(self._state.count, self._arrays)
 
+    def release(self) -> None:
+        """Drop the shared column dict (the store is closing; under the state lock)."""
+        self._arrays = None
+        self._arrays_generation = -1
+
     def column(self, name: str) -> np.ndarray:
         """Rows [0, count) of one column (a view of the engine's array: read-only)."""
         return self.snapshot().column(name)

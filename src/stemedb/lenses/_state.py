@@ -381,6 +381,14 @@ _STATES: weakref.WeakKeyDictionary[Database, QueryState] = weakref.WeakKeyDictio
 _STATES_LOCK = threading.Lock()
 
 
+def forget(db: Database) -> None:
+    """Drop the QueryState of a store that has closed (its query indexes and column views)."""
+    with _STATES_LOCK:
+        found = _STATES.pop(db, None)
+    if found is not None:
+        db.view.unsubscribe(found.on_write)
+
+
 def state_of(db: Database) -> QueryState:
     """The QueryState of this Database, created (and subscribed to its writes) on first use."""
     found = _STATES.get(db)
