@@ -203,3 +203,33 @@ def test_queries_beside_a_writer_see_whole_batches(db):
             thread.join()
     assert not errors, errors[0]
     assert db.query("aspirin", "treats").candidates_count == 60 * batch
+
+
+def test_db_query_is_the_compiled_front_and_keeps_the_methods_contract(db):
+    from stemedb import _single
+    assert isinstance(db.query, _single.QueryFront)
+    db.put_many([Assertion("aspirin", "treats", "x", timestamp=T0).sign(SIGNERS[0])])
+    with pytest.raises(ValueError, match="lens: 'no-such-lens', expected one of"):
+        db.query("aspirin", "treats", lens="no-such-lens")
+    with pytest.raises(ValueError, match="subject: expected a non-empty str"):
+        db.query("", "treats")
+    with pytest.raises(ValueError, match="predicate: expected a non-empty str"):
+        db.query("aspirin", 7)
+    with pytest.raises(TypeError):
+        db.query("aspirin", "treats", "recency")          # lens is keyword-only, as before
+    assert db.query("aspirin", predicate="treats").value == "x"
+    assert db.query(subject="aspirin", predicate="treats", lens="recency").value == "x"
+
+
+def test_a_lens_name_registered_again_is_seen_by_the_front(db):
+    from stemedb import lenses
+    db.put_many([Assertion("aspirin", "treats", "x", timestamp=T0, confidence=0.5).sign(SIGNERS[0]),
+                 Assertion("aspirin", "treats", "y", timestamp=T0 + 1, confidence=0.25).sign(SIGNERS[1])])
+    assert db.query("aspirin", "treats", lens="recency").value == "y"
+    lenses.register("recency", lenses.Confidence)      # the name now means another lens
+    try:
+        r = db.query("aspirin", "treats", lens="recency")
+        assert r.value == "x" and r.lens == "confidence"
+    finally:
+        lenses.register("recency", lenses.Recency)
+    assert db.query("aspirin", "treats", lens="recency").value == "y"

@@ -89,9 +89,11 @@ cdef class SingleQuery:
             self._keys[pair] = found
         return <tuple>found
 
-    def answer(self, db, state, str subject not None, str predicate not None, int mode, str lens not None):
+    cpdef object answer(self, db, state, str subject, str predicate, int mode, str lens):
         """The Resolution of (subject, predicate) through the lens of `mode`, described as `lens`,
         with the default filters; None when the general path must answer (see the module doc)."""
+        if subject is None or predicate is None or lens is None:
+            raise TypeError("answer: subject, predicate and lens must be str")
         if state.views:
             return None
         cdef Py_ssize_t visible = state.visible   # first, as QueryState.snapshot reads it
@@ -138,3 +140,68 @@ cdef class SingleQuery:
         result._source = source
         result._recompute = None
         return result
+
+
+cdef class QueryFront:
+    """`db.query`, bound onto the Database when the store opens: the common case without a
+    Python frame between the caller and SingleQuery.answer, everything else to `general`.
+
+    hooks() -> (general, lens_info, state_of, single_for, warm, lenses) is called on the first
+    query (it imports the query layer, which opening a store does not): general(db, subject,
+    predicate, **options) is stemedb.query.query; lens_info(name) -> (lens, mode, describe())
+    for the lenses SingleQuery answers, or None; state_of(db) the store's QueryState;
+    single_for(state) its SingleQuery; warm() starts the JIT warm-up in the background;
+    lenses the stemedb.lenses module, whose GENERATION changes when a lens name is
+    registered (the names cached here are then looked up again).
+    """
+
+    cdef object _db, _hooks
+    cdef object _general, _lens_info, _state_of, _single_for, _warm, _lenses
+    cdef dict _names                 # lens name -> (mode, describe) or None (not answered here)
+    cdef object _generation
+
+    def __init__(self, db, hooks):
+        self._db = db
+        self._hooks = hooks
+        self._general = None
+        self._names = {}
+
+    cdef int _setup(self) except -1:
+        (self._general, self._lens_info, self._state_of, self._single_for, self._warm,
+         self._lenses) = self._hooks()
+        self._generation = self._lenses.GENERATION
+        return 0
+
+    def __call__(self, subject, predicate=None, *, lens="recency", lifecycle="any", epoch=None,
+                 as_of=None, decay=False, now=None, audit=False, agent=None):
+        """Resolve the claims about subject (and predicate) through a lens: see
+        stemedb.Database.query (the same arguments, the same answers)."""
+        if self._general is None:
+            self._setup()
+        if (predicate is not None and epoch is None and as_of is None and now is None
+                and decay is False and audit is False and type(subject) is str
+                and type(predicate) is str and type(lens) is str and type(lifecycle) is str
+                and len(<str>subject) and len(<str>predicate) and <str>lifecycle == "any"):
+            generation = self._lenses.GENERATION
+            if generation != self._generation:
+                self._names.clear()
+                self._generation = generation
+            found = self._names.get(lens, False)
+            if found is False:
+                info = self._lens_info(lens)
+                found = None if info is None else (info[1], info[2])
+                self._names[lens] = found
+            if found is not None:
+                db = self._db
+                state = self._state_of(db)
+                single = state.single_query
+                if single is None:
+                    single = self._single_for(state)
+                result = (<SingleQuery?>single).answer(db, state, <str>subject, <str>predicate,
+                                                        (<tuple>found)[0], (<tuple>found)[1])
+                if result is not None:
+                    self._warm()
+                    return result
+        return self._general(self._db, subject, predicate, lens=lens, lifecycle=lifecycle,
+                             epoch=epoch, as_of=as_of, decay=decay, now=now, audit=audit,
+                             agent=agent)

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from stemedb import _single
 from stemedb.engine.database import Database as StorageDatabase
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ if not TYPE_CHECKING:
     queries = _OnFirstUse("stemedb.query")
 
 
+def _query_hooks() -> tuple[Any, ...]:
+    return queries._front_hooks()
+
+
 class Database(StorageDatabase):
     """An open StemeDB store. Create with `stemedb.open(path)`.
 
@@ -52,6 +57,12 @@ class Database(StorageDatabase):
     `stemedb.engine.Database`; the query methods below resolve claims
     through lenses (docs/query.md).
     """
+
+    def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+        super().__init__(path, **options)
+        # db.query: the common case in one compiled call (stemedb._single), the rest to the
+        # query() of stemedb.query, which it imports on the first query.
+        self.query = _single.QueryFront(self, _query_hooks)  # type: ignore[method-assign]
 
     def close(self) -> None:
         """Close the store (see stemedb.engine.Database.close) and drop its query state."""

@@ -300,6 +300,20 @@ def _single_lens(chosen: Lens) -> tuple[Lens, int, str] | None:
     return found
 
 
+def _front_hooks() -> tuple[Any, ...]:
+    """What a `_single.QueryFront` (the `db.query` bound at open, stemedb/database.py) calls."""
+    from stemedb import lenses
+    return (query, _single_lens_named, state_of, _single_query, _warm_in_background, lenses)
+
+
+def _single_lens_named(name: str) -> tuple[Lens, int, str] | None:
+    return _single_lens(get_lens(name))
+
+
+def _warm_in_background() -> None:
+    warm_up(background=True)
+
+
 def _fused_outcome(context: Context, lens: Lens, subject: str, predicate: str) -> Outcome:
     f = context.filters
     levels, scan_lo = context.state.pairs.snapshot(context.arrays, context.count)

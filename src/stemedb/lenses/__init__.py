@@ -60,12 +60,15 @@ def _normal(name: str) -> str:
 
 
 _BY_NAME: dict[str, Lens] = {}
+GENERATION = 0   # +1 at each register(): callers that cache what a name resolves to look again
 
 
 def register(name: str, factory: LensFactory) -> None:
     """Make `get_lens(name)` (and `db.query(..., lens=name)`) build a lens with `factory()`."""
+    global GENERATION
     _REGISTRY[_normal(name)] = (name, factory)
     _BY_NAME.clear()
+    GENERATION += 1
 
 
 _BUILT_IN = (Recency, Confidence, Consensus, VoteConsensus, Authority, Skeptic, EpochAware,
