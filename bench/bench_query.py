@@ -257,8 +257,9 @@ def sqlite_consensus(conn: sqlite3.Connection, pairs: list[tuple[str, str]]) -> 
 
 def ours_single(db: Any, pairs: list[tuple[str, str]], lens: str) -> list[bytes | None]:
     out = []
+    query = db.query   # what an embedding service calls (the compiled front, stemedb._single)
     for subject, predicate in pairs:
-        winner = q.query(db, subject, predicate, lens=lens).winner
+        winner = query(subject, predicate, lens=lens).winner
         out.append(winner.id if winner is not None else None)
     return out
 
