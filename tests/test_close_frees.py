@@ -96,3 +96,23 @@ def test_reads_racing_close_answer_or_say_closed(tmp_path):
         for thread in readers:
             thread.join()
         assert not wrong, wrong[0]
+
+
+def test_an_answer_read_after_close_says_closed(tmp_path):
+    """A Resolution's contributions are built when first read, from record numbers of the
+    snapshot it was answered on: after close (columns released) that read must raise
+    DatabaseClosed, not index the emptied columns."""
+    ids = fill(tmp_path / "db", 3_000)
+    db = stemedb.open(tmp_path / "db", durability="none")
+    fast = db.query("s3", "p3")                                       # the one-call path
+    general = db.query("s3", "p3", as_of=2_000_000, lens="consensus")  # the general path
+    assert fast.candidates_count > 1 and general.candidates_count > 1
+    db.close()
+    for answer in (fast, general):
+        with pytest.raises(DatabaseClosed):
+            answer.contributions  # noqa: B018 - the read builds them
+    with pytest.raises(DatabaseClosed):
+        db.records_at([0, 1])
+    with pytest.raises(DatabaseClosed):
+        list(db.scan("s1"))
+    assert len(ids) == 3_000

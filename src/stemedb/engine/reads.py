@@ -24,7 +24,7 @@ from stemedb import _codec, _point, _segment
 from stemedb._codec import Record
 from stemedb.engine.indexes import State
 from stemedb.engine.segments import Segment, SegmentLog
-from stemedb.errors import CorruptionError, InvalidRecord, NotFound
+from stemedb.errors import CorruptionError, DatabaseClosed, InvalidRecord, NotFound
 from stemedb.records import RecordKind
 
 KIND_NAMES = {RecordKind.ASSERTION: "assertion", RecordKind.VOTE: "vote", RecordKind.EPOCH: "epoch",
@@ -44,6 +44,14 @@ class Reads:
         # One ID: get_encoded / get / contains in one compiled call each.
         self.point = _point.PointReader(state, log.segments, lock, id_bytes, unreadable,
                                         path or log.directory)
+        self._path = path or log.directory
+
+    def _check_open(self) -> None:
+        """Under the lock: close() releases the indexes under it, so a call that found the
+        store open and then waited must not read them (row numbers from before close would
+        point past the emptied columns)."""
+        if self.point.closed:
+            raise DatabaseClosed(f"{self._path}: the database is closed; open it again to use it")
 
     def get_encoded(self, record_id: bytes) -> bytes:
         """The stored bytes (content + proof) of the record with this ID, checksum-checked."""
@@ -60,6 +68,7 @@ class Reads:
         """(blob, offsets, record numbers) for many IDs; absent: an empty slice and -1."""
         array = id_array(ids)
         with self.lock:
+            self._check_open()
             rows = self.state.lookup_many(array)
             blob, offsets = self.gather(rows, lambda i: f"record {bytes(array[i]).hex()}")
         return blob, offsets, rows
@@ -72,6 +81,7 @@ class Reads:
         frame; `what(i)` names the record asked for at position i.
         """
         with self.lock:
+            self._check_open()
             arrays = self.state.columns.arrays
             blob, offsets, bad = _segment.gather(
                 [s.buffer for s in self.log.segments], arrays["location"], arrays["length"], rows)
@@ -113,6 +123,7 @@ class Reads:
         """Bytes of the stored record for each ID (int64; -1 where absent), reading no record."""
         array = id_array(ids)
         with self.lock:
+            self._check_open()
             rows = np.asarray(self.state.lookup_many(array), dtype=np.int64)
             lengths = self.state.columns.arrays["length"][np.maximum(rows, 0)].astype(np.int64)
         lengths[rows < 0] = -1
@@ -122,6 +133,7 @@ class Reads:
         """(kind, subject key) of the stored record of each ID; kind 0 and key 0 where absent."""
         array = id_array(ids)
         with self.lock:
+            self._check_open()
             rows = np.asarray(self.state.lookup_many(array), dtype=np.int64)
             found = rows >= 0
             arrays = self.state.columns.arrays
@@ -139,6 +151,7 @@ class Reads:
             raise ValueError(f"kind: {kind!r}, expected one of {', '.join(codes)}")
         rows: np.ndarray
         with self.lock:
+            self._check_open()
             postings = self.state.postings
             if subject is not None and predicate is not None:
                 rows = postings["pair"].get(_codec.pair_key(subject, predicate))
