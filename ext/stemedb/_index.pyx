@@ -217,6 +217,14 @@ cdef class _Guarded:
     cdef void _end_write(self) noexcept:
         self._writing = False
 
+    def release(self):
+        """Empty the index and free its arrays (the store is closing): what __init__ with
+        no arguments makes. False, changing nothing, while another thread is using it."""
+        if self._writing or self._readers:
+            return False
+        self.__init__()
+        return True
+
 
 # ----------------------------------------------------------------------------
 # IdIndex: slot = (key & HIGH_HALF) | record number; empty slots hold NO_RECORD.
@@ -429,14 +437,6 @@ cdef class IdIndex(_Guarded):
 
     def __len__(self):
         return self._count
-
-    def release(self):
-        """Empty the index and free its table (the store is closing); False, changing
-        nothing, while another thread is using it."""
-        if self._writing or self._readers:
-            return False
-        self.__init__()
-        return True
 
     def memory_bytes(self):
         """Bytes held by the index's arrays (the table; nothing per call)."""
@@ -825,14 +825,6 @@ cdef class PostingIndex(_Guarded):
     def __len__(self):
         """Distinct keys."""
         return self._keys
-
-    def release(self):
-        """Empty the index and free its arrays (the store is closing); False, changing
-        nothing, while another thread is using it."""
-        if self._writing or self._readers:
-            return False
-        self.__init__()
-        return True
 
     def memory_bytes(self):
         """Bytes held by the index's arrays (table and prev)."""
