@@ -370,8 +370,15 @@ def test_lifecycle_filter_follows_revisions(db):
     # time travel sees the claim as it stood
     assert q.query(db, "aspirin", "treats", lifecycle="approved", as_of=T0 + 3).winner == approved
     assert q.query(db, "aspirin", "treats", lifecycle="proposed", as_of=T0 + 1).winner == proposed
-    with pytest.raises(ValueError, match="lifecycle"):
+    with pytest.raises(ValueError, match="lifecycle: 'final', expected one of any, proposed"):
         q.query(db, "aspirin", "treats", lifecycle="final")
+    # in a list only stages count: "any" there is named as the mistake, not offered as a choice
+    with pytest.raises(ValueError, match="'any' in a list; pass lifecycle='any' alone") as listed:
+        q.query(db, "aspirin", "treats", lifecycle=["any", "approved"])
+    assert "stages only (proposed" in str(listed.value)
+    with pytest.raises(ValueError, match=r"lifecycle: 'final' in the list, expected stages only: proposed") as bad:
+        q.query(db, "aspirin", "treats", lifecycle=["approved", "final"])
+    assert "any" not in str(bad.value)
 
 
 def test_epoch_filter(db):

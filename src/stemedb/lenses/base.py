@@ -139,7 +139,8 @@ def lifecycle_mask(value: LifecycleSpec) -> tuple[int, str]:
     """("any" | "approved" | a stage name, number or Lifecycle | a list of them) -> (bit mask, label)."""
     if isinstance(value, str) and value.lower() == "any":
         return LIFECYCLE_ANY, "any"
-    stages: Collection[object] = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    listed = isinstance(value, (list, tuple, set, frozenset))
+    stages: Collection[object] = value if listed else [value]  # type: ignore[assignment]
     mask = 0
     names = []
     for stage in stages:
@@ -149,8 +150,14 @@ def lifecycle_mask(value: LifecycleSpec) -> tuple[int, str]:
             else:
                 member = Lifecycle(stage)  # type: ignore[arg-type]
         except (KeyError, ValueError):
-            choices = ", ".join(["any"] + [m.name.lower() for m in Lifecycle])
-            raise ValueError(f"lifecycle: {stage!r}, expected one of {choices}") from None
+            stage_names = ", ".join(m.name.lower() for m in Lifecycle)
+            if not listed:
+                raise ValueError(f"lifecycle: {stage!r}, expected one of any, {stage_names}") from None
+            if isinstance(stage, str) and stage.lower() == "any":
+                raise ValueError(f"lifecycle: 'any' in a list; pass lifecycle='any' alone, or list "
+                                 f"stages only ({stage_names})") from None
+            raise ValueError(f"lifecycle: {stage!r} in the list, expected stages only: "
+                             f"{stage_names}") from None
         mask |= 1 << int(member)
         names.append(member.name.lower())
     if not mask:
